@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine: creates .venv (if missing), installs gblr with its
+# development extras and the pinned CPU build of PyTorch, then runs what was asked:
+#   scripts/dev.sh demo    the short demo (python -m gblr demo)
+#   scripts/dev.sh test    the test suite (fast tests; add pytest arguments after "test")
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+TORCH_PIN="torch==2.13.0"  # the CPU build on this platform's local disk; a bare "torch" pulls a CUDA build
+
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+if ! .venv/bin/python -c "import gblr, pytest, hypothesis" 2>/dev/null; then
+  .venv/bin/python -m pip install --quiet --upgrade pip
+  .venv/bin/python -m pip install --quiet "$TORCH_PIN"
+  .venv/bin/python -m pip install --quiet -e ".[dev]"
+fi
+
+task=${1:-demo}
+shift || true
+case "$task" in
+  demo) exec .venv/bin/python -m gblr demo "$@" ;;
+  test) exec .venv/bin/python -m pytest "$@" ;;
+  *) echo "usage: scripts/dev.sh {demo|test} [args...]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,156 @@
+"""Cost of GBLR layers in multiply-accumulates (MACs) per input vector, SPEC section 2.
+
+Components with identical (in, out) supports form a group; a group of total rank ``R`` whose
+supports are ``a`` columns and ``b`` rows wide costs ``min(R * (a + b), a * b)`` (two thin
+products, or one dense block if that is cheaper). Zero-width components cost nothing. A dense
+``(m, n)`` layer costs ``m * n``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+__all__ = ["Support", "support_groups", "group_macs", "LayerFlops", "FlopsReport", "flops_report"]
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Support:
+    """A block's support in elements: columns ``in_start ..`` (``in_width`` of them, cyclic)
+    and rows ``out_start ..`` (``out_width``, cyclic). A full-width side always has start 0."""
+
+    in_start: int
+    in_width: int
+    out_start: int
+    out_width: int
+
+
+def support_groups(
+    in_widths: torch.Tensor,
+    in_locations: torch.Tensor,
+    out_widths: torch.Tensor,
+    out_locations: torch.Tensor,
+    in_features: int,
+    out_features: int,
+) -> dict[Support, list[int]]:
+    """Group component indices by identical support, dropping components with a zero width.
+
+    All arguments are integer element counts (as from :func:`gblr.masks.element_supports`).
+    Locations of full-width sides are irrelevant and canonicalised to 0.
+    """
+    groups: dict[Support, list[int]] = {}
+    rows = zip(in_widths.tolist(), in_locations.tolist(), out_widths.tolist(), out_locations.tolist())
+    for index, (w_in, l_in, w_out, l_out) in enumerate(rows):
+        if w_in == 0 or w_out == 0:
+            continue
+        key = Support(
+            in_start=0 if w_in == in_features else l_in,
+            in_width=w_in,
+            out_start=0 if w_out == out_features else l_out,
+            out_width=w_out,
+        )
+        groups.setdefault(key, []).append(index)
+    return groups
+
+
+def group_macs(rank: int, in_width: int, out_width: int) -> int:
+    """MACs per input vector of one group: the cheaper of two thin products and a dense block."""
+    return min(rank * (in_width + out_width), in_width * out_width)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerFlops:
+    name: str
+    shape: tuple[int, int]  # (out_features, in_features), as nn.Linear's weight
+    dense_macs: int
+    gblr_macs: int
+
+    @property
+    def ratio(self) -> float:
+        return self.gblr_macs / self.dense_macs
+
+
+@dataclasses.dataclass(frozen=True)
+class FlopsReport:
+    """Per-layer and total MACs of the GBLR layers in a model. ``str()`` gives a table."""
+
+    layers: tuple[LayerFlops, ...]
+
+    @property
+    def dense_macs(self) -> int:
+        return sum(layer.dense_macs for layer in self.layers)
+
+    @property
+    def gblr_macs(self) -> int:
+        return sum(layer.gblr_macs for layer in self.layers)
+
+    @property
+    def ratio(self) -> float:
+        """Global FLOPs ratio of the GBLR layers, each weighted by its dense size."""
+        return self.gblr_macs / self.dense_macs if self.layers else float("nan")
+
+    def __iter__(self) -> Iterator[LayerFlops]:
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def to_dict(self) -> dict:
+        return {
+            "layers": [
+                {
+                    "name": layer.name,
+                    "shape": list(layer.shape),
+                    "dense_macs": layer.dense_macs,
+                    "gblr_macs": layer.gblr_macs,
+                    "flops_ratio": layer.ratio,
+                }
+                for layer in self.layers
+            ],
+            "dense_macs": self.dense_macs,
+            "gblr_macs": self.gblr_macs,
+            "flops_ratio": self.ratio,
+        }
+
+    def to_json(self, **kwargs) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    def __str__(self) -> str:
+        header = ("layer", "shape", "dense MACs", "GBLR MACs", "ratio")
+        rows = [
+            (layer.name or "(model)", f"{layer.shape[0]}x{layer.shape[1]}", f"{layer.dense_macs:,}",
+             f"{layer.gblr_macs:,}", f"{layer.ratio:.3f}")
+            for layer in self.layers
+        ]
+        rows.append(("total", "", f"{self.dense_macs:,}", f"{self.gblr_macs:,}", f"{self.ratio:.3f}"))
+        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+        def line(row):
+            cells = [row[0].ljust(widths[0])] + [cell.rjust(width) for cell, width in zip(row[1:], widths[1:])]
+            return "  ".join(cells)
+
+        rule = "  ".join("-" * width for width in widths)
+        return "\n".join([line(header), rule, *map(line, rows[:-1]), rule, line(rows[-1])])
+
+
+def flops_report(model: nn.Module) -> FlopsReport:
+    """MACs per input vector of every GBLR layer (trainable or frozen) in ``model``.
+
+    Returns a :class:`FlopsReport`: iterate it for per-layer rows (name, shape, dense and GBLR
+    MACs, ratio), read ``.ratio`` for the global FLOPs ratio, ``.to_dict()`` for data, or
+    ``print()`` it for a table.
+    """
+    from .linear import FrozenGBLRLinear, GBLRLinear  # the layers import this module
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    layers = []
+    for name, module in model.named_modules():
+        if isinstance(module, (GBLRLinear, FrozenGBLRLinear)):
+            dense = module.in_features * module.out_features
+            layers.append(LayerFlops(name, (module.out_features, module.in_features), dense, module.flops()))
+    return FlopsReport(tuple(layers))

@@ -1,0 +1,388 @@
+"""GBLRLinear: a linear layer whose weight is a sum of learned, overlapping low-rank blocks.
+
+    W = sum_k (mask_out[k] * u[k]) @ (v[k] * mask_in[k])        (SPEC section 1)
+
+``mask_in[k]`` and ``mask_out[k]`` are Gaudi masks (:mod:`gblr.masks`) of the structural
+parameters ``in_width``, ``in_location``, ``out_width``, ``out_location``. ``FrozenGBLRLinear``
+is the deployed form: exact boxcars, zero-width components dropped, factors cropped to their
+supports, components of identical support merged.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .flops import Support, group_macs, support_groups
+from .masks import element_supports, gaudi_mask
+
+__all__ = ["GBLRLinear", "FrozenGBLRLinear", "freeze_", "check_flops_ratio"]
+
+
+def _check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def check_flops_ratio(value, name: str = "flops_ratio") -> float:
+    """Return ``value`` as a float if it lies in ``(0, 1]``; raise a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 < value <= 1.0):
+        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
+    return float(value)
+
+
+def _check_sigma(sigma):
+    if sigma is not None and not (
+        isinstance(sigma, (int, float)) and not isinstance(sigma, bool) and math.isfinite(sigma) and sigma > 0
+    ):
+        raise ValueError(f"sigma must be None (sharp boxcars) or a positive finite number, got {sigma!r}")
+    return None if sigma is None else float(sigma)
+
+
+def _check_input(x: torch.Tensor, in_features: int) -> None:
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(
+            f"input must have in_features={in_features} in its last dimension, got shape {tuple(x.shape)}"
+        )
+
+
+def _structure_dtype(dtype: torch.dtype | None) -> torch.dtype:
+    # Widths and locations need ~1/n resolution: half precision cannot hold 1/3072.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class GBLRLinear(nn.Module):
+    """Drop-in replacement for :class:`torch.nn.Linear` with a learnable GBLR weight.
+
+    Args:
+        in_features, out_features, bias, device, dtype: as in ``nn.Linear``.
+        components: number of components ``K``; default ``min(in_features, out_features)``.
+        rank: rank ``r`` of each component (default 1).
+        sigma: Gaussian smoothing of the masks; ``None`` (default) uses exact boxcars.
+            Training from scratch raises it from about 1 to about 100 (SPEC section 4).
+        init_flops_ratio: FLOPs ratio of the initial structure, in ``(0, 1]`` (default 0.5):
+            half of this budget goes to full-width components (the top singular directions of
+            a standard dense init), the rest to partial blocks at random locations.
+
+    Structural parameters (``in_width``, ``in_location``, ``out_width``, ``out_location``, all
+    normalised to ``[0, 1]``) are kept in float32 (float64 for a float64 layer), whatever the
+    layer's dtype; use autocast for half precision.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        components: int | None = None,
+        rank: int = 1,
+        sigma: float | None = None,
+        device=None,
+        dtype=None,
+        *,
+        init_flops_ratio: float = 0.5,
+    ) -> None:
+        super().__init__()
+        self.in_features = _check_positive_int("in_features", in_features)
+        self.out_features = _check_positive_int("out_features", out_features)
+        if components is None:
+            components = min(in_features, out_features)
+        self.components = _check_positive_int("components", components)
+        self.rank = _check_positive_int("rank", rank)
+        self.sigma = sigma
+        self.init_flops_ratio = check_flops_ratio(init_flops_ratio, "init_flops_ratio")
+        factory = {"device": device, "dtype": dtype}
+        structure = {"device": device, "dtype": _structure_dtype(dtype)}
+        self.in_width = nn.Parameter(torch.empty(components, **structure))
+        self.in_location = nn.Parameter(torch.empty(components, **structure))
+        self.out_width = nn.Parameter(torch.empty(components, **structure))
+        self.out_location = nn.Parameter(torch.empty(components, **structure))
+        self.u = nn.Parameter(torch.empty(components, out_features, rank, **factory))
+        self.v = nn.Parameter(torch.empty(components, rank, in_features, **factory))
+        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        self.reset_parameters()
+
+    # -- parameters ---------------------------------------------------------------------------
+
+    @property
+    def sigma(self) -> float | None:
+        return self._sigma
+
+    @sigma.setter
+    def sigma(self, value: float | None) -> None:
+        self._sigma = _check_sigma(value)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Initialise per SPEC section 4 at ``init_flops_ratio``.
+
+        A dense ``nn.Linear`` init is split by SVD into ``K`` rank-``r`` components (top
+        singular directions first). Full-width components take half of the MACs budget; the
+        other components share the other half as square-ish partial blocks (the same fraction
+        of rows and columns) at uniformly random locations.
+        """
+        m, n, K, r = self.out_features, self.in_features, self.components, self.rank
+        left, right = _dense_init_factors(m, n, K * r, device=self.u.device, dtype=_structure_dtype(self.u.dtype))
+        self.u.copy_(left.reshape(m, K, r).permute(1, 0, 2))
+        self.v.copy_(right.reshape(K, r, n))
+
+        budget = self.init_flops_ratio * m * n
+        full = min(K, int(0.5 * budget // (r * (m + n))))
+        partial = K - full
+        fraction = 0.0
+        if partial:
+            per_component = (budget - full * r * (m + n)) / partial
+            fraction = min(1.0, per_component / (r * (m + n)))
+        self.in_width.fill_(fraction)
+        self.out_width.fill_(fraction)
+        self.in_width[:full] = 1.0
+        self.out_width[:full] = 1.0
+        self.in_location.uniform_(0.0, 1.0)
+        self.out_location.uniform_(0.0, 1.0)
+        self.in_location[:full] = 0.0
+        self.out_location[:full] = 0.0
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(n)
+            self.bias.uniform_(-bound, bound)
+
+    def structural_parameters(self) -> list[nn.Parameter]:
+        """Widths and locations: the parameters of the structure (SPEC section 4)."""
+        return [self.in_width, self.in_location, self.out_width, self.out_location]
+
+    def content_parameters(self) -> list[nn.Parameter]:
+        """``u``, ``v`` and the bias: the parameters of the values."""
+        return [p for p in (self.u, self.v, self.bias) if p is not None]
+
+    def supports(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rounded supports in elements: ``(in_width, in_location, out_width, out_location)``."""
+        w_in, l_in = element_supports(self.in_width, self.in_location, self.in_features)
+        w_out, l_out = element_supports(self.out_width, self.out_location, self.out_features)
+        return w_in, l_in, w_out, l_out
+
+    # -- the computation ------------------------------------------------------------------------
+
+    def masks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mask_in (K, in_features), mask_out (K, out_features))`` at the current sigma."""
+        mask_in = gaudi_mask(self.in_width, self.in_location, self.in_features, self.sigma)
+        mask_out = gaudi_mask(self.out_width, self.out_location, self.out_features, self.sigma)
+        return mask_in, mask_out
+
+    def _factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Masked factors flattened to ``left (out, K*r)`` and ``right (K*r, in)``, plus masks."""
+        mask_in, mask_out = self.masks()
+        K, r = self.components, self.rank
+        left = (self.u * mask_out.to(self.u.dtype)[:, :, None]).permute(1, 0, 2).reshape(self.out_features, K * r)
+        right = (self.v * mask_in.to(self.v.dtype)[:, None, :]).reshape(K * r, self.in_features)
+        return left, right, mask_in, mask_out
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense ``(out_features, in_features)`` matrix this layer applies (differentiable)."""
+        left, right, _, _ = self._factors()
+        return left @ right
+
+    def _materialise_is_cheaper(self, tokens: int) -> bool:
+        m, n, kr = self.out_features, self.in_features, self.components * self.rank
+        return kr * m * n + tokens * m * n < tokens * kr * (m + n)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input(x, self.in_features)
+        left, right, mask_in, mask_out = self._factors()
+        left, right = left.to(x.dtype), right.to(x.dtype)
+        tokens = x.numel() // self.in_features
+        if self._materialise_is_cheaper(tokens):
+            y = F.linear(x, left @ right, self.bias)
+        else:
+            y = F.linear(F.linear(x, right), left, self.bias)
+        if torch.is_grad_enabled() and self.in_width.requires_grad:
+            revival = self._revival_term(x, mask_in, mask_out)
+            if revival is not None:
+                y = y + revival
+        return y
+
+    def _revival_term(self, x: torch.Tensor, mask_in: torch.Tensor, mask_out: torch.Tensor) -> torch.Tensor | None:
+        """Zero in value; gives components whose two widths are both zero a width gradient.
+
+        For such a component the true gradient of either width is zero (the block is the
+        product of two empty masks), so the proximal step could never let it grow back. This
+        term adds nothing to the output but routes to each empty mask the gradient it would get
+        if its partner were one element wide at its location (SPEC section 3: keep a pruned
+        block able to grow back). Content factors receive nothing from it.
+        """
+        w_in, l_in, w_out, l_out = self.supports()
+        dead = ((w_in == 0) & (w_out == 0)).nonzero().flatten()
+        if dead.numel() == 0:
+            return None
+        m, n = self.out_features, self.in_features
+        with torch.no_grad():
+            one_element = torch.ones(dead.numel(), device=x.device, dtype=self.in_width.dtype)
+            spike_in = gaudi_mask(one_element / n, self.in_location[dead], n, self.sigma)
+            spike_out = gaudi_mask(one_element / m, self.out_location[dead], m, self.sigma)
+        u, v = self.u[dead].detach(), self.v[dead].detach()
+        # Each product has one empty mask (exact zeros) with its gradient path, one spike without.
+        grow_in = (u * spike_out[:, :, None]).permute(1, 0, 2).reshape(m, -1), (v * mask_in[dead][:, None, :]).reshape(-1, n)
+        grow_out = (u * mask_out[dead][:, :, None]).permute(1, 0, 2).reshape(m, -1), (v * spike_in[:, None, :]).reshape(-1, n)
+        return sum(F.linear(F.linear(x, right.to(x.dtype)), left.to(x.dtype)) for left, right in (grow_in, grow_out))
+
+    # -- cost and deployment ----------------------------------------------------------------------
+
+    def flops(self) -> int:
+        """MACs per input vector of the current (rounded) structure, SPEC section 2."""
+        groups = support_groups(*self.supports(), self.in_features, self.out_features)
+        return sum(group_macs(len(members) * self.rank, s.in_width, s.out_width) for s, members in groups.items())
+
+    def flops_ratio(self) -> float:
+        return self.flops() / (self.in_features * self.out_features)
+
+    @torch.no_grad()
+    def freeze(self) -> "FrozenGBLRLinear":
+        """The deployed form: exact boxcars (``sigma=None``), zero-width components dropped,
+        factors cropped to their supports, components with identical supports merged. Its output
+        equals this layer's output at ``sigma=None``, and so does its ``flops()``."""
+        groups = support_groups(*self.supports(), self.in_features, self.out_features)
+        blocks = []
+        for support, members in sorted(groups.items()):
+            rows = _cyclic_indices(support.out_start, support.out_width, self.out_features, self.u.device)
+            cols = _cyclic_indices(support.in_start, support.in_width, self.in_features, self.v.device)
+            index = torch.tensor(members, device=self.u.device)
+            left = self.u[index][:, rows, :].permute(1, 0, 2).reshape(support.out_width, -1)
+            right = self.v[index][:, :, cols].reshape(-1, support.in_width)
+            blocks.append((support, left.clone(), right.clone()))
+        bias = None if self.bias is None else self.bias.detach().clone()
+        return FrozenGBLRLinear(self.in_features, self.out_features, blocks, bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"components={self.components}, rank={self.rank}, sigma={self.sigma}, "
+            f"flops_ratio={self.flops_ratio():.3f}"
+        )
+
+    # sigma is state: a checkpoint taken mid-schedule must restore it.
+    def get_extra_state(self) -> dict:
+        return {"sigma": self.sigma}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.sigma = state["sigma"]
+
+
+def _dense_init_factors(m: int, n: int, total_rank: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(m, R)`` and ``(R, n)`` factors, columns by decreasing singular value, of nn.Linear's
+    default init (uniform in +-1/sqrt(n)). Beyond rank ``min(m, n)`` further independent draws
+    are stacked, all scaled so the sum keeps the variance of one dense init."""
+    draws = max(1, math.ceil(total_rank / min(m, n)))
+    bound = 1.0 / math.sqrt(n) / math.sqrt(draws)
+    lefts, rights = [], []
+    for _ in range(draws):
+        dense = torch.empty(m, n, dtype=dtype, device=device).uniform_(-bound, bound)
+        U, S, Vh = torch.linalg.svd(dense, full_matrices=False)
+        root = S.sqrt()
+        lefts.append(U * root)
+        rights.append(root[:, None] * Vh)
+    return torch.cat(lefts, 1)[:, :total_rank], torch.cat(rights, 0)[:total_rank]
+
+
+def _cyclic_indices(start: int, width: int, size: int, device) -> torch.Tensor:
+    return torch.remainder(torch.arange(start, start + width, device=device), size)
+
+
+class FrozenGBLRLinear(nn.Module):
+    """Inference form of a GBLR layer: a list of blocks, each with a cyclic support.
+
+    A block with support ``s`` applies ``y[rows(s)] += left @ (right @ x[cols(s)])`` with
+    ``left (out_width, R)`` and ``right (R, in_width)``, or one dense ``(out_width, in_width)``
+    matrix when that is cheaper (``R * (a + b) >= a * b``). Build it with
+    :meth:`GBLRLinear.freeze`.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        blocks: list[tuple[Support, torch.Tensor, torch.Tensor]],
+        bias: torch.Tensor | None,
+    ) -> None:
+        super().__init__()
+        self.in_features = _check_positive_int("in_features", in_features)
+        self.out_features = _check_positive_int("out_features", out_features)
+        self.supports = [support for support, _, _ in blocks]
+        for index, (support, left, right) in enumerate(blocks):
+            rank = left.shape[1]
+            if left.shape != (support.out_width, rank) or right.shape != (rank, support.in_width):
+                raise ValueError(
+                    f"block factors of shapes {tuple(left.shape)} and {tuple(right.shape)} do not match "
+                    f"support {support}"
+                )
+            if group_macs(rank, support.in_width, support.out_width) == support.in_width * support.out_width:
+                left, right = left @ right, None  # a dense block is cheaper than the two factors
+            self.register_parameter(f"left{index}", nn.Parameter(left))
+            self.register_parameter(f"right{index}", None if right is None else nn.Parameter(right))
+        self.bias = None if bias is None else nn.Parameter(bias)
+
+    def blocks(self):
+        """``(support, left, right)`` per block; ``right`` is None where ``left`` is a dense block."""
+        for index, support in enumerate(self.supports):
+            yield support, getattr(self, f"left{index}"), getattr(self, f"right{index}")
+
+    def flops(self) -> int:
+        return sum(
+            support.in_width * support.out_width
+            if right is None
+            else group_macs(left.shape[1], support.in_width, support.out_width)
+            for support, left, right in self.blocks()
+        )
+
+    def flops_ratio(self) -> float:
+        return self.flops() / (self.in_features * self.out_features)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense ``(out_features, in_features)`` matrix this layer applies."""
+        like = next(self.parameters(), None)
+        options = {} if like is None else {"device": like.device, "dtype": like.dtype}
+        weight = torch.zeros(self.out_features, self.in_features, **options)
+        for support, left, right in self.blocks():
+            rows = _cyclic_indices(support.out_start, support.out_width, self.out_features, weight.device)
+            cols = _cyclic_indices(support.in_start, support.in_width, self.in_features, weight.device)
+            weight[rows[:, None], cols[None, :]] += left if right is None else left @ right
+        return weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input(x, self.in_features)
+        y = x.new_zeros(*x.shape[:-1], self.out_features)
+        for support, left, right in self.blocks():
+            cols = _cyclic_indices(support.in_start, support.in_width, self.in_features, x.device)
+            rows = _cyclic_indices(support.out_start, support.out_width, self.out_features, x.device)
+            part = x.index_select(-1, cols)
+            if right is not None:
+                part = F.linear(part, right)
+            y.index_add_(-1, rows, F.linear(part, left))
+        if self.bias is not None:
+            y = y + self.bias
+        return y
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"blocks={len(self.supports)}, flops_ratio={self.flops_ratio():.3f}"
+        )
+
+
+def freeze_(model: nn.Module) -> nn.Module:
+    """Replace every :class:`GBLRLinear` in ``model`` by its frozen form, in place.
+
+    Returns ``model`` (or the frozen layer, if ``model`` itself is a GBLRLinear, since a module
+    cannot replace itself).
+    """
+    if isinstance(model, GBLRLinear):
+        return model.freeze()
+    for name, child in model.named_children():
+        if isinstance(child, GBLRLinear):
+            setattr(model, name, child.freeze())
+        else:
+            freeze_(child)
+    return model

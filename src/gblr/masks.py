@@ -1,0 +1,208 @@
+"""Gaudi (Gaussian-Dirichlet) masks: differentiable boxcars for block widths and locations.
+
+The definition (SPEC section 3) lives in the frequency domain: for frequencies ``k = 0 .. n//2``
+
+    M[k] = w sinc(k w) / sinc(k/n) * exp(-i pi k (2 l + w - 1/n)) * exp(-k^2 / (2 sigma^2))
+    mask = irfft(M, n, norm="forward")
+
+:func:`gaudi_mask_reference` evaluates exactly that. :func:`gaudi_mask` computes the same
+values in the time domain, much faster, from two observations:
+
+* The forward pass rounds ``w`` and ``l`` to the ``1/n`` grid (straight-through), so the mask is
+  an integer cyclic boxcar circularly convolved with one kernel ``h = irfft(g)`` that depends
+  only on ``n`` and ``sigma``. A boxcar convolution is a difference of two samples of the
+  cumulative sum of ``h``: two contiguous windows of a precomputed table per component.
+* Both gradients are cross-correlations with one more kernel ``q`` (``dM/dw = exp(-2 pi i k w)
+  C[k]`` and ``dM/dl = dM/dw - C[k]`` in the notation of SPEC section 3): ``dmask/dw`` is ``q``
+  placed at the block's right edge and ``dmask/dl`` is the same minus ``q`` at its left edge.
+  Neither vanishes at ``w = 0``, so a pruned block keeps a width gradient and can grow back.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["gaudi_mask", "gaudi_mask_reference", "boxcar", "element_supports"]
+
+
+def _check_mask_args(width: torch.Tensor, location: torch.Tensor, n: int, sigma: float | None) -> None:
+    if not isinstance(width, torch.Tensor) or not isinstance(location, torch.Tensor):
+        raise TypeError("width and location must be tensors of shape (K,)")
+    if width.dim() != 1:
+        raise ValueError(f"width must have shape (K,), got {tuple(width.shape)}")
+    if location.shape != width.shape:
+        raise ValueError(
+            f"location must have the same shape as width {tuple(width.shape)}, got {tuple(location.shape)}"
+        )
+    if not width.is_floating_point() or not location.is_floating_point():
+        raise ValueError(f"width and location must be floating point, got {width.dtype} and {location.dtype}")
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        raise ValueError(f"n (the mask length) must be a positive int, got {n!r}")
+    if sigma is not None and not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
+        raise ValueError(f"sigma must be None (a sharp boxcar) or a positive finite number, got {sigma!r}")
+
+
+def element_supports(width: torch.Tensor, location: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rounded supports in elements: ``(W, L)`` as int64 with ``0 <= W <= n`` and ``0 <= L < n``.
+
+    Widths are clamped to ``[0, 1]`` and locations wrap modulo 1, then both are rounded to the
+    ``1/n`` grid. This is the rounding the forward pass of :func:`gaudi_mask` applies.
+    """
+    with torch.no_grad():
+        w = torch.round(width.detach().to(torch.float64).clamp(0.0, 1.0) * n).long()
+        l = torch.remainder(torch.round(location.detach().to(torch.float64) * n).long(), n)
+    return w, l
+
+
+def boxcar(width: torch.Tensor, location: torch.Tensor, n: int) -> torch.Tensor:
+    """Exact cyclic boxcars (no gradient): ``box[k, t] = 1 if (t - L_k) mod n < W_k else 0``."""
+    w, l = element_supports(width, location, n)
+    t = torch.arange(n, device=width.device)
+    return (torch.remainder(t[None, :] - l[:, None], n) < w[:, None]).to(width.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# The definition, kept as the ground truth for tests and benchmarks.
+
+
+def _sinc(x: torch.Tensor) -> torch.Tensor:
+    return torch.sinc(x)  # sin(pi x) / (pi x), 1 at 0
+
+
+def gaudi_mask_reference(
+    width: torch.Tensor, location: torch.Tensor, n: int, sigma: float | None = None
+) -> torch.Tensor:
+    """The Gaudi mask straight from its frequency-domain definition (no rounding).
+
+    Differentiable by autograd through complex exponentials and ``irfft``. It is slow; it exists
+    so that :func:`gaudi_mask` can be checked against it. ``width`` and ``location`` are used
+    as given: pass grid-aligned values to compare with the rounded forward of :func:`gaudi_mask`.
+    """
+    _check_mask_args(width, location, n, sigma)
+    k = torch.arange(n // 2 + 1, device=width.device, dtype=width.dtype)
+    w = width[:, None]
+    l = location[:, None]
+    amplitude = w * _sinc(k * w) / _sinc(k / n)
+    if sigma is not None:
+        amplitude = amplitude * torch.exp(-(k**2) / (2.0 * sigma**2))
+    phase = -math.pi * k * (2.0 * l + w - 1.0 / n)
+    spectrum = amplitude * torch.exp(1j * phase)
+    return torch.fft.irfft(spectrum, n=n, norm="forward")
+
+
+# ----------------------------------------------------------------------------------------------
+# The fast form.
+
+
+def _gaussian(n: int, sigma: float | None, device: torch.device) -> torch.Tensor:
+    k = torch.arange(n // 2 + 1, device=device, dtype=torch.float64)
+    if sigma is None:
+        return torch.ones_like(k)
+    return torch.exp(-(k**2) / (2.0 * sigma**2))
+
+
+def _kernels(n: int, sigma: float | None, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tables for one (n, sigma): the cumulative smoothing kernel and the gradient kernel.
+
+    ``cumulative[j]`` holds ``C(j - 2n)`` for ``j = 0 .. 3n``, where ``C(i) = sum_{t < i} h[t]``
+    extended to all integers by ``C(i + n) = C(i) + sum(h)``; a mask row is
+    ``C(t - L + 1) - C(t - L - W + 1)``, two contiguous windows of this table.
+
+    ``gradient[j]`` holds ``q((j - 2n) mod n)`` for ``j = 0 .. 3n - 1``, with
+    ``q = irfft(g[k] / sinc(k/n) * exp(i pi k / n), n, norm="forward")``; the width gradient
+    of a mask is ``q`` shifted to ``L + W``.
+    """
+    g = _gaussian(n, sigma, device)
+    k = torch.arange(n // 2 + 1, device=device, dtype=torch.float64)
+    if sigma is None:
+        h = torch.zeros(n, device=device, dtype=torch.float64)
+        h[0] = 1.0  # exact: the masks come out as exact 0/1 boxcars
+    else:
+        h = torch.fft.irfft(g.to(torch.complex128), n=n)
+    steps = torch.cat([torch.zeros(1, device=device, dtype=torch.float64), torch.cumsum(h, 0)])  # C(0..n)
+    total = steps[-1]
+    # C(i) for i = -2n .. n: shift the one-period table down by 2 and 1 periods.
+    cumulative = torch.cat([steps[:-1] - 2 * total, steps[:-1] - total, steps])
+    spectrum = g / _sinc(k / n) * torch.exp(1j * math.pi * k / n)
+    q = torch.fft.irfft(spectrum, n=n, norm="forward")
+    gradient = q.repeat(3)
+    return cumulative.to(dtype), gradient.to(dtype)
+
+
+_CHUNK_ELEMENTS = 1 << 18  # scratch rows per step: small enough to be reused, not page-faulted
+
+
+def _row_chunks(rows: int, n: int):
+    step = max(1, _CHUNK_ELEMENTS // n)
+    for start in range(0, rows, step):
+        yield slice(start, min(start + step, rows))
+
+
+def _windows(table: torch.Tensor, starts: torch.Tensor, n: int) -> torch.Tensor:
+    """Rows ``table[s : s + n]`` for every ``s`` in ``starts`` (a strided view, then one copy)."""
+    return table.unfold(0, n, 1).index_select(0, starts)
+
+
+class _GaudiMask(torch.autograd.Function):
+    """Masks by table lookups; scratch work goes through small chunks so that no second
+    ``(K, n)`` buffer is allocated (fresh large buffers cost more in page faults than the
+    arithmetic)."""
+
+    @staticmethod
+    def forward(ctx, width, location, n, sigma):  # noqa: D401 - autograd signature
+        w, l = element_supports(width, location, n)
+        cumulative, gradient = _kernels(n, sigma, width.device, width.dtype)
+        # mask[t] = C(t - L + 1) - C(t - L - W + 1); table index j holds C(j - 2n).
+        mask = _windows(cumulative, 2 * n + 1 - l, n)
+        lower_starts = 2 * n + 1 - l - w
+        for rows in _row_chunks(mask.shape[0], n):
+            mask[rows].sub_(_windows(cumulative, lower_starts[rows], n))
+        ctx.save_for_backward(w, l, gradient)
+        ctx.n = n
+        return mask
+
+    @staticmethod
+    def backward(ctx, grad_mask):
+        w, l, gradient = ctx.saved_tensors
+        n = ctx.n
+        grad_mask = grad_mask.to(gradient.dtype)
+        # d mask[t] / dw = q((t - L - W) mod n);  d mask[t] / dl = q((t - L - W) mod n) - q((t - L) mod n).
+        # The gradient table index j holds q((j - 2n) mod n), so the row for shift s starts at 2n - s.
+        right_starts, left_starts = 2 * n - l - w, 2 * n - l
+        grad_width = grad_mask.new_empty(grad_mask.shape[0])
+        grad_location = grad_mask.new_empty(grad_mask.shape[0])
+        for rows in _row_chunks(grad_mask.shape[0], n):
+            g = grad_mask[rows]
+            right_edge = _windows(gradient, right_starts[rows], n).mul_(g).sum(1)
+            left_edge = _windows(gradient, left_starts[rows], n).mul_(g).sum(1)
+            grad_width[rows] = right_edge
+            grad_location[rows] = right_edge - left_edge
+        return grad_width, grad_location, None, None
+
+
+def gaudi_mask(width: torch.Tensor, location: torch.Tensor, n: int, sigma: float | None = None) -> torch.Tensor:
+    """Differentiable Gaudi masks, one row per component.
+
+    Args:
+        width: ``(K,)`` normalised widths. Clamped to ``[0, 1]`` and rounded to the ``1/n`` grid
+            in the forward pass (straight-through: the gradient, taken at the rounded point,
+            reaches the real-valued parameter unchanged).
+        location: ``(K,)`` normalised first index of each block; wraps modulo 1, rounded likewise.
+        n: mask length.
+        sigma: Gaussian smoothing in units of the integer frequency index. ``None`` gives the
+            exact cyclic boxcar (values exactly 0 or 1); ``1`` is almost flat, ``100`` almost a
+            boxcar.
+
+    Returns:
+        ``(K, n)`` tensor, same dtype and device as ``width``, equal to the frequency-domain
+        definition (:func:`gaudi_mask_reference`) at the rounded ``width`` and ``location``.
+    """
+    _check_mask_args(width, location, n, sigma)
+    if width.device != location.device:
+        raise ValueError(f"width and location must be on one device, got {width.device} and {location.device}")
+    dtype = torch.promote_types(width.dtype, location.dtype)
+    if dtype not in (torch.float32, torch.float64):
+        dtype = torch.float32  # half-precision mask math is not accurate enough; see SPEC section 3
+    return _GaudiMask.apply(width.to(dtype), location.to(dtype), n, sigma)
