@@ -253,7 +253,9 @@ class GBLRLinear(nn.Module):
             right = self.v[index][:, :, cols].reshape(-1, support.in_width)
             blocks.append((support, left.clone(), right.clone()))
         bias = None if self.bias is None else self.bias.detach().clone()
-        return FrozenGBLRLinear(self.in_features, self.out_features, blocks, bias)
+        return FrozenGBLRLinear(
+            self.in_features, self.out_features, blocks, bias, dtype=self.u.dtype, device=self.u.device
+        )
 
     def extra_repr(self) -> str:
         return (
@@ -305,10 +307,15 @@ class FrozenGBLRLinear(nn.Module):
         out_features: int,
         blocks: list[tuple[Support, torch.Tensor, torch.Tensor]],
         bias: torch.Tensor | None,
+        *,
+        dtype: torch.dtype | None = None,
+        device=None,
     ) -> None:
         super().__init__()
         self.in_features = _check_positive_int("in_features", in_features)
         self.out_features = _check_positive_int("out_features", out_features)
+        # Remembers dtype and device (moved by .to()) even when there are no blocks and no bias.
+        self.register_buffer("_empty", torch.empty(0, dtype=dtype, device=device), persistent=False)
         self.supports = [support for support, _, _ in blocks]
         for index, (support, left, right) in enumerate(blocks):
             rank = left.shape[1]
@@ -342,9 +349,7 @@ class FrozenGBLRLinear(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The dense ``(out_features, in_features)`` matrix this layer applies."""
-        like = next(self.parameters(), None)
-        options = {} if like is None else {"device": like.device, "dtype": like.dtype}
-        weight = torch.zeros(self.out_features, self.in_features, **options)
+        weight = self._empty.new_zeros(self.out_features, self.in_features)
         for support, left, right in self.blocks():
             rows = _cyclic_indices(support.out_start, support.out_width, self.out_features, weight.device)
             cols = _cyclic_indices(support.in_start, support.in_width, self.in_features, weight.device)

@@ -20,6 +20,7 @@ values in the time domain, much faster, from two observations:
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -103,8 +104,10 @@ def _gaussian(n: int, sigma: float | None, device: torch.device) -> torch.Tensor
     return torch.exp(-(k**2) / (2.0 * sigma**2))
 
 
+@functools.lru_cache(maxsize=64)
 def _kernels(n: int, sigma: float | None, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tables for one (n, sigma): the cumulative smoothing kernel and the gradient kernel.
+    """Tables for one (n, sigma), cached (layers of one width share them; read-only):
+    the cumulative smoothing kernel and the gradient kernel.
 
     ``cumulative[j]`` holds ``C(j - 2n)`` for ``j = 0 .. 3n``, where ``C(i) = sum_{t < i} h[t]``
     extended to all integers by ``C(i + n) = C(i) + sum(h)``; a mask row is
@@ -131,34 +134,40 @@ def _kernels(n: int, sigma: float | None, device: torch.device, dtype: torch.dty
     return cumulative.to(dtype), gradient.to(dtype)
 
 
-_CHUNK_ELEMENTS = 1 << 18  # scratch rows per step: small enough to be reused, not page-faulted
+_CHUNK_ELEMENTS = 1 << 18  # rows of scratch work per step
 
 
-def _row_chunks(rows: int, n: int):
-    step = max(1, _CHUNK_ELEMENTS // n)
-    for start in range(0, rows, step):
-        yield slice(start, min(start + step, rows))
-
-
-def _windows(table: torch.Tensor, starts: torch.Tensor, n: int) -> torch.Tensor:
+def _windows(table: torch.Tensor, starts: torch.Tensor, n: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """Rows ``table[s : s + n]`` for every ``s`` in ``starts`` (a strided view, then one copy)."""
-    return table.unfold(0, n, 1).index_select(0, starts)
+    return torch.index_select(table.unfold(0, n, 1), 0, starts, out=out)
+
+
+def _chunks(rows: int, n: int, like: torch.Tensor):
+    """Row slices of at most ``_CHUNK_ELEMENTS`` elements, and one scratch buffer they share.
+
+    Large fresh buffers cost more in page faults than the arithmetic done in them, so the
+    scratch work of a whole mask goes through one small buffer that stays hot in cache.
+    """
+    step = max(1, min(rows, _CHUNK_ELEMENTS // n))
+    scratch = like.new_empty(step, n)
+    for start in range(0, rows, step):
+        stop = min(start + step, rows)
+        yield slice(start, stop), scratch[: stop - start]
 
 
 class _GaudiMask(torch.autograd.Function):
-    """Masks by table lookups; scratch work goes through small chunks so that no second
-    ``(K, n)`` buffer is allocated (fresh large buffers cost more in page faults than the
-    arithmetic)."""
+    """Masks by table lookups (see the module docstring)."""
 
     @staticmethod
     def forward(ctx, width, location, n, sigma):  # noqa: D401 - autograd signature
         w, l = element_supports(width, location, n)
         cumulative, gradient = _kernels(n, sigma, width.device, width.dtype)
         # mask[t] = C(t - L + 1) - C(t - L - W + 1); table index j holds C(j - 2n).
-        mask = _windows(cumulative, 2 * n + 1 - l, n)
-        lower_starts = 2 * n + 1 - l - w
-        for rows in _row_chunks(mask.shape[0], n):
-            mask[rows].sub_(_windows(cumulative, lower_starts[rows], n))
+        upper_starts, lower_starts = 2 * n + 1 - l, 2 * n + 1 - l - w
+        mask = cumulative.new_empty(w.shape[0], n)
+        for rows, scratch in _chunks(mask.shape[0], n, mask):
+            upper = _windows(cumulative, upper_starts[rows], n, out=mask[rows])
+            upper.sub_(_windows(cumulative, lower_starts[rows], n, out=scratch))
         ctx.save_for_backward(w, l, gradient)
         ctx.n = n
         return mask
@@ -171,15 +180,13 @@ class _GaudiMask(torch.autograd.Function):
         # d mask[t] / dw = q((t - L - W) mod n);  d mask[t] / dl = q((t - L - W) mod n) - q((t - L) mod n).
         # The gradient table index j holds q((j - 2n) mod n), so the row for shift s starts at 2n - s.
         right_starts, left_starts = 2 * n - l - w, 2 * n - l
-        grad_width = grad_mask.new_empty(grad_mask.shape[0])
-        grad_location = grad_mask.new_empty(grad_mask.shape[0])
-        for rows in _row_chunks(grad_mask.shape[0], n):
+        right_edge = grad_mask.new_empty(grad_mask.shape[0])
+        left_edge = grad_mask.new_empty(grad_mask.shape[0])
+        for rows, scratch in _chunks(grad_mask.shape[0], n, grad_mask):
             g = grad_mask[rows]
-            right_edge = _windows(gradient, right_starts[rows], n).mul_(g).sum(1)
-            left_edge = _windows(gradient, left_starts[rows], n).mul_(g).sum(1)
-            grad_width[rows] = right_edge
-            grad_location[rows] = right_edge - left_edge
-        return grad_width, grad_location, None, None
+            torch.sum(_windows(gradient, right_starts[rows], n, out=scratch).mul_(g), 1, out=right_edge[rows])
+            torch.sum(_windows(gradient, left_starts[rows], n, out=scratch).mul_(g), 1, out=left_edge[rows])
+        return right_edge, right_edge - left_edge, None, None
 
 
 def gaudi_mask(width: torch.Tensor, location: torch.Tensor, n: int, sigma: float | None = None) -> torch.Tensor:

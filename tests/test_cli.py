@@ -1,0 +1,22 @@
+import re
+import subprocess
+import sys
+
+from gblr.cli import main
+
+
+def test_demo_shows_exact_structures_and_a_faithful_frozen_model(capsys):
+    assert main(["demo"]) == 0
+    out = capsys.readouterr().out
+    errors = [float(value) for value in re.findall(r"relative error (\S+)", out)]
+    assert len(errors) == 3 and max(errors) < 1e-10
+    for macs, native in re.findall(r"MACs\s+(\d+) \(native (\d+)\)", out):
+        assert macs == native
+    difference = float(re.search(r"max difference (\S+)", out).group(1))
+    assert difference < 1e-5
+    assert float(re.search(r"speed-up (\S+)x", out).group(1)) > 1.0
+
+
+def test_module_entry_point_and_version():
+    result = subprocess.run([sys.executable, "-m", "gblr", "--version"], capture_output=True, text=True, check=True)
+    assert result.stdout.startswith("gblr ")

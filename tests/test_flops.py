@@ -1,0 +1,52 @@
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import gblr
+from gblr import structures
+
+
+def test_report_rows_totals_and_weighted_ratio():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        structures.low_rank(torch.randn(40, 2), torch.randn(2, 30)),  # 2 * 70 = 140 of 1200
+        nn.ReLU(),
+        nn.Linear(40, 40),  # not a GBLR layer: not reported
+        nn.Sequential(gblr.GBLRLinear(40, 10, init_flops_ratio=0.5)),
+    )
+    report = gblr.flops_report(model)
+    assert [layer.name for layer in report] == ["0", "3.0"]
+    first, second = report.layers
+    assert first.shape == (40, 30) and first.dense_macs == 1200 and first.gblr_macs == 140
+    assert second.shape == (10, 40) and second.gblr_macs == model[3][0].flops()
+    assert report.dense_macs == 1600
+    assert report.gblr_macs == 140 + second.gblr_macs
+    assert report.ratio == pytest.approx((140 + second.gblr_macs) / 1600)
+    assert first.ratio == pytest.approx(140 / 1200)
+
+
+def test_report_is_data_and_a_table():
+    model = nn.Sequential(structures.low_rank(torch.randn(8, 1), torch.randn(1, 8)))
+    gblr.freeze_(model)
+    report = gblr.flops_report(model)
+    data = json.loads(report.to_json())
+    assert data["layers"] == [
+        {"name": "0", "shape": [8, 8], "dense_macs": 64, "gblr_macs": 16, "flops_ratio": 0.25}
+    ]
+    assert data["flops_ratio"] == 0.25
+    lines = str(report).splitlines()
+    assert lines[0].split() == ["layer", "shape", "dense", "MACs", "GBLR", "MACs", "ratio"]
+    assert lines[2].split() == ["0", "8x8", "64", "16", "0.250"]
+    assert lines[-1].split() == ["total", "64", "16", "0.250"]
+
+
+def test_a_model_without_gblr_layers_reports_nothing():
+    report = gblr.flops_report(nn.Linear(3, 3))
+    assert len(report) == 0 and report.gblr_macs == 0
+
+
+def test_report_needs_a_module():
+    with pytest.raises(TypeError, match="nn.Module"):
+        gblr.flops_report("model")

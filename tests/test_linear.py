@@ -1,0 +1,368 @@
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import gblr
+from gblr import FrozenGBLRLinear, GBLRLinear
+from gblr.masks import boxcar
+
+
+def set_structure(layer, in_widths, in_locations, out_widths, out_locations):
+    """Set supports given in elements."""
+    n, m = layer.in_features, layer.out_features
+    with torch.no_grad():
+        layer.in_width.copy_(torch.tensor(in_widths, dtype=layer.in_width.dtype) / n)
+        layer.in_location.copy_(torch.tensor(in_locations, dtype=layer.in_width.dtype) / n)
+        layer.out_width.copy_(torch.tensor(out_widths, dtype=layer.in_width.dtype) / m)
+        layer.out_location.copy_(torch.tensor(out_locations, dtype=layer.in_width.dtype) / m)
+
+
+def dense_from_definition(layer):
+    """SPEC section 1 written out as a loop over components, with exact boxcars."""
+    mask_in = boxcar(layer.in_width, layer.in_location, layer.in_features)
+    mask_out = boxcar(layer.out_width, layer.out_location, layer.out_features)
+    weight = torch.zeros(layer.out_features, layer.in_features, dtype=layer.u.dtype)
+    for k in range(layer.components):
+        weight += (mask_out[k, :, None] * layer.u[k]) @ (layer.v[k] * mask_in[k, None, :])
+    return weight
+
+
+def test_defaults_and_repr():
+    layer = GBLRLinear(96, 64)
+    assert layer.components == 64 and layer.rank == 1 and layer.sigma is None
+    assert layer.u.shape == (64, 64, 1) and layer.v.shape == (64, 1, 96)
+    for parameter in layer.structural_parameters():
+        assert parameter.shape == (64,)
+    text = repr(layer)
+    assert "components=64" in text and "rank=1" in text and "sigma=None" in text
+    assert f"flops_ratio={layer.flops_ratio():.3f}" in text
+
+
+@pytest.mark.parametrize("sigma", [None, 3.0])
+def test_weight_is_the_spec_sum(sigma):
+    torch.manual_seed(0)
+    layer = GBLRLinear(20, 12, components=7, rank=2, dtype=torch.float64)
+    set_structure(layer, [20, 5, 0, 7, 3, 20, 1], [0, 17, 4, 2, 19, 0, 6], [12, 4, 3, 0, 12, 2, 5], [0, 10, 1, 5, 0, 11, 3])
+    if sigma is None:
+        torch.testing.assert_close(layer.weight, dense_from_definition(layer))
+    else:
+        layer.sigma = sigma
+        mask_in, mask_out = layer.masks()
+        expected = sum((mask_out[k, :, None] * layer.u[k]) @ (layer.v[k] * mask_in[k, None, :]) for k in range(7))
+        torch.testing.assert_close(layer.weight, expected)
+
+
+@pytest.mark.parametrize("shape", [(5,), (3, 5), (2, 3, 4, 5)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_matches_linear_with_weight(shape, bias):
+    layer = GBLRLinear(5, 7, bias=bias, dtype=torch.float64)
+    x = torch.randn(*shape, dtype=torch.float64)
+    y = layer(x)
+    assert y.shape == (*shape[:-1], 7)
+    torch.testing.assert_close(y, F.linear(x, layer.weight, layer.bias))
+
+
+def test_both_forward_paths_agree_in_value_and_gradient():
+    torch.manual_seed(1)
+    layer = GBLRLinear(48, 32, sigma=10.0, dtype=torch.float64)
+    assert not layer._materialise_is_cheaper(1)
+    assert layer._materialise_is_cheaper(10_000)
+    x = torch.randn(6, 48, dtype=torch.float64)
+    results = []
+    for materialise in (False, True):
+        layer.zero_grad()
+        layer._materialise_is_cheaper = lambda tokens, choice=materialise: choice
+        y = layer(x)
+        (y.sin().sum()).backward()
+        results.append((y.detach(), [p.grad.clone() for p in layer.parameters()]))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for thin, dense in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(thin, dense)
+
+
+def test_gradients_reach_every_parameter():
+    layer = GBLRLinear(16, 16, sigma=5.0)
+    layer(torch.randn(4, 16)).square().sum().backward()
+    for name, parameter in layer.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_dtypes(dtype):
+    layer = GBLRLinear(24, 16, dtype=dtype)
+    assert layer.u.dtype == dtype and layer.bias.dtype == dtype
+    assert layer.in_width.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    x = torch.randn(3, 24, dtype=dtype)
+    y = layer(x)
+    assert y.dtype == dtype
+    reference = F.linear(x.double(), layer.weight.double(), layer.bias.double())
+    tolerance = 1e-10 if dtype == torch.float64 else 5e-2
+    torch.testing.assert_close(y.double(), reference, rtol=tolerance, atol=tolerance)
+
+
+def test_bfloat16_autocast_keeps_mask_math_in_float32():
+    layer = GBLRLinear(32, 32, sigma=10.0)
+    x = torch.randn(4, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mask_in, _ = layer.masks()
+        y = layer(x)
+    assert mask_in.dtype == torch.float32
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), layer(x), rtol=5e-2, atol=5e-2)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    in_features=st.integers(1, 40),
+    out_features=st.integers(1, 40),
+    components=st.integers(1, 6),
+    rank=st.integers(1, 3),
+    bias=st.booleans(),
+    sigma=st.one_of(st.none(), st.floats(0.5, 200.0)),
+)
+def test_state_dict_round_trip(in_features, out_features, components, rank, bias, sigma):
+    source = GBLRLinear(in_features, out_features, bias=bias, components=components, rank=rank, sigma=sigma)
+    with torch.no_grad():
+        for parameter in source.structural_parameters():
+            parameter.uniform_(0, 1)
+    buffer = io.BytesIO()
+    torch.save(source.state_dict(), buffer)
+    buffer.seek(0)
+    target = GBLRLinear(in_features, out_features, bias=bias, components=components, rank=rank)
+    target.load_state_dict(torch.load(buffer))
+    assert target.sigma == source.sigma
+    for (name, a), (_, b) in zip(source.state_dict().items(), target.state_dict().items()):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b), name
+    x = torch.randn(3, in_features)
+    assert torch.equal(source(x), target(x))
+
+
+def test_loading_a_checkpoint_of_another_shape_fails_clearly():
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        GBLRLinear(8, 8).load_state_dict(GBLRLinear(8, 16).state_dict())
+
+
+@pytest.mark.parametrize("ratio", [0.05, 0.25, 0.5, 1.0])
+@pytest.mark.parametrize("shape", [(256, 256), (96, 384), (384, 96)])
+def test_initial_structure_meets_the_ratio(ratio, shape):
+    torch.manual_seed(0)
+    layer = GBLRLinear(*shape, init_flops_ratio=ratio)
+    assert layer.flops_ratio() == pytest.approx(ratio, rel=0.05, abs=0.005)
+    full = (layer.in_width == 1) & (layer.out_width == 1)
+    full_macs = int(full.sum()) * sum(shape)
+    assert full_macs == pytest.approx(0.5 * ratio * shape[0] * shape[1], abs=sum(shape))
+    # The full-width components are the top singular directions of a dense init.
+    strengths = layer.u.norm(dim=(1, 2)) * layer.v.norm(dim=(1, 2))
+    assert strengths[full].min() >= strengths[~full].max()
+
+
+def test_initial_weight_has_dense_init_scale():
+    torch.manual_seed(0)
+    layer = GBLRLinear(512, 512, init_flops_ratio=1.0)
+    dense = nn.Linear(512, 512)
+    assert layer.weight.std().item() == pytest.approx(dense.weight.std().item(), rel=0.35)
+
+
+def test_reset_parameters_reinitialises():
+    layer = GBLRLinear(32, 32)
+    with torch.no_grad():
+        layer.u.zero_()
+        layer.in_width.zero_()
+    layer.reset_parameters()
+    assert layer.u.abs().sum() > 0 and layer.flops_ratio() == pytest.approx(0.5, rel=0.1)
+
+
+def test_flops_counts_groups_and_skips_empty_components():
+    layer = GBLRLinear(100, 60, components=6, rank=2)
+    #               in: width, location     out: width, location
+    set_structure(
+        layer,
+        [10, 10, 100, 100, 0, 50],
+        [5, 5, 0, 37, 3, 0],
+        [20, 20, 60, 60, 40, 1],
+        [3, 3, 0, 11, 0, 0],
+    )
+    # components 0 and 1 share a support: rank 4 on 10x20 -> min(4*30, 200) = 120
+    # components 2 and 3 are full width (locations are irrelevant): rank 4 -> min(4*160, 6000) = 640
+    # component 4 has a zero width; component 5: min(2*51, 50) = 50
+    assert layer.flops() == 120 + 640 + 50
+    assert layer.flops_ratio() == pytest.approx(810 / 6000)
+
+
+def test_widths_above_one_do_not_double_the_mask():
+    layer = GBLRLinear(16, 16, components=1)
+    with torch.no_grad():
+        layer.in_width.fill_(1.8)
+        layer.out_width.fill_(1.0)
+    mask_in, _ = layer.masks()
+    assert torch.equal(mask_in, torch.ones(1, 16))
+    assert layer.flops() == 32
+
+
+def random_structure(layer, generator, zero_fraction=0.2):
+    with torch.no_grad():
+        for width, size in ((layer.in_width, layer.in_features), (layer.out_width, layer.out_features)):
+            elements = torch.randint(0, size + 1, width.shape, generator=generator)
+            elements[torch.rand(width.shape, generator=generator) < zero_fraction] = 0
+            elements[torch.rand(width.shape, generator=generator) < 0.15] = 1
+            width.copy_(elements / size)
+        for location in (layer.in_location, layer.out_location):
+            location.uniform_(0, 1, generator=generator)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    in_features=st.integers(1, 24),
+    out_features=st.integers(1, 24),
+    components=st.integers(1, 8),
+    rank=st.integers(1, 3),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_freeze_is_equivalent(in_features, out_features, components, rank, bias, seed):
+    generator = torch.Generator().manual_seed(seed)
+    layer = GBLRLinear(in_features, out_features, bias=bias, components=components, rank=rank, dtype=torch.float64)
+    random_structure(layer, generator)
+    if components > 1:  # force one duplicated support so that merging is exercised
+        with torch.no_grad():
+            for parameter in layer.structural_parameters():
+                parameter[1] = parameter[0]
+    frozen = layer.freeze()
+    assert isinstance(frozen, FrozenGBLRLinear)
+    x = torch.randn(5, in_features, dtype=torch.float64, generator=generator)
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(x), layer(x))
+        torch.testing.assert_close(frozen.weight, layer.weight)
+    assert frozen.flops() == layer.flops()
+    stored = sum(p.numel() for p in frozen.parameters()) - (out_features if bias else 0)
+    assert stored <= max(layer.flops(), 0)  # memory follows the cost
+
+
+def test_freeze_uses_sharp_masks_and_merges_supports():
+    torch.manual_seed(0)
+    layer = GBLRLinear(30, 20, components=4, sigma=4.0, dtype=torch.float64)
+    set_structure(layer, [6, 6, 30, 2], [27, 27, 0, 3], [5, 5, 20, 2], [18, 18, 0, 1])
+    frozen = layer.freeze()
+    layer.sigma = None
+    x = torch.randn(3, 30, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(x), layer(x))
+    assert len(frozen.supports) == 3  # components 0 and 1 merged; the 2x2 block stored dense
+    assert any(right is None for _, _, right in frozen.blocks())
+    assert "blocks=3" in repr(frozen)
+
+
+def test_freeze_in_place_on_a_model():
+    model = nn.Sequential(GBLRLinear(8, 8), nn.ReLU(), nn.Sequential(GBLRLinear(8, 4, bias=False)))
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        expected = model(x)
+    returned = gblr.freeze_(model)
+    assert returned is model
+    assert isinstance(model[0], FrozenGBLRLinear) and isinstance(model[2][0], FrozenGBLRLinear)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected)
+    assert isinstance(gblr.freeze_(GBLRLinear(4, 4)), FrozenGBLRLinear)
+
+
+def test_revival_gives_dead_components_a_width_gradient():
+    torch.manual_seed(0)
+    layer = GBLRLinear(16, 12, components=3, sigma=20.0, dtype=torch.float64)
+    set_structure(layer, [0, 5, 16], [3, 1, 0], [0, 4, 12], [7, 2, 0])  # component 0 is fully pruned
+    reference = copy.deepcopy(layer)
+    x = torch.randn(10, 16, dtype=torch.float64)
+    target = torch.randn(10, 12, dtype=torch.float64)
+    F.mse_loss(layer(x), target).backward()
+    assert layer.in_width.grad[0] != 0 and layer.out_width.grad[0] != 0
+    # The revival term changes nothing else: same output, same gradients for the live parts.
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), reference(x))
+    reference.requires_grad_(True)
+    loss = F.mse_loss(F.linear(x, reference.weight, reference.bias), target)
+    loss.backward()
+    for name in ("u", "v", "bias"):
+        torch.testing.assert_close(getattr(layer, name).grad, getattr(reference, name).grad)
+    torch.testing.assert_close(layer.in_width.grad[1:], reference.in_width.grad[1:])
+    # The gradient is the one the empty mask would get with a one-element partner.
+    with torch.no_grad():
+        set_structure(reference, [0, 5, 16], [3, 1, 0], [1, 4, 12], [7, 2, 0])
+    reference.zero_grad()
+    F.mse_loss(reference(x), target).backward()
+    torch.testing.assert_close(layer.in_width.grad[0], reference.in_width.grad[0])
+
+
+def test_a_pruned_block_can_grow_back_under_gradient_descent():
+    # The teacher is one rank-1 block on the top-left quarter. The student's only component has
+    # the right content but is pruned to nothing inside that block: width descent must regrow it.
+    torch.manual_seed(0)
+    n = 64
+    teacher = torch.zeros(n, n)
+    teacher[:32, :32] = torch.randn(32, 1) @ torch.randn(1, 32)
+    layer = GBLRLinear(n, n, bias=False, components=1, sigma=5.0)
+    set_structure(layer, [0], [8], [0], [8])
+    with torch.no_grad():
+        u, s, vh = torch.linalg.svd(teacher)
+        layer.u[0, :, 0] = u[:, 0] * s[0].sqrt()
+        layer.v[0, 0] = vh[0] * s[0].sqrt()
+    x = torch.randn(512, n)
+    initial = F.mse_loss(layer(x), x @ teacher.T).item()
+    optimizer = torch.optim.SGD([layer.in_width, layer.out_width], lr=1e-2)
+    for _ in range(20):
+        optimizer.zero_grad()
+        F.mse_loss(layer(x), x @ teacher.T).backward()
+        optimizer.step()
+    assert layer.flops() > 0
+    assert F.mse_loss(layer(x), x @ teacher.T).item() < 0.5 * initial
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"in_features": 0, "out_features": 4}, "in_features"),
+        ({"in_features": 4, "out_features": -1}, "out_features"),
+        ({"in_features": 4, "out_features": 4, "components": 0}, "components"),
+        ({"in_features": 4, "out_features": 4, "rank": 0}, "rank"),
+        ({"in_features": 4, "out_features": 4, "init_flops_ratio": 0.0}, "init_flops_ratio"),
+        ({"in_features": 4, "out_features": 4, "init_flops_ratio": 1.5}, "init_flops_ratio"),
+        ({"in_features": 4, "out_features": 4, "sigma": -1.0}, "sigma"),
+        ({"in_features": 4.0, "out_features": 4}, "in_features"),
+    ],
+)
+def test_constructor_errors_name_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GBLRLinear(**kwargs)
+
+
+@pytest.mark.parametrize("shape", [(3, 7), (7,), (2, 3, 9)])
+def test_wrong_input_size_is_an_error_not_padding(shape):
+    layer = GBLRLinear(8, 4)
+    with pytest.raises(ValueError, match="in_features=8"):
+        layer(torch.randn(*shape))
+    with pytest.raises(ValueError, match="in_features=8"):
+        layer.freeze()(torch.randn(*shape))
+
+
+def test_sigma_setter_validates():
+    layer = GBLRLinear(4, 4)
+    layer.sigma = 7
+    assert layer.sigma == 7.0
+    with pytest.raises(ValueError, match="sigma"):
+        layer.sigma = float("inf")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_forward_backward_and_freeze():
+    layer = GBLRLinear(64, 48, sigma=10.0, device="cuda")
+    x = torch.randn(5, 64, device="cuda")
+    layer(x).sum().backward()
+    assert layer.in_width.grad.device.type == "cuda"
+    layer.sigma = None
+    with torch.no_grad():
+        torch.testing.assert_close(layer.freeze()(x), layer(x), rtol=1e-4, atol=1e-4)
