@@ -1,0 +1,1 @@
+"""Training recipes: datasets, small vision models with pluggable linear layers, the training loop."""
