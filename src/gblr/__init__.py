@@ -2,6 +2,7 @@
 
 from . import structures
 from .flops import FlopsReport, LayerFlops, flops_report
+from .learning import SigmaSchedule, StructureLearner, param_groups
 from .linear import FrozenGBLRLinear, GBLRLinear, freeze_
 from .masks import gaudi_mask
 
@@ -15,5 +16,8 @@ __all__ = [
     "flops_report",
     "freeze_",
     "gaudi_mask",
+    "param_groups",
+    "SigmaSchedule",
+    "StructureLearner",
     "structures",
 ]

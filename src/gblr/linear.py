@@ -16,23 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .flops import Support, group_macs, support_groups
+from .flops import Support, group_macs, structure_macs, support_groups
+from ._validation import check_flops_ratio, check_input, check_positive_int
 from .masks import element_supports, gaudi_mask
 
-__all__ = ["GBLRLinear", "FrozenGBLRLinear", "freeze_", "check_flops_ratio"]
-
-
-def _check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
-def check_flops_ratio(value, name: str = "flops_ratio") -> float:
-    """Return ``value`` as a float if it lies in ``(0, 1]``; raise a ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 < value <= 1.0):
-        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
-    return float(value)
+__all__ = ["GBLRLinear", "FrozenGBLRLinear", "freeze_"]
 
 
 def _check_sigma(sigma):
@@ -41,13 +29,6 @@ def _check_sigma(sigma):
     ):
         raise ValueError(f"sigma must be None (sharp boxcars) or a positive finite number, got {sigma!r}")
     return None if sigma is None else float(sigma)
-
-
-def _check_input(x: torch.Tensor, in_features: int) -> None:
-    if x.dim() == 0 or x.shape[-1] != in_features:
-        raise ValueError(
-            f"input must have in_features={in_features} in its last dimension, got shape {tuple(x.shape)}"
-        )
 
 
 def _structure_dtype(dtype: torch.dtype | None) -> torch.dtype:
@@ -87,12 +68,12 @@ class GBLRLinear(nn.Module):
         init_flops_ratio: float = 0.5,
     ) -> None:
         super().__init__()
-        self.in_features = _check_positive_int("in_features", in_features)
-        self.out_features = _check_positive_int("out_features", out_features)
+        self.in_features = check_positive_int("in_features", in_features)
+        self.out_features = check_positive_int("out_features", out_features)
         if components is None:
             components = min(in_features, out_features)
-        self.components = _check_positive_int("components", components)
-        self.rank = _check_positive_int("rank", rank)
+        self.components = check_positive_int("components", components)
+        self.rank = check_positive_int("rank", rank)
         self.sigma = sigma
         self.init_flops_ratio = check_flops_ratio(init_flops_ratio, "init_flops_ratio")
         factory = {"device": device, "dtype": dtype}
@@ -190,7 +171,7 @@ class GBLRLinear(nn.Module):
         return kr * m * n + tokens * m * n < tokens * kr * (m + n)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input(x, self.in_features)
+        check_input(x, self.in_features)
         left, right, mask_in, mask_out = self._factors()
         left, right = left.to(x.dtype), right.to(x.dtype)
         tokens = x.numel() // self.in_features
@@ -232,8 +213,7 @@ class GBLRLinear(nn.Module):
 
     def flops(self) -> int:
         """MACs per input vector of the current (rounded) structure, SPEC section 2."""
-        groups = support_groups(*self.supports(), self.in_features, self.out_features)
-        return sum(group_macs(len(members) * self.rank, s.in_width, s.out_width) for s, members in groups.items())
+        return structure_macs(*self.supports(), self.in_features, self.out_features, self.rank)
 
     def flops_ratio(self) -> float:
         return self.flops() / (self.in_features * self.out_features)
@@ -312,8 +292,8 @@ class FrozenGBLRLinear(nn.Module):
         device=None,
     ) -> None:
         super().__init__()
-        self.in_features = _check_positive_int("in_features", in_features)
-        self.out_features = _check_positive_int("out_features", out_features)
+        self.in_features = check_positive_int("in_features", in_features)
+        self.out_features = check_positive_int("out_features", out_features)
         # Remembers dtype and device (moved by .to()) even when there are no blocks and no bias.
         self.register_buffer("_empty", torch.empty(0, dtype=dtype, device=device), persistent=False)
         self.supports = [support for support, _, _ in blocks]
@@ -357,7 +337,7 @@ class FrozenGBLRLinear(nn.Module):
         return weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input(x, self.in_features)
+        check_input(x, self.in_features)
         y = x.new_zeros(*x.shape[:-1], self.out_features)
         for support, left, right in self.blocks():
             cols = _cyclic_indices(support.in_start, support.in_width, self.in_features, x.device)

@@ -1,0 +1,25 @@
+"""Argument checks shared by the layers: each raises a ValueError naming the argument."""
+
+from __future__ import annotations
+
+import torch
+
+
+def check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def check_flops_ratio(value, name: str = "flops_ratio") -> float:
+    """Return ``value`` as a float if it lies in ``(0, 1]``; raise a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 < value <= 1.0):
+        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
+    return float(value)
+
+
+def check_input(x: torch.Tensor, in_features: int) -> None:
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(
+            f"input must have in_features={in_features} in its last dimension, got shape {tuple(x.shape)}"
+        )

@@ -1,0 +1,342 @@
+"""Learning GBLR structures in a plain PyTorch loop (SPEC section 4).
+
+    optimizer = torch.optim.AdamW(gblr.param_groups(model, lr=1e-3, struct_lr=1e-3))
+    learner = gblr.StructureLearner(model, optimizer, flops_target=0.3, total_steps=steps)
+    for x, y in batches:
+        loss_fn(model(x), y).backward()
+        optimizer.step(); optimizer.zero_grad()
+        learner.step()          # proximal width step, location wrap, sigma, budget
+    gblr.freeze_(model)
+
+The objective is task loss + lambda * cost, where cost is the differentiable MAC count of all
+GBLR layers, ``sum_k r * (n * in_width_k + m * out_width_k)`` (the sum of widths of SPEC
+section 4, each width weighted by the MACs it buys, normalised so that a square layer's widths
+weigh 1). It is solved by proximal gradient descent: after the optimizer step on the task
+loss, every width shrinks by ``lr_struct * lambda * weight`` and is clipped to [0, 1].
+
+The proximal step is taken in the optimizer's own metric: for Adam-type optimizers the shrink
+is divided by the same ``sqrt(v_hat)`` that scales the width's gradient step. Without this,
+Adam's per-parameter normalisation makes every width's gradient step about ``lr_struct`` long
+whatever its size, so a width that barely matters resists the shrinkage as well as one that
+matters a lot. In the shared metric a width settles where ``|d loss / d width| = lambda *
+weight``: every width, in every layer, buys the same loss reduction per MAC, which is the
+optimality condition of spending a global budget.
+
+Users think in FLOPs, not in lambda. Each step the learner picks the smallest lambda >= 0 whose
+proximal step puts the *global* FLOPs ratio of the GBLR layers (each weighted by its dense size)
+on a trajectory from the initial ratio to ``flops_target`` (found by bisection on a cheap
+element-count estimate of the cost, calibrated against the exact count). Below the trajectory
+lambda is 0 and the widths move by their gradients alone. How the budget is split across layers
+is left to the gradients, so layers that matter less end up cheaper.
+
+Phases over ``total_steps``:
+1. structure learning (the first ``structure_fraction`` of the steps): sigma rises linearly
+   from ``sigma_start`` to ``sigma_end``; the budget target moves from the initial ratio to
+   ``flops_target`` over the first ``budget_warmup`` of this phase, then holds;
+2. content only: the structure is fixed (sigma=None, exact boxcars; widths and locations are
+   restored after every optimizer step), so the contents adapt to the structure that will be
+   deployed and ``freeze_`` changes nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import nn
+
+from ._validation import check_flops_ratio
+from .linear import GBLRLinear
+
+__all__ = ["param_groups", "StructureLearner", "SigmaSchedule", "gblr_layers"]
+
+STRUCTURE_GROUP = "gblr_structure"  # marker key in the optimizer's structural parameter group
+
+
+def gblr_layers(model: nn.Module) -> list[GBLRLinear]:
+    return [module for module in model.modules() if isinstance(module, GBLRLinear)]
+
+
+def param_groups(
+    model: nn.Module,
+    lr: float,
+    struct_lr: float | None = None,
+    weight_decay: float = 0.0,
+    struct_betas: tuple[float, float] = (0.0, 0.999),
+) -> list[dict]:
+    """Optimizer parameter groups with the structural parameters apart (SPEC section 4).
+
+    Returns up to three groups: weights (``weight_decay``), biases and other 1-D parameters (no
+    decay), and the widths and locations of every :class:`GBLRLinear` (learning rate
+    ``struct_lr``, default ``lr``; no weight decay; Adam betas ``struct_betas``, by default
+    (0, 0.999) as in the paper). Pass them to any torch optimizer, e.g. ``AdamW(groups)``.
+    """
+    if not (isinstance(lr, (int, float)) and lr > 0):
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    if struct_lr is not None and not (isinstance(struct_lr, (int, float)) and struct_lr >= 0):
+        raise ValueError(f"struct_lr must be a non-negative number or None, got {struct_lr!r}")
+    structural_ids = {id(p) for layer in gblr_layers(model) for p in layer.structural_parameters()}
+    structural, decay, no_decay = [], [], []
+    for parameter in model.parameters():
+        if not parameter.requires_grad:
+            continue
+        if id(parameter) in structural_ids:
+            structural.append(parameter)
+        elif parameter.dim() >= 2:
+            decay.append(parameter)
+        else:
+            no_decay.append(parameter)
+    groups = [
+        {"params": decay, "lr": lr, "weight_decay": weight_decay},
+        {"params": no_decay, "lr": lr, "weight_decay": 0.0},
+        {
+            "params": structural,
+            "lr": lr if struct_lr is None else struct_lr,
+            "weight_decay": 0.0,
+            "betas": tuple(struct_betas),
+            STRUCTURE_GROUP: True,
+        },
+    ]
+    return [group for group in groups if group["params"]]
+
+
+@dataclasses.dataclass
+class SigmaSchedule:
+    """Sigma as a function of progress through the structure-learning phase: linear from
+    ``start`` to ``end`` over the first ``ramp`` of it, then ``end``."""
+
+    start: float = 1.0
+    end: float = 100.0
+    ramp: float = 0.8
+
+    def __call__(self, progress: float) -> float:
+        if self.ramp <= 0:
+            return self.end
+        fraction = min(1.0, max(0.0, progress / self.ramp))
+        return self.start + (self.end - self.start) * fraction
+
+
+class StructureLearner:
+    """Proximal structure step, sigma schedule and global FLOPs budget; call :meth:`step`
+    after every ``optimizer.step()``. See the module docstring for the method.
+
+    Args:
+        model: a model with :class:`GBLRLinear` layers (a DDP wrapper is fine).
+        optimizer: holds the structural parameters, ideally built from :func:`param_groups`;
+            its structural learning rate (read each step, so schedulers apply) scales lambda.
+        flops_target: the global FLOPs ratio of the GBLR layers to reach, in (0, 1].
+        total_steps: optimizer steps of the whole run.
+        sigma_schedule: a callable from phase progress in [0, 1] to sigma.
+        structure_fraction: share of the steps spent learning the structure (default 0.8).
+        budget_warmup: share of the structure phase over which the target moves from the
+            initial ratio to ``flops_target`` (default 0.5).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        flops_target: float,
+        total_steps: int,
+        *,
+        sigma_schedule=None,
+        structure_fraction: float = 0.8,
+        budget_warmup: float = 0.5,
+    ) -> None:
+        self.layers = gblr_layers(model)
+        if not self.layers:
+            raise ValueError("model has no GBLRLinear layers: nothing to learn (see gblr.convert_ or GBLRLinear)")
+        self.flops_target = check_flops_ratio(flops_target, "flops_target")
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= 0:
+            raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
+        if not 0.0 <= structure_fraction <= 1.0:
+            raise ValueError(f"structure_fraction must be in [0, 1], got {structure_fraction!r}")
+        if not 0.0 <= budget_warmup <= 1.0:
+            raise ValueError(f"budget_warmup must be in [0, 1], got {budget_warmup!r}")
+        self.optimizer = optimizer
+        self.total_steps = total_steps
+        self.structure_steps = int(round(structure_fraction * total_steps))
+        self.sigma_schedule = sigma_schedule if sigma_schedule is not None else SigmaSchedule()
+        self.budget_warmup = budget_warmup
+        self._check_optimizer_holds_structure()
+
+        # Each width's shrink weight: the MACs one unit of it buys, relative to the average.
+        costs = []
+        for layer in self.layers:
+            costs.append(layer.rank * layer.in_features)
+            costs.append(layer.rank * layer.out_features)
+        counts = [layer.components for layer in self.layers for _ in range(2)]
+        self._mean_cost = sum(c * k for c, k in zip(costs, counts)) / sum(counts)
+        self._dense_macs = sum(layer.in_features * layer.out_features for layer in self.layers)
+
+        self.step_count = 0
+        self.initial_ratio = self.flops_ratio()
+        self.last: dict[str, float] = {}
+        self._frozen_structure: list[torch.Tensor] | None = None
+        self._apply_sigma()
+
+    # -- measurements ----------------------------------------------------------------------------
+
+    def flops_ratio(self) -> float:
+        """Global FLOPs ratio of the GBLR layers now, each weighted by its dense size."""
+        return sum(layer.flops() for layer in self.layers) / self._dense_macs
+
+    def layer_ratios(self) -> list[float]:
+        return [layer.flops_ratio() for layer in self.layers]
+
+    def target_now(self) -> float:
+        """The budget trajectory: initial ratio -> flops_target over the warm-up, then flat."""
+        warmup_steps = self.budget_warmup * self.structure_steps
+        fraction = 1.0 if warmup_steps <= 0 else min(1.0, self.step_count / warmup_steps)
+        start = max(self.initial_ratio, self.flops_target)
+        return start + (self.flops_target - start) * fraction
+
+    @property
+    def structure_phase(self) -> bool:
+        return self.step_count < self.structure_steps
+
+    def _struct_lr(self) -> float:
+        for group in self.optimizer.param_groups:
+            if group.get(STRUCTURE_GROUP):
+                return float(group["lr"])
+        ids = {id(p) for layer in self.layers for p in layer.structural_parameters()}
+        for group in self.optimizer.param_groups:
+            if any(id(p) in ids for p in group["params"]):
+                return float(group["lr"])
+        raise AssertionError("unreachable: checked in __init__")
+
+    def _check_optimizer_holds_structure(self) -> None:
+        held = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        missing = [p for layer in self.layers for p in layer.structural_parameters() if id(p) not in held]
+        if missing:
+            raise ValueError(
+                f"optimizer does not hold {len(missing)} structural parameters (widths/locations); "
+                "build it from gblr.param_groups(model, lr, struct_lr=...)"
+            )
+
+    def _preconditioner(self, parameter: torch.Tensor) -> torch.Tensor | float:
+        """``sqrt(v_hat) + eps`` of an Adam-type optimizer for this parameter, else 1."""
+        state = self.optimizer.state.get(parameter, {})
+        if "exp_avg_sq" not in state:
+            return 1.0
+        group = next(g for g in self.optimizer.param_groups if any(p is parameter for p in g["params"]))
+        beta2 = group["betas"][1]
+        step = float(state["step"])
+        return (state["exp_avg_sq"] / (1.0 - beta2**step)).sqrt() + group["eps"]
+
+    def _widths(self):
+        """``(width parameter, size in elements, rank, shrink weight)`` for every width; the
+        in and out widths of one layer come as consecutive pairs."""
+        for layer in self.layers:
+            for width, size in ((layer.in_width, layer.in_features), (layer.out_width, layer.out_features)):
+                yield width, size, layer.rank, layer.rank * size / self._mean_cost
+
+    def _choose_lambda(self, target: float, exact_ratio: float, struct_lr: float) -> tuple[float, list]:
+        """The smallest lambda whose shrink brings the cost estimate down to the target.
+
+        The estimate counts ``r * (W_in + W_out)`` elements per live component (no grouping,
+        no dense-block discount), so its goal is rescaled by estimate / exact at the current
+        point. All layers are evaluated at once, for a grid of lambdas per round (a 32-way
+        bisection). Returns lambda and the per-width shrink rates (shrink = lambda * rate).
+        """
+        entries = list(self._widths())
+        rates = [struct_lr * weight / self._preconditioner(width) for width, _, _, weight in entries]
+
+        def flat(values, pick):
+            return torch.cat([torch.as_tensor(values[j], dtype=torch.float64).expand(entries[j][0].shape).flatten()
+                              for j in range(pick, len(entries), 2)])
+
+        widths = [width.detach() for width, _, _, _ in entries]
+        in_w, out_w = flat(widths, 0), flat(widths, 1)
+        in_rate, out_rate = flat(rates, 0), flat(rates, 1)
+        sizes = [size for _, size, _, _ in entries]
+        in_size, out_size = flat(sizes, 0), flat(sizes, 1)
+        rank = flat([r for _, _, r, _ in entries], 0)
+
+        def estimate(lams: torch.Tensor) -> torch.Tensor:  # (L,) -> (L,)
+            lams = lams[:, None]
+            count_in = torch.round((in_w - lams * in_rate).clamp(0.0, 1.0) * in_size)
+            count_out = torch.round((out_w - lams * out_rate).clamp(0.0, 1.0) * out_size)
+            alive = (count_in > 0) & (count_out > 0)
+            return (rank * (count_in + count_out) * alive).sum(1) / self._dense_macs
+
+        now = float(estimate(torch.zeros(1, dtype=torch.float64))[0])
+        if now <= 0.0 or exact_ratio <= target:
+            return 0.0, rates
+        goal = target * now / exact_ratio
+        low = 0.0
+        high = float(torch.cat([in_w / in_rate.clamp_min(1e-30), out_w / out_rate.clamp_min(1e-30)]).max())
+        for _ in range(5):  # each round narrows [low, high] 32-fold
+            grid = torch.linspace(low, high, 33, dtype=torch.float64)
+            above = estimate(grid) > goal  # non-increasing in lambda
+            first_below = int(above.long().sum())  # grid[first_below] is the first point at or below the goal
+            low, high = float(grid[max(first_below - 1, 0)]), float(grid[min(first_below, 32)])
+        return high, rates
+
+    # -- the step --------------------------------------------------------------------------------
+
+    def _apply_sigma(self) -> None:
+        if self.structure_phase:
+            progress = self.step_count / max(1, self.structure_steps)
+            sigma = self.sigma_schedule(progress)
+        else:
+            sigma = None
+        for layer in self.layers:
+            layer.sigma = sigma
+
+    @torch.no_grad()
+    def step(self) -> dict[str, float]:
+        """Apply the structural step for the optimizer step just taken; returns what it did
+        (``flops_ratio``, ``target``, ``lambda``, ``sigma``)."""
+        if self.structure_phase:
+            ratio = self.flops_ratio()
+            target = self.target_now()
+            lam, rates = self._choose_lambda(target, ratio, self._struct_lr())
+            for (width, _, _, _), rate in zip(self._widths(), rates):
+                width.sub_(lam * rate).clamp_(0.0, 1.0)
+            for layer in self.layers:
+                layer.in_location.remainder_(1.0)
+                layer.out_location.remainder_(1.0)
+            self.last = {"flops_ratio": ratio, "target": target, "lambda": lam}
+        else:
+            self._hold_structure()
+            self.last = {"flops_ratio": self.last.get("flops_ratio", self.flops_ratio()), "target": self.flops_target,
+                         "lambda": 0.0}
+        self.step_count += 1
+        self._apply_sigma()
+        self.last["sigma"] = self.layers[0].sigma if self.layers[0].sigma is not None else math.inf
+        if not self.structure_phase and self._frozen_structure is None:
+            self._begin_content_phase()
+        return dict(self.last)
+
+    def _begin_content_phase(self) -> None:
+        for layer in self.layers:
+            layer.in_width.clamp_(0.0, 1.0)
+            layer.out_width.clamp_(0.0, 1.0)
+        self._frozen_structure = [p.detach().clone() for layer in self.layers for p in layer.structural_parameters()]
+        self.last["flops_ratio"] = self.flops_ratio()
+
+    def _hold_structure(self) -> None:
+        if self._frozen_structure is None:
+            self._begin_content_phase()
+        parameters = [p for layer in self.layers for p in layer.structural_parameters()]
+        for parameter, saved in zip(parameters, self._frozen_structure):
+            parameter.copy_(saved)
+
+    # -- checkpointing ---------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {
+            "step_count": self.step_count,
+            "initial_ratio": self.initial_ratio,
+            "frozen_structure": self._frozen_structure,
+            "last": dict(self.last),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_count = int(state["step_count"])
+        self.initial_ratio = float(state["initial_ratio"])
+        self._frozen_structure = state["frozen_structure"]
+        self.last = dict(state["last"])
+        self._apply_sigma()

@@ -1,0 +1,171 @@
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gblr
+from gblr.learning import STRUCTURE_GROUP
+
+
+class ResidualPair(nn.Module):
+    """y = second(x + tanh(first(x))): the second layer sees full-rank inputs."""
+
+    def __init__(self, width: int, init: float = 0.8) -> None:
+        super().__init__()
+        self.first = gblr.GBLRLinear(width, width, init_flops_ratio=init)
+        self.second = gblr.GBLRLinear(width, width, init_flops_ratio=init)
+
+    def forward(self, x):
+        return self.second(x + torch.tanh(self.first(x)))
+
+
+def train(model, teacher, steps, target, width, lr=3e-3, seed=0, **learner_kwargs):
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(gblr.param_groups(model, lr=lr, struct_lr=lr))
+    learner = gblr.StructureLearner(model, optimizer, flops_target=target, total_steps=steps, **learner_kwargs)
+    history = []
+    for _ in range(steps):
+        x = torch.randn(256, width)
+        loss = F.mse_loss(model(x), teacher(x))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        history.append(learner.step())
+    return learner, history
+
+
+def make_teacher(width, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    low_rank = 2 * torch.randn(width, 2, generator=generator) @ torch.randn(2, width, generator=generator) / width**0.5
+    dense = torch.randn(width, width, generator=generator) / width**0.5
+    return lambda x: (x + torch.tanh(x @ low_rank.T)) @ dense.T
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_budget_goes_to_the_layer_that_needs_it(seed):
+    width, target = 32, 0.4
+    torch.manual_seed(seed)
+    model = ResidualPair(width)
+    learner, _ = train(model, make_teacher(width, seed), steps=600, target=target, width=width, seed=seed)
+    first, second = learner.layer_ratios()
+    assert learner.flops_ratio() == pytest.approx(target, abs=0.01)
+    # The first layer's teacher has rank 2; the second's is dense: the split must show it.
+    assert first < 0.6 * second, (first, second)
+
+
+def test_global_budget_is_tracked_and_held():
+    width = 32
+    torch.manual_seed(0)
+    model = ResidualPair(width, init=0.9)
+    learner, history = train(model, make_teacher(width), steps=300, target=0.3, width=width)
+    # trajectory: from the initial ratio down to the target by half of the structure phase
+    midway = history[60]
+    assert midway["target"] > 0.3 and midway["flops_ratio"] == pytest.approx(midway["target"], abs=0.02)
+    for record in history[130:]:
+        assert record["flops_ratio"] == pytest.approx(0.3, abs=0.01)
+    assert learner.flops_ratio() == pytest.approx(0.3, abs=0.01)
+
+
+def test_sigma_schedule_then_sharp_fixed_structure():
+    width = 16
+    torch.manual_seed(0)
+    model = ResidualPair(width)
+    steps = 100
+    learner, history = train(
+        model, make_teacher(width), steps=steps, target=0.5, width=width,
+        sigma_schedule=gblr.SigmaSchedule(start=1.0, end=100.0, ramp=1.0), structure_fraction=0.6,
+    )
+    sigmas = [record["sigma"] for record in history]
+    assert sigmas[0] == pytest.approx(1.0 + 99.0 / 60, rel=1e-6)  # after the first step
+    assert all(a <= b for a, b in zip(sigmas[:59], sigmas[1:59]))
+    assert sigmas[58] == pytest.approx(1.0 + 99.0 * 59 / 60)
+    assert all(sigma == float("inf") for sigma in sigmas[59:])  # sharp masks in the content phase
+    assert model.first.sigma is None and model.second.sigma is None
+    # The structure does not move after the structure phase, whatever the optimizer does.
+    structure = [p.detach().clone() for p in model.first.structural_parameters()]
+    optimizer = learner.optimizer
+    model(torch.randn(8, width)).sum().backward()
+    optimizer.step()
+    learner.step()
+    for before, after in zip(structure, model.first.structural_parameters()):
+        assert torch.equal(before, after)
+
+
+def test_proximal_step_clips_widths_and_wraps_locations():
+    layer = gblr.GBLRLinear(8, 8)
+    optimizer = torch.optim.SGD(gblr.param_groups(layer, lr=0.1), lr=0.1)
+    learner = gblr.StructureLearner(layer, optimizer, flops_target=1.0, total_steps=10)
+    with torch.no_grad():
+        layer.in_width.fill_(1.3)
+        layer.out_width.fill_(-0.2)
+        layer.in_location.fill_(1.25)
+        layer.out_location.fill_(-0.25)
+    learner.step()
+    assert torch.all(layer.in_width == 1.0) and torch.all(layer.out_width == 0.0)
+    torch.testing.assert_close(layer.in_location, torch.full((8,), 0.25))
+    torch.testing.assert_close(layer.out_location, torch.full((8,), 0.75))
+
+
+def test_resume_from_state_dict_is_exact():
+    width, steps = 16, 60
+    teacher = make_teacher(width)
+    torch.manual_seed(0)
+    reference = ResidualPair(width)
+    resumed = copy.deepcopy(reference)
+
+    def run(model, start, stop, state=None):
+        optimizer = torch.optim.AdamW(gblr.param_groups(model, lr=3e-3))
+        learner = gblr.StructureLearner(model, optimizer, flops_target=0.4, total_steps=steps)
+        if state is not None:
+            optimizer.load_state_dict(state["optimizer"])
+            learner.load_state_dict(state["learner"])
+        for step in range(start, stop):
+            x = torch.randn(64, width, generator=torch.Generator().manual_seed(step))
+            optimizer.zero_grad()
+            F.mse_loss(model(x), teacher(x)).backward()
+            optimizer.step()
+            learner.step()
+        return {"optimizer": copy.deepcopy(optimizer.state_dict()), "learner": copy.deepcopy(learner.state_dict())}
+
+    run(reference, 0, steps)
+    state = run(resumed, 0, 30)
+    state["model"] = copy.deepcopy(resumed.state_dict())
+    fresh = ResidualPair(width)
+    fresh.load_state_dict(state["model"])
+    run(fresh, 30, steps, state)
+    for a, b in zip(reference.state_dict().values(), fresh.state_dict().values()):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b)
+
+
+def test_param_groups_split_structure_from_content():
+    model = nn.Sequential(gblr.GBLRLinear(8, 8), nn.LayerNorm(8), nn.Linear(8, 4))
+    groups = gblr.param_groups(model, lr=1e-3, struct_lr=5e-2, weight_decay=0.1)
+    assert len(groups) == 3
+    decay, no_decay, structure = groups
+    layer = model[0]
+    assert {id(p) for p in decay["params"]} == {id(layer.u), id(layer.v), id(model[2].weight)}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert {id(p) for p in structure["params"]} == {id(p) for p in layer.structural_parameters()}
+    assert structure["lr"] == 5e-2 and structure["weight_decay"] == 0.0 and structure["betas"] == (0.0, 0.999)
+    assert structure[STRUCTURE_GROUP] is True
+    optimizer = torch.optim.AdamW(groups)
+    assert optimizer.param_groups[2]["betas"] == (0.0, 0.999)
+    total = sum(p.numel() for group in groups for p in group["params"])
+    assert total == sum(p.numel() for p in model.parameters())
+
+
+def test_learner_errors_are_actionable():
+    layer = gblr.GBLRLinear(4, 4)
+    with pytest.raises(ValueError, match="no GBLRLinear"):
+        gblr.StructureLearner(nn.Linear(4, 4), torch.optim.SGD(nn.Linear(4, 4).parameters(), lr=0.1), 0.5, 10)
+    with pytest.raises(ValueError, match="flops_target"):
+        gblr.StructureLearner(layer, torch.optim.SGD(layer.parameters(), lr=0.1), 1.5, 10)
+    with pytest.raises(ValueError, match="total_steps"):
+        gblr.StructureLearner(layer, torch.optim.SGD(layer.parameters(), lr=0.1), 0.5, 0)
+    with pytest.raises(ValueError, match="gblr.param_groups"):
+        gblr.StructureLearner(layer, torch.optim.SGD([layer.u, layer.v], lr=0.1), 0.5, 10)
+    with pytest.raises(ValueError, match="lr"):
+        gblr.param_groups(layer, lr=0.0)
