@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -80,6 +83,70 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def train_command(args: argparse.Namespace) -> int:
+    from .recipes.train import TrainConfig, train
+
+    fields = {field.name for field in dataclasses.fields(TrainConfig)}
+    config = TrainConfig(**{key: value for key, value in vars(args).items() if key in fields})
+    try:
+        report = train(config)
+    except FileNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if not report:
+        print(f"stopped after epoch {config.stop_after}; continue with --resume --out {config.out}")
+        return 0
+    print(f"\naccuracy {report['accuracy']:.4f} (frozen model; {report['accuracy_before_freeze']:.4f} before freezing)")
+    print(f"FLOPs ratio {report['flops_ratio']:.3f} of the replaced layers (target {config.flops_target})")
+    print(f"training {report['timings']['train_seconds']:.0f} s; report: {Path(config.out) / 'report.json'}")
+    for picture in report["pictures"]:
+        print(f"picture: {picture}")
+    return 0
+
+
+def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    from .recipes.models import LAYER_KINDS, MODELS
+    from .recipes.train import TrainConfig
+
+    defaults = TrainConfig()
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", default=defaults.dataset, choices=["fashion-mnist", "cifar10", "cifar100", "imagefolder"])
+    data.add_argument("--data-dir", default=None, help="folder with the dataset files (default: standard places)")
+    data.add_argument("--download", action="store_true", help="download the dataset if it is not found")
+    data.add_argument("--image-size", type=int, default=None, help="resize images (required for imagefolder)")
+    data.add_argument("--limit-train", type=int, default=None, help="use only the first N training images")
+    data.add_argument("--limit-test", type=int, default=None, help="use only the first N test images")
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", default=defaults.model, choices=list(MODELS))
+    model.add_argument("--layer", default=defaults.layer, choices=list(LAYER_KINDS),
+                       help="kind of the linear layers inside the blocks")
+    model.add_argument("--flops-target", type=float, default=defaults.flops_target,
+                       help="FLOPs ratio of the replaced layers (GBLR learns to it; baselines are built at it)")
+    model.add_argument("--init-flops-ratio", type=float, default=None, help="GBLR starting ratio (default 2x target, at most 1)")
+    for name in ("dim", "depth", "heads", "patch_size"):
+        model.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
+    model.add_argument("--mlp-ratio", type=float, default=defaults.mlp_ratio)
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--epochs", type=int, default=defaults.epochs)
+    optim.add_argument("--batch-size", type=int, default=defaults.batch_size, help="global batch size")
+    optim.add_argument("--lr", type=float, default=defaults.lr)
+    optim.add_argument("--struct-lr", type=float, default=None, help="learning rate of widths and locations (default: --lr)")
+    optim.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    optim.add_argument("--warmup-epochs", type=float, default=defaults.warmup_epochs)
+    optim.add_argument("--structure-fraction", type=float, default=defaults.structure_fraction,
+                       help="share of training spent learning the structure; the rest trains contents only")
+    optim.add_argument("--sigma-start", type=float, default=defaults.sigma_start, help="mask smoothing at the start")
+    optim.add_argument("--sigma-end", type=float, default=defaults.sigma_end, help="mask smoothing at the end of its ramp")
+    optim.add_argument("--seed", type=int, default=defaults.seed)
+    run = parser.add_argument_group("run")
+    run.add_argument("--out", default=defaults.out, help="output folder (log, checkpoint, report, pictures)")
+    run.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    run.add_argument("--stop-after", type=int, default=None, help="stop after N epochs (resume later)")
+    run.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    run.add_argument("--no-pictures", dest="pictures", action="store_false", help="skip the pictures")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gblr", description="Learned generalized block low-rank weights for PyTorch.")
     parser.add_argument("--version", action="version", version=f"gblr {gblr.__version__}")
@@ -87,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     tour = commands.add_parser("demo", help="a short tour of masks, structures, layers and freezing")
     tour.add_argument("--seed", type=int, default=0)
     tour.set_defaults(handler=demo)
+    trainer = commands.add_parser(
+        "train", help="learn GBLR structures from scratch on an image dataset",
+        description="Train a small ViT or MLP-Mixer with GBLR (or baseline) layers under a FLOPs budget.",
+    )
+    _add_train_arguments(trainer)
+    trainer.set_defaults(handler=train_command)
     return parser
 
 

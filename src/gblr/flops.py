@@ -165,20 +165,34 @@ class FlopsReport:
         return "\n".join([line(header), rule, *map(line, rows[:-1]), rule, line(rows[-1])])
 
 
-def flops_report(model: nn.Module) -> FlopsReport:
-    """MACs per input vector of every GBLR layer (trainable or frozen) in ``model``.
+def _structured_macs(module: nn.Module, include_dense: bool) -> int | None:
+    """MACs of a layer that reports its own cost (GBLR, frozen GBLR, the baselines), or of a
+    dense nn.Linear when asked; None for anything else."""
+    if isinstance(module, nn.Linear):
+        return module.in_features * module.out_features if include_dense else None
+    flops = getattr(module, "flops", None)
+    if callable(flops) and isinstance(getattr(module, "in_features", None), int) and isinstance(
+        getattr(module, "out_features", None), int
+    ):
+        return int(flops())
+    return None
 
-    Returns a :class:`FlopsReport`: iterate it for per-layer rows (name, shape, dense and GBLR
-    MACs, ratio), read ``.ratio`` for the global FLOPs ratio, ``.to_dict()`` for data, or
-    ``print()`` it for a table.
+
+def flops_report(model: nn.Module, include_dense: bool = False) -> FlopsReport:
+    """MACs per input vector of every structured layer in ``model``: GBLR layers (trainable or
+    frozen) and any layer with a ``flops()`` method (the :mod:`gblr.baselines`); with
+    ``include_dense``, plain ``nn.Linear`` layers too (ratio 1).
+
+    Returns a :class:`FlopsReport`: iterate it for per-layer rows (name, shape, dense and
+    structured MACs, ratio), read ``.ratio`` for the global FLOPs ratio, ``.to_dict()`` for
+    data, or ``print()`` it for a table.
     """
-    from .linear import FrozenGBLRLinear, GBLRLinear  # the layers import this module
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     layers = []
     for name, module in model.named_modules():
-        if isinstance(module, (GBLRLinear, FrozenGBLRLinear)):
+        macs = _structured_macs(module, include_dense)
+        if macs is not None:
             dense = module.in_features * module.out_features
-            layers.append(LayerFlops(name, (module.out_features, module.in_features), dense, module.flops()))
+            layers.append(LayerFlops(name, (module.out_features, module.in_features), dense, macs))
     return FlopsReport(tuple(layers))

@@ -1,0 +1,379 @@
+"""The training recipe behind ``gblr train``: one readable loop, resumable, single- or multi-process.
+
+    report = train(TrainConfig(dataset="fashion-mnist", model="vit", layer="gblr", flops_target=0.3,
+                               epochs=3, out="runs/demo"))
+
+Writes into ``out``: ``log.csv`` (one row per epoch; TensorBoard events too if tensorboard is
+installed), ``checkpoint.pt`` after every epoch (atomically; ``resume=True`` continues from it
+with the same result as an uninterrupted run), and at the end ``report.json``, ``masks.png``
+and ``budgets.png``. Under ``torchrun`` it trains with DistributedDataParallel: ``batch_size``
+is the global batch, split across ranks, and rank 0 writes the files.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from ..learning import SigmaSchedule, StructureLearner, param_groups
+from ..linear import freeze_
+from .data import ImageData, batches, load_dataset
+from .models import LAYER_KINDS, MODELS, build_model, replaced_flops
+
+__all__ = ["TrainConfig", "train", "fit", "evaluate"]
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None
+    download: bool = False
+    image_size: int | None = None
+    model: str = "vit"
+    layer: str = "gblr"
+    flops_target: float = 0.3  # of the replaced layers; baselines are built at it, GBLR learns to it
+    init_flops_ratio: float | None = None  # GBLR start; default min(1, 2 * flops_target)
+    epochs: int = 3
+    batch_size: int = 128  # global, across ranks
+    lr: float = 2e-3
+    struct_lr: float | None = None  # default: lr
+    weight_decay: float = 0.05
+    warmup_epochs: float = 0.3
+    structure_fraction: float = 0.8
+    sigma_start: float = 1.0
+    sigma_end: float = 100.0
+    seed: int = 0
+    dim: int = 64
+    depth: int = 4
+    heads: int = 4
+    patch_size: int = 4
+    mlp_ratio: float = 2.0
+    limit_train: int | None = None
+    limit_test: int | None = None
+    eval_batch_size: int = 500
+    threads: int | None = None
+    out: str = "runs/gblr"
+    resume: bool = False
+    stop_after: int | None = None  # stop after this many epochs (the schedule still spans all of them)
+    progress: bool = True
+    pictures: bool = True
+
+    def validate(self) -> None:
+        if self.layer not in LAYER_KINDS:
+            raise ValueError(f"layer must be one of {', '.join(LAYER_KINDS)}; got {self.layer!r}")
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {', '.join(MODELS)}; got {self.model!r}")
+        if not 0 < self.flops_target <= 1:
+            raise ValueError(f"flops_target must be in (0, 1], got {self.flops_target!r}")
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+
+
+def _write_atomic(path: Path, write) -> None:
+    """``write(handle)`` into a temporary file beside ``path``, then rename over it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("wb", dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
+        write(handle)
+    os.replace(handle.name, path)
+
+
+def _save_text(path: Path, text: str) -> None:
+    _write_atomic(path, lambda handle: handle.write(text.encode()))
+
+
+def _distributed() -> tuple[int, int]:
+    """``(rank, world_size)``; initialises the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> float:
+    """Top-1 accuracy."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for start in range(0, len(images), batch_size):
+        logits = model(images[start : start + batch_size])
+        correct += int((logits.argmax(1) == labels[start : start + batch_size]).sum())
+    model.train(was_training)
+    return correct / max(1, len(images))
+
+
+def _schedule(total_steps: int, warmup_steps: int):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _load_data(config: TrainConfig) -> ImageData:
+    data = load_dataset(config.dataset, config.data_dir, config.download, config.image_size).normalized()
+    if config.limit_train:
+        data = dataclasses.replace(
+            data, train_images=data.train_images[: config.limit_train], train_labels=data.train_labels[: config.limit_train]
+        )
+    if config.limit_test:
+        data = dataclasses.replace(
+            data, test_images=data.test_images[: config.limit_test], test_labels=data.test_labels[: config.limit_test]
+        )
+    return data
+
+
+def _progress(total: int, description: str, enabled: bool):
+    if enabled:
+        try:
+            from tqdm.auto import tqdm
+
+            return tqdm(total=total, desc=description, leave=False, dynamic_ncols=True)
+        except ImportError:
+            pass
+    return None
+
+
+class _Log:
+    """Epoch rows to ``log.csv`` (rewritten atomically) and, if installed, TensorBoard."""
+
+    def __init__(self, out: Path, rows: list[dict], enabled: bool) -> None:
+        self.path, self.rows, self.enabled = out / "log.csv", rows, enabled
+        self.board = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.board = SummaryWriter(str(out / "tensorboard"))
+            except ImportError:
+                pass
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        if not self.enabled:
+            return
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(row))
+        writer.writeheader()
+        writer.writerows(self.rows)
+        _save_text(self.path, buffer.getvalue())
+        if self.board is not None:
+            for key, value in row.items():
+                if key != "epoch" and isinstance(value, (int, float)):
+                    self.board.add_scalar(key, value, row["epoch"])
+            self.board.flush()
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
+
+
+def train(config: TrainConfig) -> dict:
+    """Train, freeze, evaluate and report. Returns the report (also written to ``report.json``;
+    empty when ``stop_after`` ended the run early)."""
+    return fit(config)[1]
+
+
+def fit(config: TrainConfig) -> tuple[nn.Module, dict]:
+    """:func:`train`, also returning the (frozen, if GBLR) model."""
+    config.validate()
+    rank, world = _distributed()
+    if config.batch_size % world:
+        raise ValueError(f"batch_size={config.batch_size} must be divisible by the number of processes ({world})")
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    main = rank == 0
+    out = Path(config.out)
+    started = time.perf_counter()
+
+    data = _load_data(config)
+    torch.manual_seed(config.seed)  # the same initial model on every rank
+    architecture = {"patch_size": config.patch_size, "dim": config.dim, "depth": config.depth}
+    if config.model == "vit":
+        architecture.update(heads=config.heads, mlp_ratio=config.mlp_ratio)
+    model = build_model(
+        config.model, data.image_shape, data.num_classes, layer=config.layer, flops_ratio=config.flops_target,
+        **architecture,
+    )
+    if config.layer == "gblr" and config.init_flops_ratio is not None:
+        for module in model.modules():
+            if hasattr(module, "init_flops_ratio"):
+                module.init_flops_ratio = config.init_flops_ratio
+                module.reset_parameters()
+
+    steps_per_epoch = len(data.train_images) // config.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch_size={config.batch_size} is larger than the training set ({len(data.train_images)})")
+    total_steps = steps_per_epoch * config.epochs
+    optimizer = torch.optim.AdamW(
+        param_groups(model, lr=config.lr, struct_lr=config.struct_lr, weight_decay=config.weight_decay)
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _schedule(total_steps, int(config.warmup_epochs * steps_per_epoch))
+    )
+    learner = (
+        StructureLearner(
+            model, optimizer, config.flops_target, total_steps, structure_fraction=config.structure_fraction,
+            sigma_schedule=SigmaSchedule(config.sigma_start, config.sigma_end),
+        )
+        if config.layer == "gblr"
+        else None
+    )
+    network = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+
+    start_epoch, rows, seconds_so_far = 0, [], 0.0
+    checkpoint_path = out / "checkpoint.pt"
+    if config.resume and checkpoint_path.exists():
+        state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if learner is not None:
+            learner.load_state_dict(state["learner"])
+        torch.set_rng_state(state["rng"])
+        start_epoch, rows, seconds_so_far = state["epoch"], state["rows"], state["train_seconds"]
+        if main:
+            print(f"resuming {out} after epoch {start_epoch}")
+    log = _Log(out, rows, enabled=main)
+
+    last_epoch = config.epochs if config.stop_after is None else min(config.epochs, config.stop_after)
+    for epoch in range(start_epoch, last_epoch):
+        epoch_start = time.perf_counter()
+        network.train()
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
+        bar = _progress(steps_per_epoch, f"epoch {epoch + 1}/{config.epochs}", config.progress and main)
+        loss_sum = torch.zeros(())
+        correct = torch.zeros(())
+        seen = 0
+        for images, labels in batches(
+            data.train_images, data.train_labels, config.batch_size, shuffle=True, generator=generator,
+            rank=rank, world_size=world, drop_last=True,
+        ):
+            logits = network(images)
+            loss = F.cross_entropy(logits, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            if learner is not None:
+                learner.step()
+            loss_sum += loss.detach() * len(labels)
+            correct += (logits.detach().argmax(1) == labels).sum()
+            seen += len(labels)
+            if bar is not None:
+                bar.update()
+                if learner is not None:
+                    bar.set_postfix(loss=f"{loss.item():.3f}", flops=f"{learner.last['flops_ratio']:.3f}")
+                else:
+                    bar.set_postfix(loss=f"{loss.item():.3f}")
+        if bar is not None:
+            bar.close()
+        totals = torch.stack([loss_sum, correct, torch.tensor(float(seen))])
+        if world > 1:
+            dist.all_reduce(totals)
+        train_seconds = time.perf_counter() - epoch_start
+        seconds_so_far += train_seconds
+        test_accuracy = evaluate(model, data.test_images, data.test_labels, config.eval_batch_size)
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": float(totals[0] / totals[2]),
+            "train_accuracy": float(totals[1] / totals[2]),
+            "test_accuracy": test_accuracy,
+            "flops_ratio": replaced_flops(model).ratio,
+            "sigma": (learner.last.get("sigma", float("nan")) if learner is not None else float("nan")),
+            "lr": scheduler.get_last_lr()[0],
+            "epoch_seconds": train_seconds,
+        }
+        log.add(row)
+        if main:
+            print(
+                f"epoch {epoch + 1}/{config.epochs}: loss {row['train_loss']:.4f}, train {row['train_accuracy']:.4f}, "
+                f"test {test_accuracy:.4f}, FLOPs ratio {row['flops_ratio']:.3f}, {train_seconds:.1f} s",
+                flush=True,
+            )
+            state = {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "learner": None if learner is None else learner.state_dict(),
+                "rng": torch.get_rng_state(),
+                "epoch": epoch + 1,
+                "rows": log.rows,
+                "train_seconds": seconds_so_far,
+                "config": dataclasses.asdict(config),
+            }
+            _write_atomic(checkpoint_path, lambda handle: torch.save(state, handle))
+
+    finished = last_epoch == config.epochs
+    report = _finish(config, model, learner, data, rows, seconds_so_far, started, main) if finished else {}
+    log.close()
+    if world > 1:
+        dist.barrier()
+    return model, report
+
+
+def _finish(config, model, learner, data, rows, train_seconds, started, main) -> dict:
+    eval_start = time.perf_counter()
+    accuracy_unfrozen = evaluate(model, data.test_images, data.test_labels, config.eval_batch_size)
+    if config.layer == "gblr":
+        freeze_(model)
+    accuracy = evaluate(model, data.test_images, data.test_labels, config.eval_batch_size)
+    eval_seconds = time.perf_counter() - eval_start
+    flops = replaced_flops(model)
+    out = Path(config.out)
+    report = {
+        "accuracy": accuracy,
+        "accuracy_before_freeze": accuracy_unfrozen,
+        "flops_ratio": flops.ratio,
+        "flops_target": config.flops_target,
+        "dense_macs": flops.dense_macs,
+        "macs": flops.gblr_macs,
+        "layers": [{"name": layer.name, "shape": list(layer.shape), "flops_ratio": layer.ratio} for layer in flops],
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "timings": {
+            "train_seconds": train_seconds,
+            "epoch_seconds": [row["epoch_seconds"] for row in rows],
+            "eval_seconds": eval_seconds,
+            "total_seconds": time.perf_counter() - started,
+        },
+        "dataset": {"name": data.name, "train": len(data.train_images), "test": len(data.test_images)},
+        "config": dataclasses.asdict(config),
+        "pictures": [],
+    }
+    if main:
+        if config.pictures:
+            report["pictures"] = _pictures(model, flops, config, out)
+        _save_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _pictures(model, flops, config, out: Path) -> list[str]:
+    try:
+        from ..viz import plot_budgets, plot_masks
+    except ImportError:
+        return []
+    paths = []
+    try:
+        if config.layer == "gblr":
+            paths.append(str(plot_masks(model, out / "masks.png")))
+        paths.append(str(plot_budgets(flops, out / "budgets.png", target=config.flops_target)))
+    except ImportError as error:
+        print(f"no pictures: {error}")
+    return paths
