@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine: creates .venv (if missing), installs gblr with its
 # development extras and the pinned CPU build of PyTorch, then runs what was asked:
-#   scripts/dev.sh demo    the short demo (python -m gblr demo)
-#   scripts/dev.sh test    the test suite (fast tests; add pytest arguments after "test")
+#   scripts/dev.sh run     the main job: learn a GBLR ViT on Fashion-MNIST (python -m gblr train
+#                          --out runs/demo; a few minutes on 2 cores; extra arguments go to it)
+#   scripts/dev.sh demo    a tour of the core in seconds (python -m gblr demo)
+#   scripts/dev.sh test    the test suite (fast tests; extra arguments go to pytest)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -17,10 +19,11 @@ if ! .venv/bin/python -c "import gblr, pytest, hypothesis, PIL, tqdm, matplotlib
   .venv/bin/python -m pip install --quiet -e ".[dev]"
 fi
 
-task=${1:-demo}
+task=${1:-run}
 shift || true
 case "$task" in
+  run) exec .venv/bin/python -m gblr train --out runs/demo "$@" ;;
   demo) exec .venv/bin/python -m gblr demo "$@" ;;
   test) exec .venv/bin/python -m pytest "$@" ;;
-  *) echo "usage: scripts/dev.sh {demo|test} [args...]" >&2; exit 2 ;;
+  *) echo "usage: scripts/dev.sh {run|demo|test} [args...]" >&2; exit 2 ;;
 esac

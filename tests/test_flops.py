@@ -50,3 +50,14 @@ def test_a_model_without_gblr_layers_reports_nothing():
 def test_report_needs_a_module():
     with pytest.raises(TypeError, match="nn.Module"):
         gblr.flops_report("model")
+
+
+def test_report_includes_baselines_and_optionally_dense_layers():
+    from gblr.baselines import LowRankLinear
+
+    model = nn.Sequential(LowRankLinear(30, 20, rank=2), nn.Linear(20, 10))
+    structured = gblr.flops_report(model)
+    assert [(layer.name, layer.gblr_macs) for layer in structured] == [("0", 100)]
+    everything = gblr.flops_report(model, include_dense=True)
+    assert [(layer.name, layer.gblr_macs, layer.dense_macs) for layer in everything] == [("0", 100, 600), ("1", 200, 200)]
+    assert everything.ratio == pytest.approx(300 / 800)

@@ -1,0 +1,38 @@
+import pytest
+import torch
+from torch import nn
+
+import gblr
+from gblr import structures
+from gblr.viz import coverage, plot_budgets, plot_masks
+
+
+def test_coverage_counts_overlapping_blocks_with_their_rank():
+    layer = gblr.GBLRLinear(8, 6, components=3, rank=2)
+    with torch.no_grad():
+        # component 0: columns 6, 7, 0 (wraps), rows 0-1; component 1: everything; component 2: empty
+        layer.in_width.copy_(torch.tensor([3 / 8, 1.0, 0.0]))
+        layer.in_location.copy_(torch.tensor([6 / 8, 0.0, 0.5]))
+        layer.out_width.copy_(torch.tensor([2 / 6, 1.0, 0.5]))
+        layer.out_location.copy_(torch.tensor([0.0, 0.0, 0.0]))
+    expected = torch.full((6, 8), 2.0)
+    expected[0:2, [6, 7, 0]] += 2.0
+    assert torch.equal(coverage(layer), expected)
+    assert torch.equal(coverage(layer.freeze()), expected)
+
+
+def test_frozen_dense_blocks_count_their_rank():
+    weight = torch.zeros(4, 4)
+    weight[:2, :2] = torch.randn(2, 2)
+    frozen = structures.block_sparse(weight, (2, 2)).freeze()
+    counts = coverage(frozen)
+    assert counts[:2, :2].tolist() == [[2.0, 2.0], [2.0, 2.0]] and counts.sum() == 8
+
+
+def test_pictures_are_written(tmp_path):
+    model = nn.Sequential(gblr.GBLRLinear(16, 16), nn.ReLU(), gblr.GBLRLinear(16, 8))
+    masks = plot_masks(model, tmp_path / "masks.png")
+    budgets = plot_budgets(gblr.flops_report(model), tmp_path / "sub" / "budgets.png", target=0.5)
+    assert masks.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and budgets.stat().st_size > 1000
+    with pytest.raises(ValueError, match="no GBLR layers"):
+        plot_masks(nn.Linear(2, 2), tmp_path / "none.png")
