@@ -272,11 +272,14 @@ def test_freeze_in_place_on_a_model():
     assert isinstance(gblr.freeze_(GBLRLinear(4, 4)), FrozenGBLRLinear)
 
 
-def test_revival_gives_dead_components_a_width_gradient():
+@pytest.mark.parametrize("materialise", [False, True])
+def test_revival_gives_dead_components_a_width_gradient(materialise):
     torch.manual_seed(0)
     layer = GBLRLinear(16, 12, components=3, sigma=20.0, dtype=torch.float64)
+    layer._materialise_is_cheaper = lambda tokens: materialise
     set_structure(layer, [0, 5, 16], [3, 1, 0], [0, 4, 12], [7, 2, 0])  # component 0 is fully pruned
     reference = copy.deepcopy(layer)
+    reference._materialise_is_cheaper = lambda tokens: materialise
     x = torch.randn(10, 16, dtype=torch.float64)
     target = torch.randn(10, 12, dtype=torch.float64)
     F.mse_loss(layer(x), target).backward()

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-__all__ = ["Support", "support_groups", "structure_macs", "group_macs", "LayerFlops", "FlopsReport", "flops_report"]
+__all__ = ["Support", "Structure", "group_macs", "LayerFlops", "FlopsReport", "flops_report"]
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -29,60 +29,70 @@ class Support:
     out_width: int
 
 
-def _canonical_supports(
-    in_widths: torch.Tensor,
-    in_locations: torch.Tensor,
-    out_widths: torch.Tensor,
-    out_locations: torch.Tensor,
-    in_features: int,
-    out_features: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(supports (K, 4), alive (K,))``: rows of (in_start, in_width, out_start, out_width) with
-    full-width starts set to 0 (where a full side starts does not matter), and which components
-    have both widths nonzero."""
-    in_starts = torch.where(in_widths == in_features, 0, in_locations)
-    out_starts = torch.where(out_widths == out_features, 0, out_locations)
-    supports = torch.stack([in_starts, in_widths, out_starts, out_widths], 1)
-    return supports, (in_widths > 0) & (out_widths > 0)
+@dataclasses.dataclass(frozen=True)
+class Structure:
+    """Rounded supports of the components of one or more GBLR layers, flattened: one entry per
+    component, all int64 tensors of length N (element counts, from
+    :func:`gblr.masks.element_supports`), with each component's layer sizes, rank and layer index."""
 
+    in_widths: torch.Tensor
+    in_locations: torch.Tensor
+    out_widths: torch.Tensor
+    out_locations: torch.Tensor
+    in_sizes: torch.Tensor
+    out_sizes: torch.Tensor
+    ranks: torch.Tensor
+    layers: torch.Tensor
+    num_layers: int
 
-def support_groups(
-    in_widths: torch.Tensor,
-    in_locations: torch.Tensor,
-    out_widths: torch.Tensor,
-    out_locations: torch.Tensor,
-    in_features: int,
-    out_features: int,
-) -> dict[Support, list[int]]:
-    """Group component indices by identical support, dropping components with a zero width.
+    def groups(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(members, group, first)``: the indices of components with both widths nonzero, the
+        group (identical layer and support) of each, and one member index per group. Where a
+        full-width side starts does not matter, so such starts count as 0."""
+        in_starts = torch.where(self.in_widths == self.in_sizes, 0, self.in_locations)
+        out_starts = torch.where(self.out_widths == self.out_sizes, 0, self.out_locations)
+        members = ((self.in_widths > 0) & (self.out_widths > 0)).nonzero().flatten()
+        if members.numel() == 0:
+            return members, members, members
+        # Row-wise grouping as three 1-D uniques (torch.unique(dim=0) is ~50x slower); each key
+        # stays far below 2**63: (layer * (n + 1) + start) * (n + 1) + width.
+        base_in, base_out = int(self.in_sizes.max()) + 1, int(self.out_sizes.max()) + 1
+        key_in = ((self.layers * base_in + in_starts) * base_in + self.in_widths)[members]
+        key_out = (out_starts * base_out + self.out_widths)[members]
+        rank_in = torch.unique(key_in, return_inverse=True)[1]
+        rank_out = torch.unique(key_out, return_inverse=True)[1]
+        group = torch.unique(rank_in * members.numel() + rank_out, return_inverse=True)[1]
+        count = int(group.max()) + 1
+        first = torch.full((count,), members.numel(), dtype=torch.long, device=members.device)
+        first = members[first.scatter_reduce(0, group, torch.arange(members.numel(), device=members.device), "amin")]
+        return members, group, first
 
-    All arguments are integer element counts (as from :func:`gblr.masks.element_supports`).
-    """
-    supports, alive = _canonical_supports(in_widths, in_locations, out_widths, out_locations, in_features, out_features)
-    groups: dict[Support, list[int]] = {}
-    for index in alive.nonzero().flatten().tolist():
-        groups.setdefault(Support(*supports[index].tolist()), []).append(index)
-    return groups
+    def layer_macs(self) -> torch.Tensor:
+        """MACs per input vector of each layer, ``(num_layers,)`` int64 (SPEC section 2)."""
+        macs = torch.zeros(self.num_layers, dtype=torch.long, device=self.in_widths.device)
+        members, group, first = self.groups()
+        if members.numel() == 0:
+            return macs
+        count = torch.bincount(group, minlength=first.numel())
+        a, b = self.in_widths[first], self.out_widths[first]
+        costs = torch.minimum(count * self.ranks[first] * (a + b), a * b)
+        return macs.index_add_(0, self.layers[first], costs)
 
-
-def structure_macs(
-    in_widths: torch.Tensor,
-    in_locations: torch.Tensor,
-    out_widths: torch.Tensor,
-    out_locations: torch.Tensor,
-    in_features: int,
-    out_features: int,
-    rank: int,
-) -> int:
-    """MACs per input vector of a GBLR structure (the sum of :func:`group_macs` over the
-    groups of :func:`support_groups`), computed without a Python loop over components."""
-    supports, alive = _canonical_supports(in_widths, in_locations, out_widths, out_locations, in_features, out_features)
-    if not bool(alive.any()):
-        return 0
-    unique, counts = torch.unique(supports[alive], dim=0, return_counts=True)
-    in_width, out_width = unique[:, 1], unique[:, 3]
-    costs = torch.minimum(counts * rank * (in_width + out_width), in_width * out_width)
-    return int(costs.sum())
+    def support_groups(self) -> dict[Support, list[int]]:
+        """For a single layer: component indices grouped by support (zero widths dropped)."""
+        if self.num_layers != 1:
+            raise ValueError(f"support_groups needs the structure of one layer, got {self.num_layers}")
+        members, group, first = self.groups()
+        in_starts = torch.where(self.in_widths == self.in_sizes, 0, self.in_locations)
+        out_starts = torch.where(self.out_widths == self.out_sizes, 0, self.out_locations)
+        supports = [
+            Support(*values)
+            for values in torch.stack([in_starts, self.in_widths, out_starts, self.out_widths], 1)[first].tolist()
+        ]
+        groups: dict[Support, list[int]] = {support: [] for support in supports}
+        for index, group_id in zip(members.tolist(), group.tolist()):
+            groups[supports[group_id]].append(index)
+        return groups
 
 
 def group_macs(rank: int, in_width: int, out_width: int) -> int:

@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from ._validation import check_flops_ratio
-from .linear import GBLRLinear
+from .linear import GBLRLinear, structure_of
 
 __all__ = ["param_groups", "StructureLearner", "SigmaSchedule", "gblr_layers"]
 
@@ -161,14 +161,17 @@ class StructureLearner:
         self.budget_warmup = budget_warmup
         self._check_optimizer_holds_structure()
 
-        # Each width's shrink weight: the MACs one unit of it buys, relative to the average.
-        costs = []
-        for layer in self.layers:
-            costs.append(layer.rank * layer.in_features)
-            costs.append(layer.rank * layer.out_features)
-        counts = [layer.components for layer in self.layers for _ in range(2)]
-        self._mean_cost = sum(c * k for c, k in zip(costs, counts)) / sum(counts)
-        self._dense_macs = sum(layer.in_features * layer.out_features for layer in self.layers)
+        # Per-component constants, flattened over all layers (in the order of structure_of).
+        self._group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+        self._structure = structure_of(self.layers)  # sizes, ranks and layer indices stay fixed
+        ranks = self._structure.ranks.double()
+        mean_cost = float((ranks * (self._structure.in_sizes + self._structure.out_sizes)).mean()) / 2
+        # each width's shrink weight: the MACs one unit of it buys, relative to the average width
+        self._in_weight = ranks * self._structure.in_sizes / mean_cost
+        self._out_weight = ranks * self._structure.out_sizes / mean_cost
+        self._layer_dense = torch.tensor([layer.in_features * layer.out_features for layer in self.layers],
+                                         dtype=torch.float64)
+        self._dense_macs = float(self._layer_dense.sum())
 
         self.step_count = 0
         self.initial_ratio = self.flops_ratio()
@@ -178,12 +181,16 @@ class StructureLearner:
 
     # -- measurements ----------------------------------------------------------------------------
 
+    def _current_structure(self):
+        return structure_of(self.layers)
+
     def flops_ratio(self) -> float:
         """Global FLOPs ratio of the GBLR layers now, each weighted by its dense size."""
-        return sum(layer.flops() for layer in self.layers) / self._dense_macs
+        return float(self._current_structure().layer_macs().sum()) / self._dense_macs
 
     def layer_ratios(self) -> list[float]:
-        return [layer.flops_ratio() for layer in self.layers]
+        """Each GBLR layer's FLOPs ratio, in ``self.layers`` order."""
+        return (self._current_structure().layer_macs().double().cpu() / self._layer_dense).tolist()
 
     def target_now(self) -> float:
         """The budget trajectory: initial ratio -> flops_target over the warm-up, then flat."""
@@ -215,44 +222,38 @@ class StructureLearner:
                 "build it from gblr.param_groups(model, lr, struct_lr=...)"
             )
 
-    def _preconditioner(self, parameter: torch.Tensor) -> torch.Tensor | float:
-        """``sqrt(v_hat) + eps`` of an Adam-type optimizer for this parameter, else 1."""
-        state = self.optimizer.state.get(parameter, {})
-        if "exp_avg_sq" not in state:
-            return 1.0
-        group = next(g for g in self.optimizer.param_groups if any(p is parameter for p in g["params"]))
-        beta2 = group["betas"][1]
-        step = float(state["step"])
-        return (state["exp_avg_sq"] / (1.0 - beta2**step)).sqrt() + group["eps"]
+    def _preconditioners(self, widths: list[torch.Tensor]) -> torch.Tensor:
+        """``sqrt(v_hat) + eps`` of an Adam-type optimizer for each width (flattened), or 1
+        where the optimizer keeps no second moment (SGD, or before its first step)."""
+        states = [self.optimizer.state.get(width, {}) for width in widths]
+        if not all("exp_avg_sq" in state for state in states):
+            return torch.ones(sum(w.numel() for w in widths), dtype=torch.float64, device=widths[0].device)
+        groups = [self._group_of[id(width)] for width in widths]
+        corrections = torch.tensor(
+            [1.0 - group["betas"][1] ** float(state["step"]) for group, state in zip(groups, states)], dtype=torch.float64
+        ).repeat_interleave(torch.tensor([w.numel() for w in widths]))
+        eps = torch.tensor([group["eps"] for group in groups], dtype=torch.float64).repeat_interleave(
+            torch.tensor([w.numel() for w in widths])
+        )
+        second_moment = torch.cat([state["exp_avg_sq"].detach() for state in states]).double()
+        return (second_moment / corrections.to(second_moment.device)).sqrt_() + eps.to(second_moment.device)
 
-    def _widths(self):
-        """``(width parameter, size in elements, rank, shrink weight)`` for every width; the
-        in and out widths of one layer come as consecutive pairs."""
-        for layer in self.layers:
-            for width, size in ((layer.in_width, layer.in_features), (layer.out_width, layer.out_features)):
-                yield width, size, layer.rank, layer.rank * size / self._mean_cost
-
-    def _choose_lambda(self, target: float, exact_ratio: float, struct_lr: float) -> tuple[float, list]:
+    def _choose_lambda(self, target: float, exact_ratio: float, struct_lr: float) -> tuple[float, torch.Tensor, torch.Tensor]:
         """The smallest lambda whose shrink brings the cost estimate down to the target.
 
         The estimate counts ``r * (W_in + W_out)`` elements per live component (no grouping,
         no dense-block discount), so its goal is rescaled by estimate / exact at the current
         point. All layers are evaluated at once, for a grid of lambdas per round (a 32-way
-        bisection). Returns lambda and the per-width shrink rates (shrink = lambda * rate).
+        bisection). Returns lambda and the in and out shrink rates (shrink = lambda * rate).
         """
-        entries = list(self._widths())
-        rates = [struct_lr * weight / self._preconditioner(width) for width, _, _, weight in entries]
-
-        def flat(values, pick):
-            return torch.cat([torch.as_tensor(values[j], dtype=torch.float64).expand(entries[j][0].shape).flatten()
-                              for j in range(pick, len(entries), 2)])
-
-        widths = [width.detach() for width, _, _, _ in entries]
-        in_w, out_w = flat(widths, 0), flat(widths, 1)
-        in_rate, out_rate = flat(rates, 0), flat(rates, 1)
-        sizes = [size for _, size, _, _ in entries]
-        in_size, out_size = flat(sizes, 0), flat(sizes, 1)
-        rank = flat([r for _, _, r, _ in entries], 0)
+        in_widths = [layer.in_width for layer in self.layers]
+        out_widths = [layer.out_width for layer in self.layers]
+        in_rate = struct_lr * self._in_weight / self._preconditioners(in_widths)
+        out_rate = struct_lr * self._out_weight / self._preconditioners(out_widths)
+        in_w = torch.cat([w.detach() for w in in_widths]).double()
+        out_w = torch.cat([w.detach() for w in out_widths]).double()
+        in_size, out_size = self._structure.in_sizes, self._structure.out_sizes
+        rank = self._structure.ranks
 
         def estimate(lams: torch.Tensor) -> torch.Tensor:  # (L,) -> (L,)
             lams = lams[:, None]
@@ -263,16 +264,16 @@ class StructureLearner:
 
         now = float(estimate(torch.zeros(1, dtype=torch.float64))[0])
         if now <= 0.0 or exact_ratio <= target:
-            return 0.0, rates
+            return 0.0, in_rate, out_rate
         goal = target * now / exact_ratio
         low = 0.0
-        high = float(torch.cat([in_w / in_rate.clamp_min(1e-30), out_w / out_rate.clamp_min(1e-30)]).max())
+        high = float(torch.cat([in_w / in_rate, out_w / out_rate]).max())
         for _ in range(5):  # each round narrows [low, high] 32-fold
             grid = torch.linspace(low, high, 33, dtype=torch.float64)
             above = estimate(grid) > goal  # non-increasing in lambda
             first_below = int(above.long().sum())  # grid[first_below] is the first point at or below the goal
             low, high = float(grid[max(first_below - 1, 0)]), float(grid[min(first_below, 32)])
-        return high, rates
+        return high, in_rate, out_rate
 
     # -- the step --------------------------------------------------------------------------------
 
@@ -292,9 +293,17 @@ class StructureLearner:
         if self.structure_phase:
             ratio = self.flops_ratio()
             target = self.target_now()
-            lam, rates = self._choose_lambda(target, ratio, self._struct_lr())
-            for (width, _, _, _), rate in zip(self._widths(), rates):
-                width.sub_(lam * rate).clamp_(0.0, 1.0)
+            lam, in_rate, out_rate = self._choose_lambda(target, ratio, self._struct_lr())
+            if lam > 0:
+                sizes = [layer.components for layer in self.layers]
+                for layer, in_shrink, out_shrink in zip(
+                    self.layers, (lam * in_rate).split(sizes), (lam * out_rate).split(sizes)
+                ):
+                    layer.in_width.sub_(in_shrink.to(layer.in_width.dtype))
+                    layer.out_width.sub_(out_shrink.to(layer.out_width.dtype))
+            for layer in self.layers:
+                layer.in_width.clamp_(0.0, 1.0)
+                layer.out_width.clamp_(0.0, 1.0)
             for layer in self.layers:
                 layer.in_location.remainder_(1.0)
                 layer.out_location.remainder_(1.0)

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .flops import Support, group_macs, structure_macs, support_groups
+from .flops import Structure, Support, group_macs
 from ._validation import check_flops_ratio, check_input, check_positive_int
-from .masks import element_supports, gaudi_mask
+from .masks import element_supports, mask_from_supports
 
 __all__ = ["GBLRLinear", "FrozenGBLRLinear", "freeze_"]
 
@@ -34,6 +34,67 @@ def _check_sigma(sigma):
 def _structure_dtype(dtype: torch.dtype | None) -> torch.dtype:
     # Widths and locations need ~1/n resolution: half precision cannot hold 1/3072.
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+class _BlockProduct(torch.autograd.Function):
+    """``y = x @ (left_t.T @ right).T``, by materialising the weight or as two thin products,
+    with surrogate gradients for pruned components (see ``GBLRLinear._revival_factors``).
+
+    Rows ``rows`` of ``left_t`` and ``right`` belong to components whose masks are both empty;
+    the backward pass adds to their factor gradients what they would be if the partner factor
+    were ``spike_left_t`` / ``spike_right``. Those rows are zero, so the forward and the content
+    gradients (which the masks multiply by zero) are exact. Under autocast the products run in
+    the autocast dtype; gradients come back in each input's dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x, left_t, right, materialise, rows, spike_left_t, spike_right):
+        dtype = _compute_dtype(x)
+        ctx.dtypes = (x.dtype, left_t.dtype, right.dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            xc, lc, rc = x.to(dtype), left_t.to(dtype), right.to(dtype)
+            if materialise:
+                weight = lc.T @ rc
+                y = F.linear(xc, weight)
+                ctx.save_for_backward(xc, lc, rc, weight, rows, spike_left_t, spike_right)
+            else:
+                hidden = F.linear(xc, rc)
+                y = hidden @ lc
+                ctx.save_for_backward(xc, lc, rc, hidden, rows, spike_left_t, spike_right)
+        ctx.materialise = materialise
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, left_t, right, saved, rows, spike_left_t, spike_right = ctx.saved_tensors
+        x_dtype, left_dtype, right_dtype = ctx.dtypes
+        with torch.autocast(x.device.type, enabled=False):
+            grad_y = grad_y.to(x.dtype)
+            flat_x, flat_g = x.reshape(-1, x.shape[-1]), grad_y.reshape(-1, grad_y.shape[-1])
+            if ctx.materialise:
+                grad_weight = flat_g.T @ flat_x  # (out, in)
+                grad_x = grad_y @ saved
+                grad_left_t = right @ grad_weight.T
+                grad_right = left_t @ grad_weight
+                if rows is not None:
+                    grad_left_t[rows] += spike_right.to(x.dtype) @ grad_weight.T
+                    grad_right[rows] += spike_left_t.to(x.dtype) @ grad_weight
+            else:
+                flat_hidden = saved.reshape(-1, saved.shape[-1])
+                grad_hidden = flat_g @ left_t.T  # (T, K*r)
+                grad_x = (grad_hidden @ right).reshape(x.shape)
+                grad_left_t = flat_hidden.T @ flat_g
+                grad_right = grad_hidden.T @ flat_x
+                if rows is not None:
+                    grad_left_t[rows] += (flat_x @ spike_right.to(x.dtype).T).T @ flat_g
+                    grad_right[rows] += (flat_g @ spike_left_t.to(x.dtype).T).T @ flat_x
+        return (grad_x.to(x_dtype), grad_left_t.to(left_dtype), grad_right.to(right_dtype), None, None, None, None)
 
 
 class GBLRLinear(nn.Module):
@@ -144,27 +205,36 @@ class GBLRLinear(nn.Module):
         w_out, l_out = element_supports(self.out_width, self.out_location, self.out_features)
         return w_in, l_in, w_out, l_out
 
+    def structure(self) -> Structure:
+        """The rounded structure as a :class:`gblr.flops.Structure` (one layer)."""
+        return structure_of([self])
+
     # -- the computation ------------------------------------------------------------------------
 
     def masks(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(mask_in (K, in_features), mask_out (K, out_features))`` at the current sigma."""
-        mask_in = gaudi_mask(self.in_width, self.in_location, self.in_features, self.sigma)
-        mask_out = gaudi_mask(self.out_width, self.out_location, self.out_features, self.sigma)
+        mask_in, mask_out, _ = self._masks_and_supports()
         return mask_in, mask_out
 
-    def _factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Masked factors flattened to ``left (out, K*r)`` and ``right (K*r, in)``, plus masks."""
-        mask_in, mask_out = self.masks()
-        K, r = self.components, self.rank
-        left = (self.u * mask_out.to(self.u.dtype)[:, :, None]).permute(1, 0, 2).reshape(self.out_features, K * r)
-        right = (self.v * mask_in.to(self.v.dtype)[:, None, :]).reshape(K * r, self.in_features)
-        return left, right, mask_in, mask_out
+    def _masks_and_supports(self):
+        w_in, l_in, w_out, l_out = self.supports()
+        mask_in = mask_from_supports(self.in_width, self.in_location, self.in_features, self.sigma, w_in, l_in)
+        mask_out = mask_from_supports(self.out_width, self.out_location, self.out_features, self.sigma, w_out, l_out)
+        return mask_in, mask_out, (w_in, l_in, w_out, l_out)
+
+    def _masked_factors(self, mask_in: torch.Tensor, mask_out: torch.Tensor, index=None):
+        """``left_t (K*r, out)`` and ``right (K*r, in)`` with ``W = left_t.T @ right``; only the
+        components in ``index`` if given. For rank 1 no copy is made beyond the masking."""
+        u, v = (self.u, self.v) if index is None else (self.u[index], self.v[index])
+        left_t = (u * mask_out.to(u.dtype)[:, :, None]).transpose(1, 2).reshape(-1, self.out_features)
+        right = (v * mask_in.to(v.dtype)[:, None, :]).reshape(-1, self.in_features)
+        return left_t, right
 
     @property
     def weight(self) -> torch.Tensor:
         """The dense ``(out_features, in_features)`` matrix this layer applies (differentiable)."""
-        left, right, _, _ = self._factors()
-        return left @ right
+        left_t, right = self._masked_factors(*self.masks())
+        return left_t.T @ right
 
     def _materialise_is_cheaper(self, tokens: int) -> bool:
         m, n, kr = self.out_features, self.in_features, self.components * self.rank
@@ -172,48 +242,45 @@ class GBLRLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.in_features)
-        left, right, mask_in, mask_out = self._factors()
-        left, right = left.to(x.dtype), right.to(x.dtype)
-        tokens = x.numel() // self.in_features
-        if self._materialise_is_cheaper(tokens):
-            y = F.linear(x, left @ right, self.bias)
-        else:
-            y = F.linear(F.linear(x, right), left, self.bias)
+        mask_in, mask_out, supports = self._masks_and_supports()
+        left_t, right = self._masked_factors(mask_in, mask_out)
+        revival = None
         if torch.is_grad_enabled() and self.in_width.requires_grad:
-            revival = self._revival_term(x, mask_in, mask_out)
-            if revival is not None:
-                y = y + revival
-        return y
+            revival = self._revival_factors(mask_in, mask_out, supports)
+        tokens = x.numel() // self.in_features
+        y = _BlockProduct.apply(x, left_t, right, self._materialise_is_cheaper(tokens), *(revival or (None,) * 3))
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
-    def _revival_term(self, x: torch.Tensor, mask_in: torch.Tensor, mask_out: torch.Tensor) -> torch.Tensor | None:
-        """Zero in value; gives components whose two widths are both zero a width gradient.
+    def _revival_factors(self, mask_in, mask_out, supports):
+        """Surrogate partners for components whose two widths are both zero, or None.
 
-        For such a component the true gradient of either width is zero (the block is the
-        product of two empty masks), so the proximal step could never let it grow back. This
-        term adds nothing to the output but routes to each empty mask the gradient it would get
-        if its partner were one element wide at its location (SPEC section 3: keep a pruned
-        block able to grow back). Content factors receive nothing from it.
+        For such a component the true gradient of either width is zero (the block is the product
+        of two empty masks), so the proximal step could never let it grow back. The backward
+        pass (:class:`_BlockProduct`) routes to each empty mask the gradient it would get if its
+        partner were one element wide at its location (SPEC section 3: a pruned block must be
+        able to grow back). The output and the content gradients are unchanged.
         """
-        w_in, l_in, w_out, l_out = self.supports()
+        w_in, l_in, w_out, l_out = supports
         dead = ((w_in == 0) & (w_out == 0)).nonzero().flatten()
         if dead.numel() == 0:
             return None
-        m, n = self.out_features, self.in_features
         with torch.no_grad():
-            one_element = torch.ones(dead.numel(), device=x.device, dtype=self.in_width.dtype)
-            spike_in = gaudi_mask(one_element / n, self.in_location[dead], n, self.sigma)
-            spike_out = gaudi_mask(one_element / m, self.out_location[dead], m, self.sigma)
-        u, v = self.u[dead].detach(), self.v[dead].detach()
-        # Each product has one empty mask (exact zeros) with its gradient path, one spike without.
-        grow_in = (u * spike_out[:, :, None]).permute(1, 0, 2).reshape(m, -1), (v * mask_in[dead][:, None, :]).reshape(-1, n)
-        grow_out = (u * mask_out[dead][:, :, None]).permute(1, 0, 2).reshape(m, -1), (v * spike_in[:, None, :]).reshape(-1, n)
-        return sum(F.linear(F.linear(x, right.to(x.dtype)), left.to(x.dtype)) for left, right in (grow_in, grow_out))
+            one = torch.ones_like(dead)
+            spike_in = mask_from_supports(
+                self.in_width[dead], self.in_location[dead], self.in_features, self.sigma, one, l_in[dead]
+            )
+            spike_out = mask_from_supports(
+                self.out_width[dead], self.out_location[dead], self.out_features, self.sigma, one, l_out[dead]
+            )
+            spike_left_t, spike_right = self._masked_factors(spike_in, spike_out, dead)
+        rows = (dead[:, None] * self.rank + torch.arange(self.rank, device=dead.device)).flatten()
+        return rows, spike_left_t, spike_right
 
     # -- cost and deployment ----------------------------------------------------------------------
 
     def flops(self) -> int:
         """MACs per input vector of the current (rounded) structure, SPEC section 2."""
-        return structure_macs(*self.supports(), self.in_features, self.out_features, self.rank)
+        return int(self.structure().layer_macs()[0])
 
     def flops_ratio(self) -> float:
         return self.flops() / (self.in_features * self.out_features)
@@ -223,7 +290,7 @@ class GBLRLinear(nn.Module):
         """The deployed form: exact boxcars (``sigma=None``), zero-width components dropped,
         factors cropped to their supports, components with identical supports merged. Its output
         equals this layer's output at ``sigma=None``, and so does its ``flops()``."""
-        groups = support_groups(*self.supports(), self.in_features, self.out_features)
+        groups = self.structure().support_groups()
         blocks = []
         for support, members in sorted(groups.items()):
             rows = _cyclic_indices(support.out_start, support.out_width, self.out_features, self.u.device)
@@ -250,6 +317,28 @@ class GBLRLinear(nn.Module):
 
     def set_extra_state(self, state: dict) -> None:
         self.sigma = state["sigma"]
+
+
+def structure_of(layers: list[GBLRLinear]) -> Structure:
+    """The rounded structures of several layers in one flat :class:`gblr.flops.Structure`, so
+    that their costs come from a handful of tensor operations instead of a loop over layers."""
+    if not layers:
+        raise ValueError("structure_of needs at least one GBLRLinear")
+    device = layers[0].in_width.device
+
+    def per_component(value):
+        return torch.cat([torch.full((layer.components,), value(layer), dtype=torch.long, device=device)
+                          for layer in layers])
+
+    in_sizes, out_sizes = per_component(lambda l: l.in_features), per_component(lambda l: l.out_features)
+    w_in, l_in = element_supports(torch.cat([l.in_width for l in layers]), torch.cat([l.in_location for l in layers]),
+                                  in_sizes)
+    w_out, l_out = element_supports(torch.cat([l.out_width for l in layers]),
+                                    torch.cat([l.out_location for l in layers]), out_sizes)
+    ranks = per_component(lambda l: l.rank)
+    indices = torch.cat([torch.full((layer.components,), i, dtype=torch.long, device=device)
+                         for i, layer in enumerate(layers)])
+    return Structure(w_in, l_in, w_out, l_out, in_sizes, out_sizes, ranks, indices, len(layers))
 
 
 def _dense_init_factors(m: int, n: int, total_rank: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,7 +25,7 @@ import math
 
 import torch
 
-__all__ = ["gaudi_mask", "gaudi_mask_reference", "boxcar", "element_supports"]
+__all__ = ["gaudi_mask", "gaudi_mask_reference", "boxcar", "element_supports", "mask_from_supports"]
 
 
 def _check_mask_args(width: torch.Tensor, location: torch.Tensor, n: int, sigma: float | None) -> None:
@@ -45,11 +45,14 @@ def _check_mask_args(width: torch.Tensor, location: torch.Tensor, n: int, sigma:
         raise ValueError(f"sigma must be None (a sharp boxcar) or a positive finite number, got {sigma!r}")
 
 
-def element_supports(width: torch.Tensor, location: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def element_supports(
+    width: torch.Tensor, location: torch.Tensor, n: int | torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rounded supports in elements: ``(W, L)`` as int64 with ``0 <= W <= n`` and ``0 <= L < n``.
 
     Widths are clamped to ``[0, 1]`` and locations wrap modulo 1, then both are rounded to the
-    ``1/n`` grid. This is the rounding the forward pass of :func:`gaudi_mask` applies.
+    ``1/n`` grid. This is the rounding the forward pass of :func:`gaudi_mask` applies. ``n`` may
+    be a tensor of per-component sizes (components of several layers at once).
     """
     with torch.no_grad():
         w = torch.round(width.detach().to(torch.float64).clamp(0.0, 1.0) * n).long()
@@ -159,8 +162,7 @@ class _GaudiMask(torch.autograd.Function):
     """Masks by table lookups (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, width, location, n, sigma):  # noqa: D401 - autograd signature
-        w, l = element_supports(width, location, n)
+    def forward(ctx, width, location, n, sigma, w, l):  # noqa: D401 - autograd signature
         cumulative, gradient = _kernels(n, sigma, width.device, width.dtype)
         # mask[t] = C(t - L + 1) - C(t - L - W + 1); table index j holds C(j - 2n).
         upper_starts, lower_starts = 2 * n + 1 - l, 2 * n + 1 - l - w
@@ -186,7 +188,7 @@ class _GaudiMask(torch.autograd.Function):
             g = grad_mask[rows]
             torch.sum(_windows(gradient, right_starts[rows], n, out=scratch).mul_(g), 1, out=right_edge[rows])
             torch.sum(_windows(gradient, left_starts[rows], n, out=scratch).mul_(g), 1, out=left_edge[rows])
-        return right_edge, right_edge - left_edge, None, None
+        return right_edge, right_edge - left_edge, None, None, None, None
 
 
 def gaudi_mask(width: torch.Tensor, location: torch.Tensor, n: int, sigma: float | None = None) -> torch.Tensor:
@@ -209,7 +211,15 @@ def gaudi_mask(width: torch.Tensor, location: torch.Tensor, n: int, sigma: float
     _check_mask_args(width, location, n, sigma)
     if width.device != location.device:
         raise ValueError(f"width and location must be on one device, got {width.device} and {location.device}")
+    return mask_from_supports(width, location, n, sigma, *element_supports(width, location, n))
+
+
+def mask_from_supports(
+    width: torch.Tensor, location: torch.Tensor, n: int, sigma: float | None, w: torch.Tensor, l: torch.Tensor
+) -> torch.Tensor:
+    """:func:`gaudi_mask` for callers that already hold the rounded supports ``(w, l)`` of
+    :func:`element_supports` (the layer needs them anyway); arguments are not checked again."""
     dtype = torch.promote_types(width.dtype, location.dtype)
     if dtype not in (torch.float32, torch.float64):
         dtype = torch.float32  # half-precision mask math is not accurate enough; see SPEC section 3
-    return _GaudiMask.apply(width.to(dtype), location.to(dtype), n, sigma)
+    return _GaudiMask.apply(width.to(dtype), location.to(dtype), n, sigma, w, l)
