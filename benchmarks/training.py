@@ -35,7 +35,8 @@ def mid_training_layer(in_features: int, out_features: int, dtype=torch.float32)
 
 
 def saved_bytes(layer: nn.Module, x: torch.Tensor) -> int:
-    """Bytes of the tensors autograd saves for backward in one forward pass (each storage once)."""
+    """Bytes of the tensors autograd saves for backward in one forward pass, each storage once,
+    leaving out the input and the parameters (they are held whether or not a step runs)."""
     storages: dict[int, int] = {}
 
     def pack(tensor):
@@ -45,7 +46,8 @@ def saved_bytes(layer: nn.Module, x: torch.Tensor) -> int:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         layer(x).square().mean()
-    storages.pop(x.untyped_storage().data_ptr(), None)  # the input is held by the caller either way
+    for held in [x, *layer.parameters()]:
+        storages.pop(held.untyped_storage().data_ptr(), None)
     return sum(storages.values())
 
 

@@ -201,3 +201,30 @@ def test_cuda_matches_cpu(sigma):
         results.append((mask.cpu(), w.grad.cpu(), l.grad.cpu()))
     for cpu, cuda in zip(*results):
         torch.testing.assert_close(cuda, cpu, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mask_dim", [1, 2])
+@pytest.mark.parametrize("sigma", [None, 7.0])
+def test_masked_factor_equals_multiplying_by_the_mask(mask_dim, sigma):
+    from gblr.masks import element_supports, mask_from_supports, masked_factor
+
+    n, K, r = 40, 6, 3
+    generator = torch.Generator().manual_seed(0)
+    shape = (K, n, r) if mask_dim == 1 else (K, r, n)
+    values = torch.randn(shape, generator=generator, dtype=torch.float64)
+    width, location = grid_params(n, K, generator)
+    width[0] = 0.0
+    seed = torch.randn(shape, generator=generator, dtype=torch.float64)
+    results = []
+    for fused in (True, False):
+        v, w, l = (t.clone().requires_grad_() for t in (values, width, location))
+        supports = element_supports(w, l, n)
+        if fused:
+            out = masked_factor(v, w, l, n, sigma, *supports, mask_dim)
+        else:
+            mask = mask_from_supports(w, l, n, sigma, *supports)
+            out = v * (mask[:, :, None] if mask_dim == 1 else mask[:, None, :])
+        out.backward(seed)
+        results.append((out.detach(), v.grad, w.grad, l.grad))
+    for fused, reference in zip(*results):
+        torch.testing.assert_close(fused, reference, rtol=1e-12, atol=1e-12)

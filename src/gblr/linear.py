@@ -18,7 +18,7 @@ from torch import nn
 
 from .flops import Structure, Support, group_macs
 from ._validation import check_flops_ratio, check_input, check_positive_int
-from .masks import element_supports, mask_from_supports
+from .masks import element_supports, mask_from_supports, masked_factor
 
 __all__ = ["GBLRLinear", "FrozenGBLRLinear", "freeze_"]
 
@@ -213,27 +213,32 @@ class GBLRLinear(nn.Module):
 
     def masks(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(mask_in (K, in_features), mask_out (K, out_features))`` at the current sigma."""
-        mask_in, mask_out, _ = self._masks_and_supports()
-        return mask_in, mask_out
-
-    def _masks_and_supports(self):
         w_in, l_in, w_out, l_out = self.supports()
         mask_in = mask_from_supports(self.in_width, self.in_location, self.in_features, self.sigma, w_in, l_in)
         mask_out = mask_from_supports(self.out_width, self.out_location, self.out_features, self.sigma, w_out, l_out)
-        return mask_in, mask_out, (w_in, l_in, w_out, l_out)
+        return mask_in, mask_out
 
     def _masked_factors(self, mask_in: torch.Tensor, mask_out: torch.Tensor, index=None):
-        """``left_t (K*r, out)`` and ``right (K*r, in)`` with ``W = left_t.T @ right``; only the
-        components in ``index`` if given. For rank 1 no copy is made beyond the masking."""
+        """``left_t (K*r, out)`` and ``right (K*r, in)`` with ``W = left_t.T @ right`` from given
+        masks; only the components in ``index`` if given."""
         u, v = (self.u, self.v) if index is None else (self.u[index], self.v[index])
         left_t = (u * mask_out.to(u.dtype)[:, :, None]).transpose(1, 2).reshape(-1, self.out_features)
         right = (v * mask_in.to(v.dtype)[:, None, :]).reshape(-1, self.in_features)
         return left_t, right
 
+    def _factors(self, supports):
+        """``left_t`` and ``right`` as in :meth:`_masked_factors`, with the masks applied on the
+        fly (:func:`gblr.masks.masked_factor`: no mask tensors, nothing of their size kept for
+        backward). For rank 1 no copy is made beyond the masking."""
+        w_in, l_in, w_out, l_out = supports
+        left = masked_factor(self.u, self.out_width, self.out_location, self.out_features, self.sigma, w_out, l_out, 1)
+        right = masked_factor(self.v, self.in_width, self.in_location, self.in_features, self.sigma, w_in, l_in, 2)
+        return left.transpose(1, 2).reshape(-1, self.out_features), right.reshape(-1, self.in_features)
+
     @property
     def weight(self) -> torch.Tensor:
         """The dense ``(out_features, in_features)`` matrix this layer applies (differentiable)."""
-        left_t, right = self._masked_factors(*self.masks())
+        left_t, right = self._factors(self.supports())
         return left_t.T @ right
 
     def _materialise_is_cheaper(self, tokens: int) -> bool:
@@ -242,16 +247,16 @@ class GBLRLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.in_features)
-        mask_in, mask_out, supports = self._masks_and_supports()
-        left_t, right = self._masked_factors(mask_in, mask_out)
+        supports = self.supports()
+        left_t, right = self._factors(supports)
         revival = None
         if torch.is_grad_enabled() and self.in_width.requires_grad:
-            revival = self._revival_factors(mask_in, mask_out, supports)
+            revival = self._revival_factors(supports)
         tokens = x.numel() // self.in_features
         y = _BlockProduct.apply(x, left_t, right, self._materialise_is_cheaper(tokens), *(revival or (None,) * 3))
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
-    def _revival_factors(self, mask_in, mask_out, supports):
+    def _revival_factors(self, supports):
         """Surrogate partners for components whose two widths are both zero, or None.
 
         For such a component the true gradient of either width is zero (the block is the product
