@@ -66,6 +66,12 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(data_dir, tmp_path
             assert torch.equal(first[key], second[key]), key
 
 
+def test_resume_refuses_a_checkpoint_of_other_settings(data_dir, tmp_path):
+    train(config(data_dir, tmp_path, epochs=2, stop_after=1))
+    with pytest.raises(ValueError, match="epochs=2 there, 3 here"):
+        train(config(data_dir, tmp_path, epochs=3, resume=True))
+
+
 @pytest.mark.parametrize("layer", ["dense", "lowrank", "monarch", "blocksparse"])
 def test_baseline_layers_train_at_their_ratio(data_dir, tmp_path, layer):
     report = train(config(data_dir, tmp_path, layer=layer, epochs=1, pictures=True))

@@ -242,6 +242,7 @@ def fit(config: TrainConfig) -> tuple[nn.Module, dict]:
     checkpoint_path = out / "checkpoint.pt"
     if config.resume and checkpoint_path.exists():
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        _check_same_run(state["config"], config, checkpoint_path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -327,6 +328,22 @@ def fit(config: TrainConfig) -> tuple[nn.Module, dict]:
     if world > 1:
         dist.barrier()
     return model, report
+
+
+# Settings that may change between a run and its resumption: they do not change the result.
+_RESUMABLE_CHANGES = {"resume", "stop_after", "progress", "pictures", "out", "threads", "data_dir", "download",
+                      "eval_batch_size"}
+
+
+def _check_same_run(saved: dict, config: TrainConfig, path: Path) -> None:
+    current = dataclasses.asdict(config)
+    changed = [f"{key}={saved.get(key)!r} there, {value!r} here" for key, value in current.items()
+               if key not in _RESUMABLE_CHANGES and saved.get(key) != value]
+    if changed:
+        raise ValueError(
+            f"{path} belongs to a run with other settings ({'; '.join(changed)}); resume with the same settings "
+            "or choose another --out"
+        )
 
 
 def _finish(config, model, learner, data, rows, train_seconds, started, main) -> dict:
