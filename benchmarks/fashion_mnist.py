@@ -15,7 +15,6 @@ import argparse
 import json
 import statistics
 import tempfile
-from pathlib import Path
 
 import torch
 from common import DOCS, machine, write_outputs

@@ -204,14 +204,8 @@ class StructureLearner:
         return self.step_count < self.structure_steps
 
     def _struct_lr(self) -> float:
-        for group in self.optimizer.param_groups:
-            if group.get(STRUCTURE_GROUP):
-                return float(group["lr"])
-        ids = {id(p) for layer in self.layers for p in layer.structural_parameters()}
-        for group in self.optimizer.param_groups:
-            if any(id(p) in ids for p in group["params"]):
-                return float(group["lr"])
-        raise AssertionError("unreachable: checked in __init__")
+        """The structural learning rate now (schedulers may change it every step)."""
+        return float(self._group_of[id(self.layers[0].in_width)]["lr"])
 
     def _check_optimizer_holds_structure(self) -> None:
         held = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
