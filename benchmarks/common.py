@@ -6,12 +6,13 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from gblr._files import write_text_atomic
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
 
@@ -57,7 +58,5 @@ def write_outputs(name: str, rows: list[dict], markdown: str) -> tuple[Path, Pat
     paths = (DOCS / f"{name}.json", DOCS / f"{name}.md")
     contents = (json.dumps({"machine": machine(), "rows": rows}, indent=2) + "\n", markdown)
     for path, text in zip(paths, contents):
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
-            handle.write(text)
-        os.replace(handle.name, path)
+        write_text_atomic(path, text)
     return paths

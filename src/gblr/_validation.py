@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -16,6 +18,15 @@ def check_flops_ratio(value, name: str = "flops_ratio") -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 < value <= 1.0):
         raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
     return float(value)
+
+
+def check_sigma(sigma) -> float | None:
+    """``None`` (sharp boxcars) or a positive finite number, returned as a float."""
+    if sigma is not None and not (
+        isinstance(sigma, (int, float)) and not isinstance(sigma, bool) and math.isfinite(sigma) and sigma > 0
+    ):
+        raise ValueError(f"sigma must be None (sharp boxcars) or a positive finite number, got {sigma!r}")
+    return None if sigma is None else float(sigma)
 
 
 def check_input(x: torch.Tensor, in_features: int) -> None:

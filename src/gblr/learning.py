@@ -298,7 +298,6 @@ class StructureLearner:
             for layer in self.layers:
                 layer.in_width.clamp_(0.0, 1.0)
                 layer.out_width.clamp_(0.0, 1.0)
-            for layer in self.layers:
                 layer.in_location.remainder_(1.0)
                 layer.out_location.remainder_(1.0)
             self.last = {"flops_ratio": ratio, "target": target, "lambda": lam}

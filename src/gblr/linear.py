@@ -17,18 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .flops import Structure, Support, group_macs
-from ._validation import check_flops_ratio, check_input, check_positive_int
+from ._validation import check_flops_ratio, check_input, check_positive_int, check_sigma
 from .masks import element_supports, mask_from_supports, masked_factor
 
 __all__ = ["GBLRLinear", "FrozenGBLRLinear", "freeze_"]
 
-
-def _check_sigma(sigma):
-    if sigma is not None and not (
-        isinstance(sigma, (int, float)) and not isinstance(sigma, bool) and math.isfinite(sigma) and sigma > 0
-    ):
-        raise ValueError(f"sigma must be None (sharp boxcars) or a positive finite number, got {sigma!r}")
-    return None if sigma is None else float(sigma)
 
 
 def _structure_dtype(dtype: torch.dtype | None) -> torch.dtype:
@@ -156,7 +149,7 @@ class GBLRLinear(nn.Module):
 
     @sigma.setter
     def sigma(self, value: float | None) -> None:
-        self._sigma = _check_sigma(value)
+        self._sigma = check_sigma(value)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

@@ -25,6 +25,8 @@ import math
 
 import torch
 
+from ._validation import check_sigma
+
 __all__ = ["gaudi_mask", "gaudi_mask_reference", "boxcar", "element_supports", "mask_from_supports", "masked_factor"]
 
 
@@ -41,8 +43,7 @@ def _check_mask_args(width: torch.Tensor, location: torch.Tensor, n: int, sigma:
         raise ValueError(f"width and location must be floating point, got {width.dtype} and {location.dtype}")
     if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
         raise ValueError(f"n (the mask length) must be a positive int, got {n!r}")
-    if sigma is not None and not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
-        raise ValueError(f"sigma must be None (a sharp boxcar) or a positive finite number, got {sigma!r}")
+    check_sigma(sigma)
 
 
 def element_supports(

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ._files import write_atomic
 from .flops import FlopsReport
 from .linear import FrozenGBLRLinear, GBLRLinear
 from .masks import boxcar
@@ -52,12 +52,8 @@ def _pyplot():
 
 
 def _save(figure, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=path.suffix, delete=False) as handle:
-        figure.savefig(handle.name, dpi=110, bbox_inches="tight")
-    os.replace(handle.name, path)
-    return path
+    image_format = Path(path).suffix.lstrip(".") or "png"
+    return write_atomic(path, lambda handle: figure.savefig(handle, format=image_format, dpi=110, bbox_inches="tight"))
 
 
 def plot_masks(model: nn.Module, path: str | os.PathLike, columns: int | None = None) -> Path:

@@ -18,7 +18,6 @@ import io
 import json
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .._files import write_atomic, write_text_atomic
 from ..learning import SigmaSchedule, StructureLearner, param_groups
 from ..linear import freeze_
 from .data import ImageData, batches, load_dataset
@@ -80,18 +80,6 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "eval_batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
-
-
-def _write_atomic(path: Path, write) -> None:
-    """``write(handle)`` into a temporary file beside ``path``, then rename over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("wb", dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
-        write(handle)
-    os.replace(handle.name, path)
-
-
-def _save_text(path: Path, text: str) -> None:
-    _write_atomic(path, lambda handle: handle.write(text.encode()))
 
 
 def _distributed() -> tuple[int, int]:
@@ -173,7 +161,7 @@ class _Log:
         writer = csv.DictWriter(buffer, fieldnames=list(row))
         writer.writeheader()
         writer.writerows(self.rows)
-        _save_text(self.path, buffer.getvalue())
+        write_text_atomic(self.path, buffer.getvalue())
         if self.board is not None:
             for key, value in row.items():
                 if key != "epoch" and isinstance(value, (int, float)):
@@ -320,7 +308,7 @@ def fit(config: TrainConfig) -> tuple[nn.Module, dict]:
                 "train_seconds": seconds_so_far,
                 "config": dataclasses.asdict(config),
             }
-            _write_atomic(checkpoint_path, lambda handle: torch.save(state, handle))
+            write_atomic(checkpoint_path, lambda handle: torch.save(state, handle))
 
     finished = last_epoch == config.epochs
     report = _finish(config, model, learner, data, rows, seconds_so_far, started, main) if finished else {}
@@ -377,7 +365,7 @@ def _finish(config, model, learner, data, rows, train_seconds, started, main) ->
     if main:
         if config.pictures:
             report["pictures"] = _pictures(model, flops, config, out)
-        _save_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+        write_text_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
     return report
 
 
