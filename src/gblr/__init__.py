@@ -1,15 +1,29 @@
 """gblr: learned generalized block low-rank (Gaudi-GBLR) weights for PyTorch."""
 
 from . import structures
+from .convert import ConversionReport, GBLRConfig, convert_, load_pretrained, save_pretrained
+from .decompose import InputStats, decompose, relative_error, svd_decompose, svd_error_curve
 from .flops import FlopsReport, LayerFlops, flops_report
 from .learning import SigmaSchedule, StructureLearner, param_groups
 from .linear import FrozenGBLRLinear, GBLRLinear, freeze_
 from .masks import gaudi_mask
+from .recipes.distill import distill
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ConversionReport",
+    "GBLRConfig",
+    "convert_",
+    "load_pretrained",
+    "save_pretrained",
     "FlopsReport",
+    "InputStats",
+    "decompose",
+    "distill",
+    "relative_error",
+    "svd_decompose",
+    "svd_error_curve",
     "FrozenGBLRLinear",
     "GBLRLinear",
     "LayerFlops",

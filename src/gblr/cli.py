@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -13,6 +15,9 @@ import torch
 from torch import nn
 
 import gblr
+
+from ._files import write_text_atomic
+from ._validation import check_flops_ratio
 
 
 def _mask_row(values: torch.Tensor) -> str:
@@ -147,6 +152,180 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--no-pictures", dest="pictures", action="store_false", help="skip the pictures")
 
 
+# -- gblr compress ----------------------------------------------------------------------------------
+
+# The layers `gblr compress` replaces by default: every nn.Linear except those inside a module
+# named "pooler". A sentence embedding is the mean of the last hidden states; BERT's pooler (dense
+# + tanh on the [CLS] token) feeds only `pooler_output`, which the embedding never reads, so
+# compressing it would change nothing that is measured while counting its MACs in the ratio.
+DEFAULT_TARGET = "all-linear"
+
+
+def linear_targets(model: nn.Module, target: str = DEFAULT_TARGET) -> list[str]:
+    r"""Names of the ``nn.Linear`` modules of ``model`` that ``gblr compress`` replaces.
+
+    ``"all-linear"``: all of them except those under a module named ``pooler`` (a whole path
+    component, e.g. ``pooler.dense``). Anything else is a regular expression that must match the
+    whole module name, e.g. ``encoder\.layer\.[0-5]\..*``.
+    """
+    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if target == "all-linear":
+        names = [name for name in linears if "pooler" not in name.split(".")]
+    else:
+        try:
+            pattern = re.compile(target)
+        except re.error as error:
+            raise ValueError(f"--target must be 'all-linear' or a regular expression, got {target!r} ({error})") from None
+        names = [name for name in linears if pattern.fullmatch(name)]
+    if not names:
+        raise ValueError(f"--target {target!r} matches none of the model's {len(linears)} linear layers "
+                         f"(e.g. {', '.join(linears[:3]) or 'none'})")
+    return names
+
+
+def _target_flops(model: nn.Module, names: list[str]) -> gblr.FlopsReport:
+    wanted = set(names)
+    report = gblr.flops_report(model, include_dense=True)
+    return gblr.FlopsReport(tuple(layer for layer in report if layer.name in wanted))
+
+
+def _as_data(value):
+    """A JSON-friendly view of a conversion report (dataclass, ``to_dict()``, or plain data)."""
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    return value
+
+
+def compress_command(args: argparse.Namespace) -> int:
+    from .recipes import text
+
+    started = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        check_flops_ratio(args.flops, "--flops")
+        for name in ("calibration_sentences", "eval_sentences", "batch_size"):
+            if getattr(args, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+        if args.distill_steps < 0 or (args.distill_minutes is not None and args.distill_minutes <= 0):
+            raise ValueError("--distill-steps must be >= 0 and --distill-minutes > 0")
+        from .convert import GBLRConfig, convert_, save_pretrained
+
+        source = args.text if args.text else None
+        given = text.read_sentences(args.text) if source else None
+        train_sentences, eval_sentences = text.split_sentences(
+            given, args.calibration_sentences, args.eval_sentences, args.seed)
+        print(f"loading {args.model_dir}", flush=True)
+        teacher, tokenizer = text.load_sentence_encoder(args.model_dir, progress=args.progress)
+        targets = linear_targets(teacher, args.target)
+    except (FileNotFoundError, ValueError, ImportError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    torch.manual_seed(args.seed)
+    load_seconds = time.perf_counter() - started
+    print(f"sentences: {len(train_sentences)} for calibration and distillation, {len(eval_sentences)} held out "
+          f"({'from ' + args.text if source else 'generated'})")
+
+    train_batches = text.token_batches(tokenizer, train_sentences, args.batch_size, args.max_length)
+    eval_batches = text.token_batches(tokenizer, eval_sentences, args.batch_size, args.max_length)
+    reference = text.embed(teacher, eval_batches)
+    student = copy.deepcopy(teacher)
+
+    dense = _target_flops(student, targets)
+    print(f"compressing {len(targets)} linear layers ({dense.dense_macs:,} MACs per token) to {args.flops:g} "
+          f"of their FLOPs with {args.method}", flush=True)
+    convert_start = time.perf_counter()
+    config = GBLRConfig(flops_ratio=args.flops, target_modules=targets, method=args.method)
+    conversion = convert_(student, config, calibration=train_batches, progress=args.progress, verbose=False)
+    convert_seconds = time.perf_counter() - convert_start
+    flops = _target_flops(student, targets)
+    fidelity = {"converted": text.embedding_fidelity(student, reference, eval_batches)}
+    print(f"FLOPs ratio {flops.ratio:.3f} ({flops.gblr_macs:,} of {flops.dense_macs:,} MACs per token), "
+          f"{convert_seconds:.1f} s")
+    print(f"fidelity (mean cosine with the original on held-out sentences): {fidelity['converted']:.4f}", flush=True)
+
+    distillation = None
+    if args.distill_steps or args.distill_minutes:
+        steps = args.distill_steps or 1_000_000  # with only --distill-minutes: as many steps as fit
+        max_seconds = None if args.distill_minutes is None else 60.0 * args.distill_minutes
+        distill_start = time.perf_counter()
+        losses = gblr.distill(student, teacher, train_batches, steps, lr=args.lr, max_seconds=max_seconds,
+                              progress=args.progress)
+        distill_seconds = time.perf_counter() - distill_start
+        fidelity["distilled"] = text.embedding_fidelity(student, reference, eval_batches)
+        flops = _target_flops(student, targets)
+        distillation = {"steps": len(losses), "lr": args.lr, "first_loss": losses[0], "last_loss": losses[-1],
+                        "seconds": distill_seconds}
+        print(f"distilled {len(losses)} steps in {distill_seconds:.1f} s: fidelity {fidelity['distilled']:.4f}, "
+              f"FLOPs ratio {flops.ratio:.3f}")
+
+    model_dir = out / "model"
+    save_pretrained(student, model_dir)
+    report = {
+        "model_dir": str(args.model_dir),
+        "method": args.method,
+        "flops_target": args.flops,
+        "flops_ratio": flops.ratio,
+        "dense_macs": flops.dense_macs,
+        "macs": flops.gblr_macs,
+        "fidelity": fidelity,
+        "fidelity_final": fidelity.get("distilled", fidelity["converted"]),
+        "layers": flops.to_dict()["layers"],
+        "sentences": {"source": args.text or "generated", "seed": args.seed, "calibration": len(train_sentences),
+                      "evaluation": len(eval_sentences), "max_length": args.max_length,
+                      "batch_size": args.batch_size},
+        "distillation": distillation,
+        "conversion": _as_data(conversion),
+        "timings": {"load_seconds": load_seconds, "convert_seconds": convert_seconds,
+                    "distill_seconds": distillation["seconds"] if distillation else 0.0},
+        "saved": str(model_dir),
+        "pictures": [],
+    }
+    if args.pictures:
+        try:
+            from .viz import plot_masks
+
+            report["pictures"].append(str(plot_masks(student, out / "masks.png")))
+        except ImportError as error:
+            print(f"no pictures: {error}")
+    report["timings"]["total_seconds"] = time.perf_counter() - started
+    write_text_atomic(out / "report.json", json.dumps(report, indent=2, default=str) + "\n")
+    print(f"saved {model_dir} (load with gblr.load_pretrained(base_model, {str(model_dir)!r})); "
+          f"report {out / 'report.json'}; {report['timings']['total_seconds']:.0f} s in all")
+    return 0
+
+
+def _add_compress_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model_dir", help="a Hugging Face or sentence-transformers model folder (with config.json)")
+    parser.add_argument("--flops", type=float, default=0.5, help="FLOPs ratio of the compressed layers, in (0, 1]")
+    parser.add_argument("--method", default="gblr", choices=["gblr", "svd"],
+                        help="gblr: structure search per layer; svd: activation-aware truncated SVD")
+    parser.add_argument("--target", default=DEFAULT_TARGET,
+                        help="layers to compress: 'all-linear' (every nn.Linear except the pooler, which sentence "
+                             "embeddings do not use) or a regular expression matching whole module names")
+    data = parser.add_argument_group("sentences")
+    data.add_argument("--text", default=None, help="UTF-8 text file, one sentence per line (default: a generated "
+                                                   "English corpus)")
+    data.add_argument("--calibration-sentences", type=int, default=256,
+                      help="sentences for calibration and distillation")
+    data.add_argument("--eval-sentences", type=int, default=256, help="held-out sentences for the fidelity")
+    data.add_argument("--batch-size", type=int, default=32)
+    data.add_argument("--max-length", type=int, default=128, help="tokens per sentence at most")
+    tune = parser.add_argument_group("distillation (after conversion; off by default)")
+    tune.add_argument("--distill-steps", type=int, default=0, help="steps of distillation towards the original")
+    tune.add_argument("--distill-minutes", type=float, default=None, help="time limit of the distillation")
+    tune.add_argument("--lr", type=float, default=1e-4, help="distillation learning rate")
+    run = parser.add_argument_group("run")
+    run.add_argument("--out", default="runs/compress", help="output folder (model/, report.json, masks.png)")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    run.add_argument("--no-pictures", dest="pictures", action="store_false", help="skip masks.png")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gblr", description="Learned generalized block low-rank weights for PyTorch.")
     parser.add_argument("--version", action="version", version=f"gblr {gblr.__version__}")
@@ -160,6 +339,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_train_arguments(trainer)
     trainer.set_defaults(handler=train_command)
+    compressor = commands.add_parser(
+        "compress", help="compress a pretrained text encoder (Hugging Face folder) and measure its fidelity",
+        description="Replace the linear layers of a sentence encoder by GBLR layers at a FLOPs ratio (optionally "
+                    "distilling towards the original) and report how close its sentence embeddings stay.",
+    )
+    _add_compress_arguments(compressor)
+    compressor.set_defaults(handler=compress_command)
     return parser
 
 

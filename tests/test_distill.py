@@ -1,0 +1,215 @@
+"""gblr.distill: a compressed student learns to reproduce its teacher, at no more FLOPs."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import gblr
+from gblr.learning import gblr_layers
+from gblr.recipes.text import embedding_fidelity, generated_sentences, token_batches
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def mlp_teacher(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Dropout(0.5), nn.Linear(64, 32)).eval()
+
+
+def svd_student(teacher: nn.Sequential, ratio: float) -> nn.Sequential:
+    """A copy of the teacher with its linears replaced by truncated SVDs (full-width blocks)."""
+    student = copy.deepcopy(teacher)
+    for index in (0, 3):
+        linear = student[index]
+        student[index] = gblr.svd_decompose(linear.weight, ratio, bias=linear.bias)
+    return student
+
+
+def data(count: int = 4, seed: int = 1) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(64, 32, generator=generator) for _ in range(count)]
+
+
+class FlopsRecorder:
+    """A loss that also records each layer's FLOPs when it is called (after the previous step)."""
+
+    def __init__(self, model: nn.Module, loss: str = "cosine") -> None:
+        self.layers = gblr_layers(model)
+        self.seen: list[list[int]] = []
+        self.loss = loss
+
+    def __call__(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        self.seen.append([layer.flops() for layer in self.layers])
+        if self.loss == "mse":
+            return torch.nn.functional.mse_loss(student, teacher)
+        return 1 - torch.nn.functional.cosine_similarity(student, teacher, dim=-1).mean()
+
+
+def test_distill_reduces_the_loss_and_raises_fidelity_of_a_compressed_mlp():
+    teacher = mlp_teacher()
+    student = svd_student(teacher, 0.25)
+    batches, held_out = data(), data(2, seed=7)
+    teacher_state = {key: value.clone() for key, value in teacher.state_dict().items()}
+    start_flops = [layer.flops() for layer in gblr_layers(student)]
+    before = embedding_fidelity(student, teacher, held_out)
+    losses = gblr.distill(student, teacher, batches, 120, lr=3e-3, loss="mse", progress=False)
+    assert len(losses) == 120 and all(isinstance(value, float) for value in losses)
+    assert sum(losses[-8:]) / 8 < 0.7 * sum(losses[:8]) / 8
+    after = embedding_fidelity(student, teacher, held_out)
+    assert after > before + 0.005, (before, after)
+    # The teacher is untouched and still in eval mode; the student keeps its mode too.
+    for key, value in teacher.state_dict().items():
+        assert torch.equal(value, teacher_state[key]), key
+    assert not teacher.training and not student.training
+    assert all(parameter.grad is None for parameter in teacher.parameters())
+    # Deployable as trained: sigma None, FLOPs not above the start.
+    assert all(layer.sigma is None for layer in gblr_layers(student))
+    assert all(new <= old for new, old in zip([layer.flops() for layer in gblr_layers(student)], start_flops))
+    x = held_out[0]
+    with torch.no_grad():
+        frozen = gblr.freeze_(copy.deepcopy(student))
+        torch.testing.assert_close(frozen(x), student(x), atol=1e-5, rtol=1e-5)
+
+
+def test_structure_moves_but_no_layer_ever_costs_more_than_at_the_start():
+    teacher = mlp_teacher()
+    torch.manual_seed(3)
+    # Partial-width blocks at random places, sharp masks: widths are free to grow, and a large
+    # structural learning rate pushes them.
+    student = nn.Sequential(gblr.GBLRLinear(32, 64, sigma=5.0), nn.GELU(), nn.Dropout(0.5),
+                            gblr.GBLRLinear(64, 32, sigma=5.0)).train()
+    layers = gblr_layers(student)
+    start_flops = [layer.flops() for layer in layers]
+    structure = [p.detach().clone() for layer in layers for p in layer.structural_parameters()]
+    recorder = FlopsRecorder(student, loss="mse")
+    losses = gblr.distill(student, teacher, data(), 60, lr=3e-3, struct_lr=5e-2, loss=recorder, progress=False)
+    assert losses[-1] < losses[0]
+    recorder.seen.append([layer.flops() for layer in layers])
+    for flops in recorder.seen:
+        assert all(now <= start for now, start in zip(flops, start_flops)), (flops, start_flops)
+    moved = max(float((p.detach() - q).abs().max()) for p, q in zip(
+        [p for layer in layers for p in layer.structural_parameters()], structure))
+    assert moved > 0.02  # the structure did train
+    assert all(layer.sigma is None for layer in layers)
+    for layer in layers:
+        widths, locations = layer.in_width.detach(), layer.in_location.detach()
+        assert float(widths.min()) >= 0 and float(widths.max()) <= 1
+        assert float(locations.min()) >= 0 and float(locations.max()) < 1
+    assert student.training  # mode restored
+
+
+def test_frozen_structure_stays_exactly_put():
+    teacher = mlp_teacher()
+    torch.manual_seed(4)
+    student = nn.Sequential(gblr.GBLRLinear(32, 64), nn.GELU(), nn.Dropout(0.5), gblr.GBLRLinear(64, 32)).eval()
+    layers = gblr_layers(student)
+    structure = [p.detach().clone() for layer in layers for p in layer.structural_parameters()]
+    content = [p.detach().clone() for layer in layers for p in layer.content_parameters()]
+    losses = gblr.distill(student, teacher, data(2), 20, lr=1e-2, train_structure=False, progress=False)
+    assert losses[-1] < losses[0]
+    for parameter, saved in zip([p for layer in layers for p in layer.structural_parameters()], structure):
+        assert torch.equal(parameter.detach(), saved)
+        assert parameter.requires_grad  # restored
+    assert any(not torch.equal(p.detach(), q) for p, q in zip(
+        [p for layer in layers for p in layer.content_parameters()], content))
+
+
+def test_distill_a_tiny_bert_on_sentence_embeddings(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    del transformers
+    from test_text import tiny_bert, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer(tmp_path)
+    teacher = tiny_bert(tokenizer)
+    student = copy.deepcopy(teacher)
+    batches = token_batches(tokenizer, generated_sentences(64), batch_size=16)
+    held_out = token_batches(tokenizer, generated_sentences(32, seed=1), batch_size=16)
+    gblr.convert_(student, gblr.GBLRConfig(flops_ratio=0.5, method="svd"), calibration=batches, progress=False,
+                  verbose=False)
+    start_flops = gblr.flops_report(student).gblr_macs
+    before = embedding_fidelity(student, teacher, held_out)
+    first_batch = embedding_fidelity(student, teacher, batches[:1])
+    losses = gblr.distill(student, teacher, batches, 40, lr=1e-3, progress=False)  # default: pooled, cosine
+    after = embedding_fidelity(student, teacher, held_out)
+    assert before < 0.95 and after > before + 0.01, (before, after)
+    assert min(losses[-4:]) < losses[0]
+    # the default loss is 1 - the mean cosine of the mean-pooled outputs: 1 - fidelity, before the first step
+    assert losses[0] == pytest.approx(1 - first_batch, abs=1e-5)
+    assert gblr.flops_report(student).gblr_macs <= start_flops
+    # Only the GBLR layers trained: the rest is still the teacher's (so save_pretrained keeps it all).
+    assert torch.equal(student.embeddings.word_embeddings.weight, teacher.embeddings.word_embeddings.weight)
+    assert torch.equal(student.encoder.layer[0].output.LayerNorm.weight, teacher.encoder.layer[0].output.LayerNorm.weight)
+    assert all(p.requires_grad for p in student.parameters())  # flags restored
+
+
+def test_time_limit_and_errors():
+    teacher = mlp_teacher()
+    student = svd_student(teacher, 0.5)
+    losses = gblr.distill(student, teacher, data(1), 10_000, max_seconds=0.3, progress=False)
+    assert 0 < len(losses) < 10_000
+    with pytest.raises(ValueError, match="steps"):
+        gblr.distill(student, teacher, data(1), 0)
+    with pytest.raises(ValueError, match="same module"):
+        gblr.distill(teacher, teacher, data(1), 1)
+    with pytest.raises(ValueError, match="empty"):
+        gblr.distill(student, teacher, [], 1)
+    with pytest.raises(ValueError, match="loss must be one of"):
+        gblr.distill(student, teacher, data(1), 1, loss="kl")
+    with pytest.raises(ValueError, match="max_seconds"):
+        gblr.distill(student, teacher, data(1), 1, max_seconds=0)
+    with pytest.raises(ValueError, match="no GBLR layers"):
+        gblr.distill(mlp_teacher(1), teacher, data(1), 1)
+    dense = mlp_teacher(1)
+    losses = gblr.distill(dense, teacher, data(1), 5, lr=1e-2, train_all=True, progress=False)
+    assert losses[-1] < losses[0]
+
+
+def test_an_error_mid_run_restores_flags_and_modes():
+    teacher = mlp_teacher()
+    student = svd_student(teacher, 0.5).train()
+    student[0].in_width.requires_grad_(False)  # a flag the caller chose stays as it was
+
+    def failing(student_out, teacher_out):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        gblr.distill(student, teacher, data(1), 5, loss=failing, train_structure=False, progress=False)
+    assert student.training and not teacher.training
+    assert not student[0].in_width.requires_grad
+    assert all(p.requires_grad for name, p in student.named_parameters() if name != "0.in_width")
+
+
+@pytest.mark.slow
+def test_minilm_at_half_the_flops_keeps_its_embeddings_and_distillation_helps():
+    """The real all-MiniLM-L6-v2: 64 calibration sentences, GBLR at 0.5 of the encoder linears."""
+    from gblr.cli import linear_targets
+    from gblr.recipes.text import load_sentence_encoder, split_sentences
+    from test_text import minilm_path
+
+    teacher, tokenizer = load_sentence_encoder(minilm_path())
+    train, held_out = split_sentences(None, 64, 64, seed=0)
+    batches = token_batches(tokenizer, train, batch_size=32)
+    held_out_batches = token_batches(tokenizer, held_out, batch_size=32)
+    student = copy.deepcopy(teacher)
+    targets = linear_targets(student)
+    assert len(targets) == 36
+    report = gblr.convert_(student, gblr.GBLRConfig(flops_ratio=0.5, target_modules=targets), calibration=batches,
+                           progress=False, verbose=False)
+    assert report.flops_ratio <= 0.5 + 1e-9
+    fidelity = embedding_fidelity(student, teacher, held_out_batches)
+    assert fidelity > 0.5
+    start_flops = [layer.flops() for layer in gblr_layers(student)]
+    on_train = embedding_fidelity(student, teacher, batches)
+    gblr.distill(student, teacher, batches, 10, lr=1e-4, progress=False)
+    assert embedding_fidelity(student, teacher, batches) > on_train
+    assert all(now <= start for now, start in zip([layer.flops() for layer in gblr_layers(student)], start_flops))
