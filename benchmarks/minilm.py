@@ -158,7 +158,7 @@ def main() -> None:
     parser.add_argument("--evaluation", type=int, default=256, help="held-out sentences")
     parser.add_argument("--distill-steps", type=int, default=100, help="2000 take about 10 minutes on 2 CPU cores")
     parser.add_argument("--distill-minutes", type=float, default=None, help="time limit of each distillation")
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
