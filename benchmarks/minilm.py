@@ -13,10 +13,13 @@ same global FLOPs ratio, with the same error-driven budget allocation across lay
   (``method="svd"``), the strongest classical baseline;
 * GBLR: structure search per layer in the same metric (``method="gblr"``).
 
-Calibration and distillation use the same generated sentences; fidelity is the mean cosine
-similarity between the compressed and the original model's sentence embeddings on held-out
-sentences (another seed, none shared with the calibration set). Distillation is
-``gblr.distill`` with the same steps, batches and learning rate for each method. Finished rows
+Calibration uses the first ``--calibration`` generated sentences, distillation the first
+``--distill-sentences`` of the same stream; fidelity is the mean cosine similarity between the
+compressed and the original model's sentence embeddings on held-out sentences (another seed,
+none shared with the training sentences). Distillation is ``gblr.distill`` with the same steps,
+batches, learning rate and target (every token's last hidden state by default) for each
+method; GBLR also trains its widths and locations (FLOPs never grow), the SVD baselines only
+their factors (a low-rank model stays low rank). Finished rows
 are saved to docs/benchmarks/<name>.json as they complete, so an interrupted run continues
 where it stopped (rows are reused only when the settings match). Writes the table to
 docs/benchmarks/<name>.md.
@@ -41,6 +44,7 @@ from gblr.recipes.text import (
     generated_sentences,
     load_sentence_encoder,
     token_batches,
+    token_output,
 )
 
 # (key, method, calibrated, distilled)
@@ -62,7 +66,7 @@ def default_model_dir() -> str | None:
 
 
 def sentences(calibration: int, evaluation: int, seed: int) -> tuple[list[str], list[str]]:
-    """Calibration sentences (seed) and held-out ones (seed + 1), with no sentence in both."""
+    """Training sentences (seed) and held-out ones (seed + 1), with no sentence in both."""
     train = list(dict.fromkeys(generated_sentences(calibration, seed)))
     seen = set(train)
     held_out, count = [], evaluation
@@ -77,7 +81,8 @@ def target_flops(model: torch.nn.Module, names: list[str]) -> gblr.FlopsReport:
     return gblr.FlopsReport(tuple(layer for layer in gblr.flops_report(model, include_dense=True) if layer.name in wanted))
 
 
-def run_variant(key, method, calibrated, distilled, teacher, reference, targets, train_batches, eval_batches, args):
+def run_variant(key, method, calibrated, distilled, teacher, reference, targets, train_batches, distill_batches,
+                eval_batches, args):
     student = copy.deepcopy(teacher)
     start = time.perf_counter()
     config = gblr.GBLRConfig(flops_ratio=args.flops, target_modules=targets, method=method)
@@ -97,8 +102,11 @@ def run_variant(key, method, calibrated, distilled, teacher, reference, targets,
     if distilled and args.distill_steps > 0:
         start = time.perf_counter()
         max_seconds = None if args.distill_minutes is None else 60 * args.distill_minutes
-        losses = gblr.distill(student, teacher, train_batches, args.distill_steps, lr=args.lr,
-                              max_seconds=max_seconds, progress=args.progress)
+        output_fn = token_output if args.distill_target == "token" else None
+        # a low-rank model stays low rank: the SVD baselines train their factors, not the structure
+        losses = gblr.distill(student, teacher, distill_batches, args.distill_steps, lr=args.lr,
+                              max_seconds=max_seconds, progress=args.progress, output_fn=output_fn,
+                              train_structure=method == "gblr")
         flops = target_flops(student, targets)
         row.update(
             fidelity_distilled=embedding_fidelity(student, reference, eval_batches),
@@ -113,11 +121,13 @@ def run_variant(key, method, calibrated, distilled, teacher, reference, targets,
 def settings(args) -> dict:
     return {"flops": args.flops, "calibration": args.calibration, "evaluation": args.evaluation,
             "distill_steps": args.distill_steps, "distill_minutes": args.distill_minutes, "lr": args.lr,
+            "distill_sentences": args.distill_sentences, "distill_target": args.distill_target,
             "batch_size": args.batch_size, "max_length": args.max_length, "seed": args.seed}
 
 
 def render(rows: list[dict], args, extra: dict) -> str:
-    steps = f"--distill-steps {args.distill_steps}" + (
+    steps = (f"--distill-sentences {args.distill_sentences} --distill-target {args.distill_target} "
+             f"--lr {args.lr:g} --distill-steps {args.distill_steps}") + (
         f" --distill-minutes {args.distill_minutes:g}" if args.distill_minutes is not None else "")
     lines = [
         "# all-MiniLM-L6-v2 at half the FLOPs: GBLR against SVD",
@@ -128,11 +138,14 @@ def render(rows: list[dict], args, extra: dict) -> str:
         f"The {extra['layers']} encoder linear layers of sentence-transformers/all-MiniLM-L6-v2 "
         f"({extra['dense_macs']:,} MACs per token; the pooler is left out: sentence embeddings do not use it) "
         f"compressed to {args.flops:g} of their FLOPs by `gblr.convert_` with the same error-driven budget "
-        f"allocation for every method. Calibration and distillation: {args.calibration} generated sentences; "
-        f"fidelity: mean cosine similarity of the sentence embeddings (mean pooling, normalised) to the "
-        f"original model's on {args.evaluation} held-out generated sentences (another seed). Distillation: "
-        f"`gblr.distill`, the same steps, batches (size {args.batch_size}) and learning rate ({args.lr:g}) for "
-        "each method; only the GBLR layers train, FLOPs never grow.",
+        f"allocation for every method. Calibration: {args.calibration} generated sentences; distillation: "
+        f"{args.distill_sentences} generated sentences (a superset); fidelity: mean cosine similarity of the "
+        f"sentence embeddings (mean pooling, normalised) to the original model's on {args.evaluation} held-out "
+        f"generated sentences (another seed). Distillation: `gblr.distill` matching the "
+        f"{'last hidden state of every token' if args.distill_target == 'token' else 'pooled sentence embedding'}, "
+        f"the same steps, batches (size {args.batch_size}) and learning rate ({args.lr:g}) for each method; only "
+        "the compressed layers train; GBLR also trains its structure (FLOPs never grow), the SVD baselines only "
+        "their factors.",
         "",
         "| method | calibration | FLOPs ratio | fidelity after conversion | after distillation | conversion (s) "
         "| distillation (s, steps) |",
@@ -159,6 +172,9 @@ def main() -> None:
     parser.add_argument("--distill-steps", type=int, default=100, help="2000 take about 10 minutes on 2 CPU cores")
     parser.add_argument("--distill-minutes", type=float, default=None, help="time limit of each distillation")
     parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--distill-sentences", type=int, default=2048, help="generated sentences for distillation")
+    parser.add_argument("--distill-target", choices=["token", "sentence"], default="token",
+                        help="match every token's hidden state, or the pooled sentence embedding")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
@@ -176,8 +192,9 @@ def main() -> None:
 
     teacher, tokenizer = load_sentence_encoder(args.model_dir, progress=args.progress)
     targets = linear_targets(teacher)
-    train, held_out = sentences(args.calibration, args.evaluation, args.seed)
-    train_batches = token_batches(tokenizer, train, args.batch_size, args.max_length)
+    pool, held_out = sentences(max(args.calibration, args.distill_sentences), args.evaluation, args.seed)
+    train_batches = token_batches(tokenizer, pool[: args.calibration], args.batch_size, args.max_length)
+    distill_batches = token_batches(tokenizer, pool[: args.distill_sentences], args.batch_size, args.max_length)
     eval_batches = token_batches(tokenizer, held_out, args.batch_size, args.max_length)
     start = time.perf_counter()
     reference = embed(teacher, eval_batches)
@@ -193,7 +210,7 @@ def main() -> None:
         if key not in args.variants or key in finished:
             continue
         finished[key] = run_variant(key, method, calibrated, distilled, teacher, reference, targets, train_batches,
-                                    eval_batches, args)
+                                    distill_batches, eval_batches, args)
         rows = [finished[k] for k, *_ in VARIANTS if k in finished]
         write_outputs(args.name, rows, render(rows, args, extra))
     rows = [finished[k] for k, *_ in VARIANTS if k in finished]

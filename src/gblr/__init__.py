@@ -2,6 +2,7 @@
 
 from . import structures
 from .convert import ConversionReport, GBLRConfig, convert_, load_pretrained, save_pretrained
+from .explain import explain
 from .decompose import InputStats, decompose, relative_error, svd_decompose, svd_error_curve
 from .flops import FlopsReport, LayerFlops, flops_report
 from .learning import SigmaSchedule, StructureLearner, param_groups
@@ -20,6 +21,7 @@ __all__ = [
     "FlopsReport",
     "InputStats",
     "decompose",
+    "explain",
     "distill",
     "relative_error",
     "svd_decompose",

@@ -11,6 +11,7 @@ supports, components of identical support merged.
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,7 @@ from torch import nn
 
 from .flops import Structure, Support, group_macs
 from ._validation import check_flops_ratio, check_input, check_positive_int, check_sigma
+from .kernels.tiled import pack, tiled_forward
 from .masks import element_supports, mask_from_supports, masked_factor
 
 __all__ = ["GBLRLinear", "FrozenGBLRLinear", "freeze_"]
@@ -355,6 +357,10 @@ def _dense_init_factors(m: int, n: int, total_rank: int, device, dtype) -> tuple
     return torch.cat(lefts, 1)[:, :total_rank], torch.cat(rights, 0)[:total_rank]
 
 
+KERNELS = ("auto", "reference", "tiled", "tiled-coarse", "dense")
+COARSE_TILE_FACTOR = 4  # "tiled-coarse": 4x wider tiles, fewer GEMMs (small token counts), more padding
+
+
 def _cyclic_indices(start: int, width: int, size: int, device) -> torch.Tensor:
     return torch.remainder(torch.arange(start, start + width, device=device), size)
 
@@ -377,10 +383,16 @@ class FrozenGBLRLinear(nn.Module):
         *,
         dtype: torch.dtype | None = None,
         device=None,
+        kernel: str = "auto",
+        tile: int = 64,
     ) -> None:
         super().__init__()
         self.in_features = check_positive_int("in_features", in_features)
         self.out_features = check_positive_int("out_features", out_features)
+        self.kernel = kernel
+        self.tile = check_positive_int("tile", tile)
+        self._packed: dict = {}  # 'tiled' / 'dense' -> ((device, dtype, parameter versions), value)
+        self.choices: dict[tuple, tuple[str, dict[str, float]]] = {}  # choice_key -> (path, seconds per path)
         # Remembers dtype and device (moved by .to()) even when there are no blocks and no bias.
         self.register_buffer("_empty", torch.empty(0, dtype=dtype, device=device), persistent=False)
         self.supports = [support for support, _, _ in blocks]
@@ -423,8 +435,96 @@ class FrozenGBLRLinear(nn.Module):
             weight[rows[:, None], cols[None, :]] += left if right is None else left @ right
         return weight
 
+    @property
+    def kernel(self) -> str:
+        return self._kernel
+
+    @kernel.setter
+    def kernel(self, value: str) -> None:
+        if value not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {value!r}")
+        self._kernel = value
+
+    def _cached(self, what: str, x: torch.Tensor):
+        """The tiled product (``what="tiled"`` / ``"tiled-coarse"``) or the dense weight for
+        ``x``'s device and dtype, rebuilt when a parameter changed (in-place edits bump its
+        version)."""
+        key = (x.device, x.dtype, self.tile, tuple(p._version for p in self.parameters()))
+        cached = self._packed.get(what)
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                if what == "dense":
+                    value = self.weight.to(x.device, x.dtype)
+                else:
+                    tile = self.tile if what == "tiled" else COARSE_TILE_FACTOR * self.tile
+                    value = pack(self.in_features, self.out_features, list(self.blocks()), tile,
+                                 device=x.device, dtype=x.dtype)
+            self._packed[what] = cached = (key, value)
+        return cached[1]
+
+    def tiled_product(self, coarse: bool = False):
+        """The precomputed tiles of the tiled path (:mod:`gblr.kernels.tiled`) for this layer's
+        device and dtype (``coarse``: the ``tiled-coarse`` path's)."""
+        return self._cached("tiled-coarse" if coarse else "tiled", self._empty if self.bias is None else self.bias)
+
+    def _run(self, path: str, x: torch.Tensor) -> torch.Tensor:
+        """``x (T, in) -> (T, out)`` without bias by one path."""
+        if path.startswith("tiled"):
+            return tiled_forward(x, self._cached(path, x))
+        if path == "dense":
+            return F.linear(x, self._cached("dense", x))
+        return self._reference(x)
+
+    def _measure(self, x: torch.Tensor, repeats: int = 3) -> tuple[str, dict[str, float]]:
+        """Time the tiled paths (fine and coarse tiles) and the dense path on ``x`` (best of
+        ``repeats`` after a warm-up); the fastest wins."""
+        sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+        seconds = {}
+        for path in ("tiled", "tiled-coarse", "dense"):
+            self._run(path, x)  # warm up (and pack)
+            best = math.inf
+            for _ in range(repeats):
+                sync()
+                start = time.perf_counter()
+                self._run(path, x)
+                sync()
+                best = min(best, time.perf_counter() - start)
+            seconds[path] = best
+        return min(seconds, key=seconds.get), seconds
+
+    def path_for(self, tokens: int, x: torch.Tensor | None = None) -> str:
+        """The path a forward pass over ``tokens`` rows takes. With ``kernel="auto"`` the tiled
+        and dense paths are timed once per device, dtype and power-of-two bucket of token
+        counts (on ``x``, or on random rows), and the faster one is kept in :attr:`choices`."""
+        if self.kernel != "auto":
+            return self.kernel
+        if x is None:
+            x = torch.randn(tokens, self.in_features, device=self._empty.device, dtype=self._empty.dtype)
+        key = self.choice_key(tokens, x)
+        if key not in self.choices:
+            with torch.no_grad():
+                self.choices[key] = self._measure(x)
+        return self.choices[key][0]
+
+    @staticmethod
+    def choice_key(tokens: int, x: torch.Tensor) -> tuple:
+        return x.device.type, x.dtype, 1 << max(0, int(tokens) - 1).bit_length()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.in_features)
+        flat = x.reshape(-1, self.in_features)
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        if needs_grad or torch.compiler.is_compiling():
+            path = "reference"  # differentiable in the parameters; traceable
+        else:
+            path = self.path_for(flat.shape[0], flat)
+        y = self._run(path, flat).reshape(*x.shape[:-1], self.out_features)
+        if self.bias is not None:
+            y = y + self.bias
+        return y
+
+    def _reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The plain torch path, one gather and two products per block: the ground truth."""
         y = x.new_zeros(*x.shape[:-1], self.out_features)
         for support, left, right in self.blocks():
             cols = _cyclic_indices(support.in_start, support.in_width, self.in_features, x.device)
@@ -433,8 +533,6 @@ class FrozenGBLRLinear(nn.Module):
             if right is not None:
                 part = F.linear(part, right)
             y.index_add_(-1, rows, F.linear(part, left))
-        if self.bias is not None:
-            y = y + self.bias
         return y
 
     def extra_repr(self) -> str:

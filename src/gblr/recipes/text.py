@@ -434,6 +434,17 @@ def sentence_output(model: nn.Module, batch) -> torch.Tensor:
     return output
 
 
+def token_output(model: nn.Module, batch) -> torch.Tensor:
+    """The last hidden state at the real tokens of a dict batch, ``(tokens, H)``: a richer
+    distillation target than the pooled sentence embedding (``gblr.distill(..., output_fn=
+    token_output)`` matches every token's hidden state)."""
+    batch = _move(batch, _device(model))
+    output = model(**batch)
+    hidden = output if isinstance(output, torch.Tensor) else getattr(output, "last_hidden_state", None)
+    hidden = hidden if hidden is not None else output[0]
+    return hidden[batch["attention_mask"].bool()]
+
+
 @torch.no_grad()
 def embed(model: nn.Module, batches: Iterable, output_fn: Callable | None = None) -> torch.Tensor:
     """Unit-length sentence embeddings ``(N, H)`` (float32, on the CPU) of all batches, in eval

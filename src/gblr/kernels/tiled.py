@@ -1,0 +1,111 @@
+"""Tiled GBLR product: a frozen layer as a few dense GEMMs over column and row tiles.
+
+A frozen layer applies ``y = sum_k left_k (right_k x[cols_k])`` scattered to ``rows_k``, with
+contiguous (cyclic) supports. One GEMM per block is memory bound for thin blocks, and torch's
+sparse formats are slower than dense at these densities. Here the layer's ``R`` rank rows are
+stacked instead (every block's ``right`` rows, every block's ``left`` columns), and both sides
+are cut into tiles of ``tile`` columns / rows:
+
+    h[k]     = sum over column tiles j  of  V_j[k] . x[tile j]      (V_j: rows active in tile j)
+    y[tile i] = U_i^T h[rows active in tile i]
+
+so a forward pass is ``n / tile + m / tile`` GEMMs whose inner sizes are the tile and the number
+of rows active in it. Each row costs its support rounded out to whole tiles, so the padded MACs
+(:attr:`TiledProduct.macs`) exceed the layer's FLOPs by about ``tile`` per row and side.
+Everything is precomputed once (:func:`pack`); ``h`` is kept transposed (rank rows by tokens)
+so that the scatter and gather between the stages move whole contiguous rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..flops import Support
+
+__all__ = ["TiledProduct", "pack", "tiled_forward"]
+
+
+@dataclasses.dataclass
+class TiledProduct:
+    in_features: int
+    out_features: int
+    rank: int  # stacked rank rows
+    tile: int
+    in_tiles: list[tuple[int, int, torch.Tensor, torch.Tensor]]  # (start, stop, rows (K_j,), V_j (K_j, width))
+    out_tiles: list[tuple[int, int, torch.Tensor, torch.Tensor]]  # (start, stop, rows (K_i,), U_i (K_i, width))
+
+    @property
+    def macs(self) -> int:
+        """MACs per token including the zero padding inside partially covered tiles."""
+        return sum(int(V.numel()) for *_, V in self.in_tiles) + sum(int(U.numel()) for *_, U in self.out_tiles)
+
+    @property
+    def gemms(self) -> int:
+        return len(self.in_tiles) + len(self.out_tiles)
+
+
+def _stacked(blocks, size: int, side: str, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(values (R, size), active (R, size) bool)``: every rank row of every block on one side
+    (``"in"``: the rows of ``right``; ``"out"``: the columns of ``left``), zero off its support."""
+    values, active = [], []
+    for support, left, right in blocks:
+        if side == "in":  # a dense block's rows are rank rows of their own (its left is the identity)
+            start, width = support.in_start, support.in_width
+            factor = left if right is None else right
+        else:
+            start, width = support.out_start, support.out_width
+            factor = torch.eye(left.shape[0], dtype=left.dtype, device=left.device) if right is None else left.T
+        index = torch.remainder(torch.arange(start, start + width, device=device), size)
+        row_values = factor.new_zeros(factor.shape[0], size)
+        row_values[:, index] = factor
+        row_active = torch.zeros(factor.shape[0], size, dtype=torch.bool, device=device)
+        row_active[:, index] = True
+        values.append(row_values.to(dtype))
+        active.append(row_active)
+    if not values:
+        return torch.zeros(0, size, dtype=dtype, device=device), torch.zeros(0, size, dtype=torch.bool, device=device)
+    return torch.cat(values), torch.cat(active)
+
+
+def _tiles(values: torch.Tensor, active: torch.Tensor, tile: int):
+    size = values.shape[1]
+    tiles = []
+    for start in range(0, size, tile):
+        stop = min(size, start + tile)
+        rows = active[:, start:stop].any(dim=1).nonzero().flatten()
+        if rows.numel() == 0:
+            continue
+        tiles.append((start, stop, rows, values[rows, start:stop].contiguous()))
+    return tiles
+
+
+@torch.no_grad()
+def pack(in_features: int, out_features: int, blocks, tile: int, device=None, dtype=None) -> TiledProduct:
+    """Precompute the tiles of a frozen layer's ``blocks`` (``(Support, left, right)`` triples,
+    ``right=None`` for a dense block) for ``tile``-wide column and row tiles."""
+    blocks = [(support, left.detach(), None if right is None else right.detach()) for support, left, right in blocks]
+    if blocks:
+        device = device if device is not None else blocks[0][1].device
+        dtype = dtype if dtype is not None else blocks[0][1].dtype
+    right_rows, right_active = _stacked(blocks, in_features, "in", device, dtype)
+    left_rows, left_active = _stacked(blocks, out_features, "out", device, dtype)
+    return TiledProduct(
+        in_features, out_features, right_rows.shape[0], tile,
+        _tiles(right_rows, right_active, tile),
+        _tiles(left_rows, left_active, tile),
+    )
+
+
+def tiled_forward(x: torch.Tensor, product: TiledProduct) -> torch.Tensor:
+    """``y (T, out_features)`` for ``x (T, in_features)``, without bias."""
+    tokens = x.shape[0]
+    h = x.new_zeros(product.rank, tokens)  # rank rows x tokens: contiguous rows to scatter / gather
+    x_t = x.T
+    for start, stop, rows, V in product.in_tiles:
+        h.index_add_(0, rows, V @ x_t[start:stop])
+    y = x.new_zeros(tokens, product.out_features)
+    for start, stop, rows, U in product.out_tiles:
+        y[:, start:stop] = torch.mm(h.index_select(0, rows).T, U)
+    return y

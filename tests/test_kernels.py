@@ -1,0 +1,152 @@
+"""Frozen-layer inference paths: tiled and dense agree with the torch reference."""
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import gblr
+from gblr.flops import Support
+from gblr.kernels.tiled import pack, tiled_forward
+from gblr.linear import FrozenGBLRLinear
+
+
+def _frozen(m, n, blocks_spec, seed=0, dtype=torch.float64, bias=True, **kwargs):
+    """A FrozenGBLRLinear from (out_start, out_width, in_start, in_width, rank) tuples."""
+    generator = torch.Generator().manual_seed(seed)
+    blocks = []
+    for out_start, out_width, in_start, in_width, rank in blocks_spec:
+        support = Support(in_start, in_width, out_start, out_width)
+        left = torch.randn(out_width, rank, generator=generator, dtype=dtype)
+        right = torch.randn(rank, in_width, generator=generator, dtype=dtype)
+        blocks.append((support, left, right))
+    b = torch.randn(m, generator=generator, dtype=dtype) if bias else None
+    return FrozenGBLRLinear(n, m, blocks, b, dtype=dtype, **kwargs)
+
+
+def _outputs(layer, x):
+    outputs = {}
+    with torch.no_grad():
+        for kernel in ("reference", "tiled", "tiled-coarse", "dense"):
+            layer.kernel = kernel
+            outputs[kernel] = layer(x)
+    layer.kernel = "auto"
+    return outputs
+
+
+blocks_strategy = st.integers(5, 40).flatmap(
+    lambda m: st.integers(5, 40).flatmap(
+        lambda n: st.tuples(
+            st.just(m),
+            st.just(n),
+            st.lists(
+                st.tuples(st.integers(0, m - 1), st.integers(1, m), st.integers(0, n - 1), st.integers(1, n),
+                          st.integers(1, 3)),
+                min_size=0, max_size=8,
+            ),
+            st.integers(1, 16),
+        )
+    )
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(blocks_strategy)
+def test_tiled_and_dense_agree_with_reference_on_random_structures(case):
+    # wrap-around, overlapping, one-element and full blocks, rank 1-3, dense blocks (rank >= widths)
+    m, n, spec, tile = case
+    layer = _frozen(m, n, [(o % m, a, i % n, b, r) for o, a, i, b, r in spec], tile=tile)
+    x = torch.randn(3, 7, n, dtype=torch.float64)
+    outputs = _outputs(layer, x)
+    torch.testing.assert_close(outputs["tiled"], outputs["reference"], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(outputs["dense"], outputs["reference"], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(outputs["tiled-coarse"], outputs["reference"], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_paths_agree_in_lower_precision(dtype, tolerance):
+    torch.manual_seed(0)
+    layer = gblr.GBLRLinear(96, 160, init_flops_ratio=0.3).to(dtype).freeze()
+    x = torch.randn(33, 96).to(dtype)
+    outputs = _outputs(layer, x)
+    scale = outputs["reference"].float().abs().max()
+    for kernel in ("tiled", "tiled-coarse", "dense"):
+        assert outputs[kernel].dtype == dtype
+        assert (outputs[kernel].float() - outputs["reference"].float()).abs().max() <= tolerance * scale
+
+
+def test_tiled_product_pads_only_partial_tiles():
+    # one rank-2 block on rows 8..23 (wrapping past 31 is not needed) and columns 30..33 of 40 (wraps)
+    layer = _frozen(32, 40, [(8, 16, 30, 14, 2)], tile=8, bias=False)
+    product = pack(40, 32, list(layer.blocks()), 8)
+    # columns 30..39 and 0..3: tiles [24,32), [32,40), [0,8) -> 3 tiles x 8 x 2 rows; rows 8..23: 2 tiles x 8 x 2
+    assert product.macs == 3 * 8 * 2 + 2 * 8 * 2
+    assert product.gemms == 5 and product.rank == 2
+    x = torch.randn(4, 40, dtype=torch.float64)
+    torch.testing.assert_close(tiled_forward(x, product), layer._reference(x))
+
+
+def test_auto_measures_once_per_bucket_and_explain_reports_it():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(gblr.GBLRLinear(64, 96, init_flops_ratio=0.25), torch.nn.ReLU(),
+                                gblr.GBLRLinear(96, 32, init_flops_ratio=0.5))
+    frozen = gblr.freeze_(copy.deepcopy(model))
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        reference = model(x)
+        y = frozen(x)
+    torch.testing.assert_close(y, reference, rtol=1e-5, atol=1e-5)
+    layer = frozen[0]
+    assert len(layer.choices) == 1
+    ((device, dtype, bucket), (path, seconds)), = layer.choices.items()
+    assert (device, dtype, bucket) == ("cpu", torch.float32, 8) and path in ("tiled", "tiled-coarse", "dense")
+    assert set(seconds) == {"tiled", "tiled-coarse", "dense"} and path == min(seconds, key=seconds.get)
+    with torch.no_grad():
+        frozen(torch.randn(7, 64))  # same bucket: no new measurement
+    assert len(layer.choices) == 1
+
+    explanation = gblr.explain(frozen, tokens=(1, 16))
+    assert [row.name for row in explanation.layers] == ["0", "2"]
+    row = explanation.layers[0]
+    assert row.flops_ratio == pytest.approx(layer.flops_ratio())
+    assert row.padded_ratio >= row.flops_ratio and row.gemms == layer.tiled_product().gemms
+    assert set(row.paths) == {1, 16} and all(p in ("tiled", "tiled-coarse", "dense") for p, _ in row.paths.values())
+    text = str(explanation)
+    assert "0" in text and "16 tok" in text and "x" in text
+    assert "training form" in str(gblr.explain(model, tokens=(4,)))
+    with pytest.raises(ValueError, match="no GBLR layers"):
+        gblr.explain(torch.nn.Linear(3, 3))
+
+
+def test_cached_tiles_follow_in_place_edits_and_dtype_changes():
+    layer = _frozen(24, 20, [(0, 10, 5, 12, 2), (20, 8, 0, 20, 1)], tile=4, kernel="tiled")
+    x = torch.randn(6, 20, dtype=torch.float64)
+    with torch.no_grad():
+        before = layer(x)
+        layer.left0.mul_(2.0)
+        after = layer(x)
+        layer.kernel = "reference"
+        expected = layer(x)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, expected)
+    layer.kernel = "tiled"
+    layer32 = layer.float()
+    with torch.no_grad():
+        y32 = layer32(x.float())
+    assert y32.dtype == torch.float32
+    torch.testing.assert_close(y32, expected.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_use_the_reference_path():
+    layer = _frozen(16, 12, [(2, 6, 3, 5, 1), (0, 16, 0, 12, 2)], kernel="auto")
+    x = torch.randn(4, 12, dtype=torch.float64, requires_grad=True)
+    layer(x).sum().backward()
+    assert layer.left0.grad is not None and x.grad is not None
+    assert layer.choices == {}  # nothing measured: training never takes the inference paths
+
+
+def test_bad_kernel_name_is_rejected():
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        _frozen(8, 8, [(0, 4, 0, 4, 1)], kernel="fast")
