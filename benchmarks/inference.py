@@ -7,7 +7,8 @@ speed-up = time of F.linear with the dense weight / time of the frozen layer (it
 tiled or dense, measured once per token bucket), same process, same dtype, interleaved repeats,
 medians. Structures: "random" (GBLRLinear's initial structure at the ratio: full-width
 components for half the budget, partial blocks at random places for the rest) and "decomposed"
-(gblr.decompose of a random weight with a decaying spectrum: mostly full-width components).
+(gblr.decompose of a random weight with a decaying spectrum: mostly full-width components; for
+the 4096-wide shapes only with --decompose-large).
 Writes docs/benchmarks/inference.{md,json}.
 """
 
@@ -53,6 +54,8 @@ def run_layers(args) -> list[dict]:
             continue
         for ratio in args.ratios:
             for kind in args.structures:
+                if kind == "decomposed" and n * m > 4e6 and not args.decompose_large:
+                    continue  # an SVD of a 4096-wide matrix per ratio: minutes on 2 cores
                 layer = structured(kind, n, m, ratio, args.dtype)
                 weight = layer.weight.detach()
                 product = layer.tiled_product()
@@ -117,7 +120,8 @@ def markdown(rows, model_rows, args) -> str:
         "",
         "speed-up = median time of `F.linear` with the dense weight / median time of the frozen layer "
         "(automatic path), interleaved in one process. *FLOPs*: the frozen layer's MACs / dense; *tiled*: MACs "
-        "of the tiled path including the zero padding of partly covered tiles / dense.",
+        "of the tiled path (64-wide tiles) including the zero padding of partly covered tiles / dense. *path*: "
+        "what the layer's automatic choice (measured once per token bucket) picked.",
         "",
         "| shape (in x out) | structure | ratio | FLOPs | tiled | tokens | path | dense ms | GBLR ms | speed-up |",
         "|---|---|---:|---:|---:|---:|---|---:|---:|---:|",
@@ -143,6 +147,7 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="*", default=None, help="e.g. 768x3072 (in x out); default: all")
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--decompose-large", action="store_true", help="decomposed structures for the 4096 shapes too")
     parser.add_argument("--minilm", action="store_true", help="also time all-MiniLM-L6-v2 end to end")
     parser.add_argument("--name", default="inference")
     args = parser.parse_args()

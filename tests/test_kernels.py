@@ -120,17 +120,37 @@ def test_auto_measures_once_per_bucket_and_explain_reports_it():
         gblr.explain(torch.nn.Linear(3, 3))
 
 
-def test_cached_tiles_follow_in_place_edits_and_dtype_changes():
+def test_cached_tiles_follow_edits_training_steps_loads_and_dtype_changes():
     layer = _frozen(24, 20, [(0, 10, 5, 12, 2), (20, 8, 0, 20, 1)], tile=4, kernel="tiled")
     x = torch.randn(6, 20, dtype=torch.float64)
     with torch.no_grad():
         before = layer(x)
         layer.left0.mul_(2.0)
+        assert torch.equal(layer(x), before)  # in-place edits outside autograd need refresh()
+        layer.refresh()
         after = layer(x)
         layer.kernel = "reference"
         expected = layer(x)
     assert not torch.allclose(before, after)
     torch.testing.assert_close(after, expected)
+    # a training step (reference path with autograd) drops the caches
+    layer.kernel = "tiled"
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    layer(x).square().sum().backward()
+    optimizer.step()
+    with torch.no_grad():
+        trained = layer(x)
+        layer.kernel = "reference"
+        torch.testing.assert_close(trained, layer(x))
+    # so does loading a state dict
+    layer.kernel = "tiled"
+    state = {key: value * 0.5 for key, value in layer.state_dict().items()}
+    layer.load_state_dict(state)
+    with torch.no_grad():
+        loaded = layer(x)
+        layer.kernel = "reference"
+        torch.testing.assert_close(loaded, layer(x))
+        expected = layer(x)
     layer.kernel = "tiled"
     layer32 = layer.float()
     with torch.no_grad():

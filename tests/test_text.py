@@ -25,6 +25,7 @@ from gblr.recipes.text import (
     read_sentences,
     split_sentences,
     token_batches,
+    token_output,
 )
 
 transformers = pytest.importorskip("transformers")
@@ -198,6 +199,15 @@ def test_embed_is_unit_length_and_independent_of_padding(model, tokenizer):
         hidden = model(**batch).last_hidden_state[0]
     torch.testing.assert_close(batched[0], torch.nn.functional.normalize(hidden.mean(0), dim=0), atol=1e-5, rtol=0)
     assert len({tuple(row.tolist()) for row in batched}) == 6
+
+
+def test_token_output_keeps_real_tokens_only(model, tokenizer):
+    batch = token_batches(tokenizer, ["a short one", "this sentence is quite a bit longer than that"])[0]
+    hidden = token_output(model, batch)
+    assert hidden.shape == (int(batch["attention_mask"].sum()), model.config.hidden_size)
+    with torch.no_grad():
+        full = model(**batch).last_hidden_state
+    torch.testing.assert_close(hidden, full[batch["attention_mask"].bool()])
 
 
 def test_embed_restores_training_mode(model, tokenizer):

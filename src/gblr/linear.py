@@ -447,9 +447,9 @@ class FrozenGBLRLinear(nn.Module):
 
     def _cached(self, what: str, x: torch.Tensor):
         """The tiled product (``what="tiled"`` / ``"tiled-coarse"``) or the dense weight for
-        ``x``'s device and dtype, rebuilt when a parameter changed (in-place edits bump its
-        version)."""
-        key = (x.device, x.dtype, self.tile, tuple(p._version for p in self.parameters()))
+        ``x``'s device and dtype. Built once; :meth:`refresh` drops it (done after every
+        training step through the reference path and on ``load_state_dict``)."""
+        key = (x.device, x.dtype, self.tile)
         cached = self._packed.get(what)
         if cached is None or cached[0] != key:
             with torch.no_grad():
@@ -461,6 +461,15 @@ class FrozenGBLRLinear(nn.Module):
                                  device=x.device, dtype=x.dtype)
             self._packed[what] = cached = (key, value)
         return cached[1]
+
+    def refresh(self) -> None:
+        """Forget the cached tiles and dense weight: call after editing parameters in place
+        outside autograd (training steps and ``load_state_dict`` do it already)."""
+        self._packed.clear()
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.refresh()
+        super()._load_from_state_dict(*args, **kwargs)
 
     def tiled_product(self, coarse: bool = False):
         """The precomputed tiles of the tiled path (:mod:`gblr.kernels.tiled`) for this layer's
@@ -516,6 +525,8 @@ class FrozenGBLRLinear(nn.Module):
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
         if needs_grad or torch.compiler.is_compiling():
             path = "reference"  # differentiable in the parameters; traceable
+            if needs_grad:
+                self.refresh()  # the parameters are about to change: the caches would go stale
         else:
             path = self.path_for(flat.shape[0], flat)
         y = self._run(path, flat).reshape(*x.shape[:-1], self.out_features)
