@@ -20,13 +20,7 @@ SVD = {"method": "svd"}
 UNIFORM_SVD = {"method": "svd", "allocation": "uniform"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny LAPACK calls are ~1000x slower with two threads on a loaded two-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: one thread is fastest
 
 
 def quiet(model, config, calibration=None):

@@ -13,12 +13,7 @@ from gblr.learning import gblr_layers
 from gblr.recipes.text import embedding_fidelity, generated_sentences, token_batches
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: one thread is fastest
 
 
 def mlp_teacher(seed: int = 0) -> nn.Sequential:

@@ -31,13 +31,7 @@ from gblr.recipes.text import (
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matrices: one thread is fastest, and far faster than several on a loaded machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: one thread is fastest
 
 
 # -- a tiny BERT, built offline (also used by test_distill and test_cli) --------------------------

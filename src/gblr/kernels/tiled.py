@@ -22,7 +22,6 @@ import dataclasses
 
 import torch
 
-from ..flops import Support
 
 __all__ = ["TiledProduct", "pack", "tiled_forward"]
 
