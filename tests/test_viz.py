@@ -36,3 +36,12 @@ def test_pictures_are_written(tmp_path):
     assert masks.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and budgets.stat().st_size > 1000
     with pytest.raises(ValueError, match="no GBLR layers"):
         plot_masks(nn.Linear(2, 2), tmp_path / "none.png")
+
+
+def test_mask_titles_drop_the_shared_prefix():
+    from gblr.viz import _common_prefix
+
+    assert _common_prefix(["encoder.layer.0.attention.self.key", "encoder.layer.1.output.dense"]) == "encoder.layer."
+    assert _common_prefix(["blocks.0.q", "blocks.0.k"]) == "blocks.0."
+    assert _common_prefix(["a.b", "a.b"]) == "a."  # never a whole name
+    assert _common_prefix(["only.one"]) == "" and _common_prefix(["0", "2"]) == ""

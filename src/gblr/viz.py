@@ -64,14 +64,19 @@ def plot_masks(model: nn.Module, path: str | os.PathLike, columns: int | None = 
         raise ValueError("model has no GBLR layers to draw")
     columns = columns or min(len(layers), 6)
     rows = math.ceil(len(layers) / columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.4 * rows), squeeze=False)
+    height = 2.4 * rows + 0.6  # 0.6 inch for the two-line title
+    figure, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, height), squeeze=False)
+    figure.subplots_adjust(top=1 - 0.75 / height, bottom=0.2 / height, hspace=0.45)
     for axis in axes.flat:
         axis.axis("off")
+    prefix = _common_prefix([name for name, _ in layers])
     for axis, (name, layer) in zip(axes.flat, layers):
+        name = name[len(prefix):]
         image = coverage(layer).cpu()
         axis.imshow(image.numpy(), cmap="magma", interpolation="nearest", aspect="auto", vmin=0)
         axis.set_title(f"{name}\n{layer.flops_ratio():.2f}", fontsize=7)
-    figure.suptitle("learned GBLR structure (brighter = more overlapping blocks; title: FLOPs ratio)", fontsize=9)
+    figure.suptitle("learned GBLR structure (brighter = more overlapping blocks; title: FLOPs ratio)"
+                    + (f"\nlayers under {prefix.rstrip('.')}" if prefix else ""), fontsize=9)
     try:
         return _save(figure, path)
     finally:
@@ -99,3 +104,18 @@ def plot_budgets(report: FlopsReport, path: str | os.PathLike, target: float | N
         return _save(figure, path)
     finally:
         plt.close(figure)
+
+
+def _common_prefix(names: list[str]) -> str:
+    """The dotted prefix shared by all ``names`` (``"encoder.layer."``), so titles stay short;
+    empty for fewer than two names."""
+    if len(names) < 2:
+        return ""
+    parts = [name.split(".") for name in names]
+    shared = []
+    for pieces in zip(*parts):
+        if len(set(pieces)) != 1:
+            break
+        shared.append(pieces[0])
+    shared = shared[: min(len(p) for p in parts) - 1]  # never the whole name
+    return ".".join(shared) + "." if shared else ""
