@@ -57,7 +57,8 @@ def run_layers(args) -> list[dict]:
                 if kind == "decomposed" and n * m > 4e6 and not args.decompose_large:
                     continue  # an SVD of a 4096-wide matrix per ratio: minutes on 2 cores
                 layer = structured(kind, n, m, ratio, args.dtype)
-                weight = layer.weight.detach()
+                with torch.no_grad():  # (with autograd on, 4000 block updates would each keep a graph node)
+                    weight = layer.weight
                 product = layer.tiled_product()
                 for tokens in token_counts:
                     x = torch.randn(tokens, n, dtype=args.dtype)
@@ -120,7 +121,7 @@ def markdown(rows, model_rows, args) -> str:
         "",
         "speed-up = median time of `F.linear` with the dense weight / median time of the frozen layer "
         "(automatic path), interleaved in one process. *FLOPs*: the frozen layer's MACs / dense; *tiled*: MACs "
-        "of the tiled path (64-wide tiles) including the zero padding of partly covered tiles / dense. *path*: "
+        "of the tiled path (128-wide tiles) including the zero padding of partly covered tiles / dense. *path*: "
         "what the layer's automatic choice (measured once per token bucket) picked.",
         "",
         "| shape (in x out) | structure | ratio | FLOPs | tiled | tokens | path | dense ms | GBLR ms | speed-up |",

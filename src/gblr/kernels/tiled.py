@@ -34,6 +34,7 @@ class TiledProduct:
     tile: int
     in_tiles: list[tuple[int, int, torch.Tensor, torch.Tensor]]  # (start, stop, rows (K_j,), V_j (K_j, width))
     out_tiles: list[tuple[int, int, torch.Tensor, torch.Tensor]]  # (start, stop, rows (K_i,), U_i (K_i, width))
+    uncovered: list[tuple[int, int]]  # output column ranges no block reaches (zero)
 
     @property
     def macs(self) -> int:
@@ -90,21 +91,26 @@ def pack(in_features: int, out_features: int, blocks, tile: int, device=None, dt
         dtype = dtype if dtype is not None else blocks[0][1].dtype
     right_rows, right_active = _stacked(blocks, in_features, "in", device, dtype)
     left_rows, left_active = _stacked(blocks, out_features, "out", device, dtype)
+    out_tiles = _tiles(left_rows, left_active, tile)
+    covered = {start for start, *_ in out_tiles}
+    uncovered = [(start, min(out_features, start + tile)) for start in range(0, out_features, tile) if start not in covered]
     return TiledProduct(
         in_features, out_features, right_rows.shape[0], tile,
-        _tiles(right_rows, right_active, tile),
-        _tiles(left_rows, left_active, tile),
+        _tiles(right_rows, right_active, tile), out_tiles, uncovered,
     )
 
 
 def tiled_forward(x: torch.Tensor, product: TiledProduct) -> torch.Tensor:
-    """``y (T, out_features)`` for ``x (T, in_features)``, without bias."""
+    """``y (T, out_features)`` for ``x (T, in_features)``, without bias. Inference only (the
+    products write into the output in place; no autograd)."""
     tokens = x.shape[0]
     h = x.new_zeros(product.rank, tokens)  # rank rows x tokens: contiguous rows to scatter / gather
     x_t = x.T
     for start, stop, rows, V in product.in_tiles:
         h.index_add_(0, rows, V @ x_t[start:stop])
-    y = x.new_zeros(tokens, product.out_features)
+    y = x.new_empty(tokens, product.out_features)  # every column is written once below (zeroing 50 MB costs ~10 ms)
     for start, stop, rows, U in product.out_tiles:
-        y[:, start:stop] = torch.mm(h.index_select(0, rows).T, U)
+        torch.mm(h.index_select(0, rows).T, U, out=y[:, start:stop])
+    for start, stop in product.uncovered:
+        y[:, start:stop].zero_()
     return y
