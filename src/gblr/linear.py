@@ -361,6 +361,18 @@ KERNELS = ("auto", "reference", "tiled", "tiled-coarse", "dense")
 COARSE_TILE_FACTOR = 3  # "tiled-coarse": 3x wider tiles, fewer GEMMs (small token counts), more padding
 
 
+def _cyclic_ranges(start: int, width: int, size: int) -> list[tuple[int, int, int]]:
+    """The cyclic range ``start .. start + width`` of ``0 .. size`` as contiguous pieces
+    ``(position, offset_from, offset_to)``: elements ``offset_from:offset_to`` of the range sit
+    at ``position ..`` (one piece, or two when it wraps)."""
+    start %= size
+    first = min(width, size - start)
+    pieces = [(start, 0, first)]
+    if width > first:
+        pieces.append((0, first, width))
+    return pieces
+
+
 def _cyclic_indices(start: int, width: int, size: int, device) -> torch.Tensor:
     return torch.remainder(torch.arange(start, start + width, device=device), size)
 
@@ -430,9 +442,14 @@ class FrozenGBLRLinear(nn.Module):
         """The dense ``(out_features, in_features)`` matrix this layer applies."""
         weight = self._empty.new_zeros(self.out_features, self.in_features)
         for support, left, right in self.blocks():
-            rows = _cyclic_indices(support.out_start, support.out_width, self.out_features, weight.device)
-            cols = _cyclic_indices(support.in_start, support.in_width, self.in_features, weight.device)
-            weight[rows[:, None], cols[None, :]] += left if right is None else left @ right
+            block = left if right is None else left @ right
+            # a cyclic support is at most two contiguous ranges per side: add through views
+            # (advanced indexing would keep a block-sized index tensor per block for autograd)
+            for out_at, out_from, out_to in _cyclic_ranges(support.out_start, support.out_width, self.out_features):
+                for in_at, in_from, in_to in _cyclic_ranges(support.in_start, support.in_width, self.in_features):
+                    weight[out_at : out_at + out_to - out_from, in_at : in_at + in_to - in_from] += (
+                        block[out_from:out_to, in_from:in_to]
+                    )
         return weight
 
     @property
