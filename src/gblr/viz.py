@@ -64,9 +64,9 @@ def plot_masks(model: nn.Module, path: str | os.PathLike, columns: int | None = 
         raise ValueError("model has no GBLR layers to draw")
     columns = columns or min(len(layers), 6)
     rows = math.ceil(len(layers) / columns)
-    height = 2.4 * rows + 0.6  # 0.6 inch for the two-line title
+    height = 2.4 * rows + 0.9  # 0.9 inch for the two-line heading above the panel titles
     figure, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, height), squeeze=False)
-    figure.subplots_adjust(top=1 - 0.75 / height, bottom=0.2 / height, hspace=0.45)
+    figure.subplots_adjust(top=1 - 1.05 / height, bottom=0.2 / height, hspace=0.45)
     for axis in axes.flat:
         axis.axis("off")
     prefix = _common_prefix([name for name, _ in layers])
