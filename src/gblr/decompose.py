@@ -17,7 +17,7 @@ import torch
 
 from ._validation import check_flops_ratio
 from .linear import GBLRLinear
-from .structures import _assemble, low_rank
+from .structures import _assemble, _check_matrix, low_rank
 
 __all__ = ["InputStats", "decompose", "svd_decompose", "svd_error_curve", "relative_error"]
 
@@ -70,29 +70,27 @@ def _as_stats(calibration, features: int) -> InputStats | None:
     raise TypeError(f"calibration must be None, activations (a Tensor) or gblr.InputStats, got {type(calibration).__name__}")
 
 
-def _check_weight(weight) -> torch.Tensor:
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
-        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
-        raise ValueError(f"weight must be a 2-D floating point tensor (out_features, in_features), got {shape}")
-    if not torch.isfinite(weight).all():
-        raise ValueError("weight contains NaN or infinite values")
-    return weight.detach()
+def _damped_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigen-decomposition of (a batch of) second-moment matrices after adding ``1e-6`` of the
+    mean diagonal to the diagonal, so that they are invertible."""
+    size = matrix.shape[-1]
+    damping = 1e-6 * matrix.diagonal(dim1=-2, dim2=-1).mean(-1, keepdim=True).clamp_min(1e-30)
+    eye = torch.eye(size, dtype=matrix.dtype, device=matrix.device)
+    return torch.linalg.eigh(matrix + damping[..., None] * eye)
 
 
-def _whitener(stats: InputStats | None, n: int, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _whitener(stats: InputStats | None, device) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(S, S^-1)`` with ``S = C^(1/2)`` (symmetric), damped so that it is invertible."""
     if stats is None:
         return None
-    C = stats.second_moment.to(device)
-    C = C + 1e-6 * C.diagonal().mean().clamp_min(1e-30) * torch.eye(n, dtype=C.dtype, device=device)
-    values, vectors = torch.linalg.eigh(C)
+    values, vectors = _damped_eigh(stats.second_moment.to(device))
     root = values.clamp_min(0).sqrt()
     return (vectors * root) @ vectors.T, (vectors / root) @ vectors.T
 
 
 def relative_error(weight: torch.Tensor, approximation: torch.Tensor, calibration=None) -> float:
     """``||(W - W_hat) S||_F / ||W S||_F`` (``S = I`` without calibration)."""
-    weight = _check_weight(weight).to(torch.float64)
+    weight = _check_matrix("weight", weight).to(torch.float64)
     difference = weight - approximation.detach().to(weight.device, torch.float64)
     stats = _as_stats(calibration, weight.shape[1])
     if stats is None:
@@ -104,8 +102,8 @@ def relative_error(weight: torch.Tensor, approximation: torch.Tensor, calibratio
 def svd_error_curve(weight: torch.Tensor, calibration=None) -> torch.Tensor:
     """Relative squared error of the best rank-``R`` approximation (activation-aware with
     calibration) for ``R = 0 .. min(m, n)``: a float64 tensor, 1 at ``R = 0``, 0 at full rank."""
-    weight = _check_weight(weight).to(torch.float64)
-    whitener = _whitener(_as_stats(calibration, weight.shape[1]), weight.shape[1], weight.device)
+    weight = _check_matrix("weight", weight).to(torch.float64)
+    whitener = _whitener(_as_stats(calibration, weight.shape[1]), weight.device)
     target = weight if whitener is None else weight @ whitener[0]
     energy = torch.linalg.svdvals(target).square()
     tail = energy.flip(0).cumsum(0).flip(0)
@@ -120,7 +118,7 @@ def _rank_for(flops_ratio: float, m: int, n: int) -> int:
 def svd_decompose(weight: torch.Tensor, flops_ratio: float, *, calibration=None, bias=None) -> GBLRLinear:
     """The baseline: truncated SVD (of ``W S`` with calibration, i.e. activation-aware SVD) at
     the largest rank ``R`` with ``R (m + n) <= flops_ratio * m * n``, as full-width components."""
-    weight = _check_weight(weight)
+    weight = _check_matrix("weight", weight)
     flops_ratio = check_flops_ratio(flops_ratio)
     m, n = weight.shape
     rank = _rank_for(flops_ratio, m, n)
@@ -130,7 +128,7 @@ def svd_decompose(weight: torch.Tensor, flops_ratio: float, *, calibration=None,
             f"{(m + n) / (m * n):.4g}); gblr.decompose can still use partial blocks"
         )
     W = weight.to(torch.float64)
-    whitener = _whitener(_as_stats(calibration, n), n, weight.device)
+    whitener = _whitener(_as_stats(calibration, n), weight.device)
     target = W if whitener is None else W @ whitener[0]
     U, S, Vh = torch.linalg.svd(target, full_matrices=False)
     root = S[:rank].sqrt()
@@ -143,7 +141,7 @@ def svd_decompose(weight: torch.Tensor, flops_ratio: float, *, calibration=None,
 
 
 # ---------------------------------------------------------------------------------------------
-# Structure search: greedy block atoms in the output-error metric, then alternating refits.
+# Structure search: greedy block atoms in the output-error metric.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -182,8 +180,7 @@ class _Search:
         """``C_JJ^(-1/2)`` for the ``g1`` column blocks, stacked ``(g1, n/g1, n/g1)`` (damped)."""
         b = self.n // g1
         blocks = torch.stack([self.C[j * b : (j + 1) * b, j * b : (j + 1) * b] for j in range(g1)])
-        blocks = blocks + 1e-6 * blocks.diagonal(dim1=1, dim2=2).mean() * torch.eye(b, dtype=blocks.dtype)
-        values, vectors = torch.linalg.eigh(blocks)
+        values, vectors = _damped_eigh(blocks)
         return (vectors / values.clamp_min(1e-300).sqrt()[:, None, :]) @ vectors.transpose(1, 2)
 
     def _whiten(self, rows_of_G: torch.Tensor, g1: int) -> torch.Tensor:
@@ -352,7 +349,7 @@ def decompose(
     the weight the gain is the unused remainder of the budget; with it (e.g. per-head blocks)
     the blocks win outright.
     """
-    weight = _check_weight(weight)
+    weight = _check_matrix("weight", weight)
     flops_ratio = check_flops_ratio(flops_ratio)
     if isinstance(trade, bool) or not isinstance(trade, int) or trade < 0:
         raise ValueError(f"trade must be a non-negative int, got {trade!r}")
