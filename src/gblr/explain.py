@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
 from torch import nn
 
 from .linear import FrozenGBLRLinear, GBLRLinear
@@ -69,9 +68,8 @@ def explain(model: nn.Module, tokens=(1, 16, 256, 4096)) -> Explanation:
         if isinstance(module, FrozenGBLRLinear):
             paths = {}
             for t in tokens:
-                x = torch.randn(t, module.in_features, device=module._empty.device, dtype=module._empty.dtype)
-                path = module.path_for(t, x)
-                measured = module.choices[module.choice_key(t, x)][1] if module.kernel == "auto" else {}
+                path = module.path_for(t)  # measured on random rows where not yet known
+                measured = module.choices[module.choice_key(t)][1] if module.kernel == "auto" else {}
                 paths[t] = (path, measured)
             product = module.tiled_product()
             rows.append(LayerPaths(

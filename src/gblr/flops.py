@@ -95,6 +95,12 @@ class Structure:
         return groups
 
 
+def cyclic_indices(start: int, width: int, size: int, device=None) -> torch.Tensor:
+    """The indices ``start, start + 1, ...`` (``width`` of them) modulo ``size``: one side of a
+    block's cyclic support."""
+    return torch.remainder(torch.arange(start, start + width, device=device), size)
+
+
 def group_macs(rank: int, in_width: int, out_width: int) -> int:
     """MACs per input vector of one group: the cheaper of two thin products and a dense block."""
     return min(rank * (in_width + out_width), in_width * out_width)

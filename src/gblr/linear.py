@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .flops import Structure, Support, group_macs
+from .flops import Structure, Support, cyclic_indices, group_macs
 from ._validation import check_flops_ratio, check_input, check_positive_int, check_sigma
 from .kernels.tiled import pack, tiled_forward
 from .masks import element_supports, mask_from_supports, masked_factor
@@ -293,8 +293,8 @@ class GBLRLinear(nn.Module):
         groups = self.structure().support_groups()
         blocks = []
         for support, members in sorted(groups.items()):
-            rows = _cyclic_indices(support.out_start, support.out_width, self.out_features, self.u.device)
-            cols = _cyclic_indices(support.in_start, support.in_width, self.in_features, self.v.device)
+            rows = cyclic_indices(support.out_start, support.out_width, self.out_features, self.u.device)
+            cols = cyclic_indices(support.in_start, support.in_width, self.in_features, self.v.device)
             index = torch.tensor(members, device=self.u.device)
             left = self.u[index][:, rows, :].permute(1, 0, 2).reshape(support.out_width, -1)
             right = self.v[index][:, :, cols].reshape(-1, support.in_width)
@@ -373,10 +373,6 @@ def _cyclic_ranges(start: int, width: int, size: int) -> list[tuple[int, int, in
     return pieces
 
 
-def _cyclic_indices(start: int, width: int, size: int, device) -> torch.Tensor:
-    return torch.remainder(torch.arange(start, start + width, device=device), size)
-
-
 class FrozenGBLRLinear(nn.Module):
     """Inference form of a GBLR layer: a list of blocks, each with a cyclic support.
 
@@ -403,7 +399,7 @@ class FrozenGBLRLinear(nn.Module):
         self.out_features = check_positive_int("out_features", out_features)
         self.kernel = kernel
         self.tile = check_positive_int("tile", tile)
-        self._packed: dict = {}  # 'tiled' / 'dense' -> ((device, dtype, parameter versions), value)
+        self._packed: dict = {}  # path -> ((device, dtype, tile), tiled product or dense weight)
         self.choices: dict[tuple, tuple[str, dict[str, float]]] = {}  # choice_key -> (path, seconds per path)
         # Remembers dtype and device (moved by .to()) even when there are no blocks and no bias.
         self.register_buffer("_empty", torch.empty(0, dtype=dtype, device=device), persistent=False)
@@ -491,7 +487,7 @@ class FrozenGBLRLinear(nn.Module):
     def tiled_product(self, coarse: bool = False):
         """The precomputed tiles of the tiled path (:mod:`gblr.kernels.tiled`) for this layer's
         device and dtype (``coarse``: the ``tiled-coarse`` path's)."""
-        return self._cached("tiled-coarse" if coarse else "tiled", self._empty if self.bias is None else self.bias)
+        return self._cached("tiled-coarse" if coarse else "tiled", self._empty)
 
     def _run(self, path: str, x: torch.Tensor) -> torch.Tensor:
         """``x (T, in) -> (T, out)`` without bias by one path."""
@@ -533,9 +529,11 @@ class FrozenGBLRLinear(nn.Module):
                 self.choices[key] = self._measure(x)
         return self.choices[key][0]
 
-    @staticmethod
-    def choice_key(tokens: int, x: torch.Tensor) -> tuple:
-        return x.device.type, x.dtype, 1 << max(0, int(tokens) - 1).bit_length()
+    def choice_key(self, tokens: int, x: torch.Tensor | None = None) -> tuple:
+        """The key of :attr:`choices` for ``tokens`` rows like ``x`` (default: this layer's
+        device and dtype)."""
+        like = self._empty if x is None else x
+        return like.device.type, like.dtype, 1 << max(0, int(tokens) - 1).bit_length()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.in_features)
@@ -556,8 +554,8 @@ class FrozenGBLRLinear(nn.Module):
         """The plain torch path, one gather and two products per block: the ground truth."""
         y = x.new_zeros(*x.shape[:-1], self.out_features)
         for support, left, right in self.blocks():
-            cols = _cyclic_indices(support.in_start, support.in_width, self.in_features, x.device)
-            rows = _cyclic_indices(support.out_start, support.out_width, self.out_features, x.device)
+            cols = cyclic_indices(support.in_start, support.in_width, self.in_features, x.device)
+            rows = cyclic_indices(support.out_start, support.out_width, self.out_features, x.device)
             part = x.index_select(-1, cols)
             if right is not None:
                 part = F.linear(part, right)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from .flops import cyclic_indices
 from .linear import GBLRLinear
 
 __all__ = ["low_rank", "block_sparse", "block_low_rank"]
@@ -76,8 +77,8 @@ def _assemble(
         for parameter in layer.structural_parameters():
             parameter.zero_()
         for k, (u_block, v_block, out_start, out_width, in_start, in_width) in enumerate(components):
-            rows = torch.remainder(torch.arange(out_start, out_start + out_width, device=like.device), m)
-            cols = torch.remainder(torch.arange(in_start, in_start + in_width, device=like.device), n)
+            rows = cyclic_indices(out_start, out_width, m, like.device)
+            cols = cyclic_indices(in_start, in_width, n, like.device)
             layer.u[k, rows, 0] = u_block
             layer.v[k, 0, cols] = v_block
             layer.out_width[k] = out_width / m

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ._files import write_atomic
-from .flops import FlopsReport
+from .flops import FlopsReport, cyclic_indices
 from .linear import FrozenGBLRLinear, GBLRLinear
 from .masks import boxcar
 
@@ -33,8 +33,8 @@ def coverage(layer: GBLRLinear | FrozenGBLRLinear) -> torch.Tensor:
         counts = torch.zeros(layer.out_features, layer.in_features)
         for support, left, right in layer.blocks():
             rank = min(support.in_width, support.out_width) if right is None else left.shape[1]
-            rows = torch.remainder(torch.arange(support.out_start, support.out_start + support.out_width), layer.out_features)
-            cols = torch.remainder(torch.arange(support.in_start, support.in_start + support.in_width), layer.in_features)
+            rows = cyclic_indices(support.out_start, support.out_width, layer.out_features)
+            cols = cyclic_indices(support.in_start, support.in_width, layer.in_features)
             counts[rows[:, None], cols[None, :]] += rank
         return counts
     raise TypeError(f"coverage needs a GBLRLinear or FrozenGBLRLinear, got {type(layer).__name__}")

@@ -22,6 +22,7 @@ import dataclasses
 
 import torch
 
+from ..flops import cyclic_indices
 
 __all__ = ["TiledProduct", "pack", "tiled_forward"]
 
@@ -57,7 +58,7 @@ def _stacked(blocks, size: int, side: str, device, dtype) -> tuple[torch.Tensor,
         else:
             start, width = support.out_start, support.out_width
             factor = torch.eye(left.shape[0], dtype=left.dtype, device=left.device) if right is None else left.T
-        index = torch.remainder(torch.arange(start, start + width, device=device), size)
+        index = cyclic_indices(start, width, size, device)
         row_values = factor.new_zeros(factor.shape[0], size)
         row_values[:, index] = factor
         row_active = torch.zeros(factor.shape[0], size, dtype=torch.bool, device=device)
