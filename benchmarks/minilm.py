@@ -37,7 +37,7 @@ import torch
 from common import DOCS, machine, write_outputs
 
 import gblr
-from gblr.cli import linear_targets
+from gblr.cli import linear_targets, target_flops
 from gblr.recipes.text import (
     embed,
     embedding_fidelity,
@@ -74,11 +74,6 @@ def sentences(calibration: int, evaluation: int, seed: int) -> tuple[list[str], 
         held_out = [s for s in dict.fromkeys(generated_sentences(count, seed + 1)) if s not in seen][:evaluation]
         count += evaluation
     return train, held_out
-
-
-def target_flops(model: torch.nn.Module, names: list[str]) -> gblr.FlopsReport:
-    wanted = set(names)
-    return gblr.FlopsReport(tuple(layer for layer in gblr.flops_report(model, include_dense=True) if layer.name in wanted))
 
 
 def run_variant(key, method, calibrated, distilled, teacher, reference, targets, train_batches, distill_batches,

@@ -183,7 +183,8 @@ def linear_targets(model: nn.Module, target: str = DEFAULT_TARGET) -> list[str]:
     return names
 
 
-def _target_flops(model: nn.Module, names: list[str]) -> gblr.FlopsReport:
+def target_flops(model: nn.Module, names: list[str]) -> gblr.FlopsReport:
+    """The FLOPs report restricted to the named layers (dense or GBLR)."""
     wanted = set(names)
     report = gblr.flops_report(model, include_dense=True)
     return gblr.FlopsReport(tuple(layer for layer in report if layer.name in wanted))
@@ -234,14 +235,14 @@ def compress_command(args: argparse.Namespace) -> int:
     reference = text.embed(teacher, eval_batches)
     student = copy.deepcopy(teacher)
 
-    dense = _target_flops(student, targets)
+    dense = target_flops(student, targets)
     print(f"compressing {len(targets)} linear layers ({dense.dense_macs:,} MACs per token) to {args.flops:g} "
           f"of their FLOPs with {args.method}", flush=True)
     convert_start = time.perf_counter()
     config = GBLRConfig(flops_ratio=args.flops, target_modules=targets, method=args.method)
     conversion = convert_(student, config, calibration=train_batches, progress=args.progress, verbose=False)
     convert_seconds = time.perf_counter() - convert_start
-    flops = _target_flops(student, targets)
+    flops = target_flops(student, targets)
     fidelity = {"converted": text.embedding_fidelity(student, reference, eval_batches)}
     print(f"FLOPs ratio {flops.ratio:.3f} ({flops.gblr_macs:,} of {flops.dense_macs:,} MACs per token), "
           f"{convert_seconds:.1f} s")
@@ -256,7 +257,7 @@ def compress_command(args: argparse.Namespace) -> int:
                               progress=args.progress)
         distill_seconds = time.perf_counter() - distill_start
         fidelity["distilled"] = text.embedding_fidelity(student, reference, eval_batches)
-        flops = _target_flops(student, targets)
+        flops = target_flops(student, targets)
         distillation = {"steps": len(losses), "lr": args.lr, "first_loss": losses[0], "last_loss": losses[-1],
                         "seconds": distill_seconds}
         print(f"distilled {len(losses)} steps in {distill_seconds:.1f} s: fidelity {fidelity['distilled']:.4f}, "

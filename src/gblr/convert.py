@@ -59,6 +59,7 @@ import torch
 from torch import nn
 
 from ._files import write_text_atomic
+from ._progress import progress_bar
 from ._validation import check_flops_ratio
 from .decompose import InputStats, decompose, relative_error, svd_decompose, svd_error_curve
 from .flops import Support
@@ -301,13 +302,8 @@ def _tied_weights(model: nn.Module) -> set[int]:
 
 
 def _progress(iterable, total: int | None, description: str, enabled: bool):
-    if not enabled:
-        return iterable
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return iterable
-    return tqdm(iterable, total=total, desc=description, leave=False, dynamic_ncols=True)
+    bar = progress_bar(total, description, enabled, iterable)
+    return iterable if bar is None else bar
 
 
 def _model_device(model: nn.Module) -> torch.device | None:
@@ -805,14 +801,6 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> Path:
     return directory
 
 
-def _module_device(module: nn.Module) -> torch.device:
-    for tensor in module.parameters():
-        return tensor.device
-    for tensor in module.buffers():
-        return tensor.device
-    return torch.device("cpu")
-
-
 def _entry_value(entry: dict, key: str, kind, name: str):
     if key not in entry or not isinstance(entry[key], kind) or isinstance(entry[key], bool) and kind is int:
         raise ValueError(f"layer {name!r} in {CONFIG_FILE}: missing or malformed {key!r} (got {entry.get(key)!r})")
@@ -905,7 +893,7 @@ def load_pretrained(base_model: nn.Module, directory: str | os.PathLike) -> nn.M
                     f"layer {name!r}: saved with (in_features, out_features) = {saved}, but the model's module has "
                     f"{_features(base)}; the checkpoint is for a model of another shape"
                 )
-            layer = _build_layer(entry, name, _module_device(base))
+            layer = _build_layer(entry, name, _model_device(base) or torch.device("cpu"))
             with torch.no_grad():
                 for key, value in layer.state_dict(keep_vars=True).items():
                     if not isinstance(value, torch.Tensor):

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._progress import progress_bar
 from ..learning import gblr_layers, param_groups
 from ..linear import FrozenGBLRLinear, GBLRLinear
 from .text import sentence_output
@@ -63,17 +64,6 @@ def _loss_fn(loss) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     if loss == "mse":
         return lambda student, teacher: F.mse_loss(student.float(), teacher.float())
     raise ValueError(f"loss must be one of {', '.join(LOSSES)} or a callable(student_out, teacher_out), got {loss!r}")
-
-
-def _progress(total: int, enabled: bool):
-    if enabled:
-        try:
-            from tqdm.auto import tqdm
-
-            return tqdm(total=total, desc="distill", leave=False, dynamic_ncols=True)
-        except ImportError:
-            pass
-    return None
 
 
 class _FlopsBound:
@@ -210,7 +200,7 @@ def distill(
         warmup = max(1, min(100, steps // 20))
         teacher.eval()
         student.eval()
-        bar = _progress(steps, progress)
+        bar = progress_bar(steps, "distill", progress)
         started = time.perf_counter()
         for step in range(steps):
             elapsed = time.perf_counter() - started

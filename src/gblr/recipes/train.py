@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._files import write_atomic, write_text_atomic
+from .._progress import progress_bar
 from ..learning import SigmaSchedule, StructureLearner, param_groups
 from ..linear import freeze_
 from .data import ImageData, batches, load_dataset
@@ -126,17 +127,6 @@ def _load_data(config: TrainConfig) -> ImageData:
             data, test_images=data.test_images[: config.limit_test], test_labels=data.test_labels[: config.limit_test]
         )
     return data
-
-
-def _progress(total: int, description: str, enabled: bool):
-    if enabled:
-        try:
-            from tqdm.auto import tqdm
-
-            return tqdm(total=total, desc=description, leave=False, dynamic_ncols=True)
-        except ImportError:
-            pass
-    return None
 
 
 class _Log:
@@ -247,7 +237,7 @@ def fit(config: TrainConfig) -> tuple[nn.Module, dict]:
         epoch_start = time.perf_counter()
         network.train()
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
-        bar = _progress(steps_per_epoch, f"epoch {epoch + 1}/{config.epochs}", config.progress and main)
+        bar = progress_bar(steps_per_epoch, f"epoch {epoch + 1}/{config.epochs}", config.progress and main)
         loss_sum = torch.zeros(())
         correct = torch.zeros(())
         seen = 0
