@@ -1,12 +1,15 @@
-"""Training-step cost of GBLRLinear against nn.Linear: time and memory kept for backward.
+"""Training-step cost of GBLRLinear against nn.Linear: time and peak memory.
 
     python benchmarks/training.py [--threads 2] [--repeats 15]
 
-A step is forward + backward (structural parameters included) of ``y.square().mean()``. GBLR
-layers are in a mid-training state: K = min(in, out) rank-1 components, sigma = 10, widths
-uniform in [0.3, 0.7], random locations. Both layers run interleaved in one process on the same
-input; the table gives medians and the ratio GBLR / dense. "Saved" is the memory autograd keeps
-for the backward pass (activations and intermediates), counted with saved-tensor hooks.
+A step is forward + backward of one layer given an upstream gradient (no loss function, so the
+layers alone are timed), structural parameters included. Two cases: an inner layer, whose input
+needs a gradient (most layers of a network), and a first layer, whose input does not (both
+layers then skip the input gradient). GBLR layers are in a mid-training state: K = min(in, out)
+rank-1 components, sigma = 10, widths uniform in [0.3, 0.7], random locations. Both layers run
+interleaved in one process on the same input; the table gives medians and the ratio GBLR /
+dense. Peak memory = parameters + input + upstream gradient + the largest growth of allocated
+memory during the step (the profiler's allocation events).
 Writes docs/benchmarks/training.{json,md}.
 """
 
@@ -17,11 +20,13 @@ import argparse
 import torch
 from common import machine, median_ms, time_interleaved, write_outputs
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 
 import gblr
 
 SHAPES = [(768, 3072), (3072, 768)]
 TOKENS = [64, 4096]
+CASES = {"inner": True, "first": False}  # case -> does the input need a gradient
 
 
 def mid_training_layer(in_features: int, out_features: int, dtype=torch.float32) -> gblr.GBLRLinear:
@@ -34,29 +39,34 @@ def mid_training_layer(in_features: int, out_features: int, dtype=torch.float32)
     return layer
 
 
-def saved_bytes(layer: nn.Module, x: torch.Tensor) -> int:
-    """Bytes of the tensors autograd saves for backward in one forward pass, each storage once,
-    leaving out the input and the parameters (they are held whether or not a step runs)."""
-    storages: dict[int, int] = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        layer(x).square().mean()
-    for held in [x, *layer.parameters()]:
-        storages.pop(held.untyped_storage().data_ptr(), None)
-    return sum(storages.values())
-
-
-def step(layer: nn.Module, x: torch.Tensor):
+def step(layer: nn.Module, x: torch.Tensor, grad_y: torch.Tensor):
     def run():
         layer.zero_grad(set_to_none=True)
-        layer(x).square().mean().backward()
+        x.grad = None
+        layer(x).backward(grad_y)
 
     return run
+
+
+def peak_bytes(layer: nn.Module, x: torch.Tensor, grad_y: torch.Tensor) -> int:
+    """Bytes of the parameters, the input and the upstream gradient (each storage once) plus the
+    largest growth of allocated CPU memory during forward + backward (the profiler's allocation
+    and free events, in order). Gradients are cleared before the profiled region: frees of
+    blocks allocated before it are not reported, so a free inside it would go uncounted."""
+    step(layer, x, grad_y)()  # warm: caches and lazily built tables are not part of a step
+    layer.zero_grad(set_to_none=True)
+    x.grad = None
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        layer(x).backward(grad_y)
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = growth = 0
+    for event in events:
+        live += event.nbytes()
+        growth = max(growth, live)
+    held = [x, grad_y, *layer.parameters()]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in held}
+    return sum(storages.values()) + growth
 
 
 def main() -> None:
@@ -71,34 +81,42 @@ def main() -> None:
         dense = nn.Linear(in_features, out_features)
         structured = mid_training_layer(in_features, out_features)
         for tokens in TOKENS:
-            x = torch.randn(tokens, in_features)
-            samples = time_interleaved({"dense": step(dense, x), "gblr": step(structured, x)}, repeats=args.repeats)
-            dense_ms, gblr_ms = median_ms(samples["dense"]), median_ms(samples["gblr"])
-            row = {
-                "shape": f"{in_features}x{out_features}", "tokens": tokens, "dense_ms": dense_ms, "gblr_ms": gblr_ms,
-                "time_ratio": gblr_ms / dense_ms,
-                "dense_saved_mb": saved_bytes(dense, x) / 2**20, "gblr_saved_mb": saved_bytes(structured, x) / 2**20,
-                "path": "materialise" if structured._materialise_is_cheaper(tokens) else "thin",
-            }
-            row["memory_ratio"] = row["gblr_saved_mb"] / row["dense_saved_mb"]
-            rows.append(row)
-            print(f"{row['shape']:>9} tokens {tokens:5d}: dense {dense_ms:7.2f} ms, GBLR {gblr_ms:7.2f} ms "
-                  f"({row['time_ratio']:.2f}x, {row['path']}), saved {row['dense_saved_mb']:.1f} / "
-                  f"{row['gblr_saved_mb']:.1f} MB", flush=True)
+            grad_y = torch.randn(tokens, out_features)
+            for case, input_grad in CASES.items():
+                x = torch.randn(tokens, in_features, requires_grad=input_grad)
+                runs = {"dense": step(dense, x, grad_y), "gblr": step(structured, x, grad_y)}
+                samples = time_interleaved(runs, repeats=args.repeats)
+                dense_ms, gblr_ms = median_ms(samples["dense"]), median_ms(samples["gblr"])
+                peaks = {name: peak_bytes(layer, x, grad_y) / 2**20
+                         for name, layer in (("dense", dense), ("gblr", structured))}
+                row = {
+                    "shape": f"{in_features}x{out_features}", "tokens": tokens, "case": case,
+                    "dense_ms": dense_ms, "gblr_ms": gblr_ms, "time_ratio": gblr_ms / dense_ms,
+                    "dense_peak_mb": peaks["dense"], "gblr_peak_mb": peaks["gblr"],
+                    "memory_ratio": peaks["gblr"] / peaks["dense"],
+                    "path": "materialise" if structured._materialise_is_cheaper(tokens) else "thin",
+                }
+                rows.append(row)
+                print(f"{row['shape']:>9} tokens {tokens:5d} {case:5}: dense {dense_ms:7.2f} ms, GBLR {gblr_ms:7.2f} ms "
+                      f"({row['time_ratio']:.2f}x, {row['path']}), peak {peaks['dense']:.1f} / {peaks['gblr']:.1f} MB "
+                      f"({row['memory_ratio']:.2f}x)", flush=True)
     lines = [
         "# Training step: GBLRLinear vs nn.Linear",
         "",
         f"Machine: {machine()}. float32, median of {args.repeats} interleaved runs. "
         "Command: `python benchmarks/training.py`.",
-        "Step = forward + backward, structural parameters included; GBLR mid-training "
-        "(K = min(in, out), r = 1, sigma = 10, widths in [0.3, 0.7]).",
+        "Step = forward + backward of the layer given an upstream gradient, structural parameters included; "
+        "GBLR mid-training (K = min(in, out), r = 1, sigma = 10, widths in [0.3, 0.7]). "
+        "*inner*: the input needs a gradient (most layers); *first*: it does not. "
+        "Peak memory: parameters + input + upstream gradient + the largest growth of allocated memory during the step.",
         "",
-        "| in x out | tokens | nn.Linear (ms) | GBLRLinear (ms) | time ratio | GBLR path | saved for backward, dense / GBLR (MB) |",
-        "|---|---:|---:|---:|---:|---|---:|",
+        "| in x out | tokens | layer | nn.Linear (ms) | GBLRLinear (ms) | time ratio | GBLR path | peak memory, dense / GBLR (MB) |",
+        "|---|---:|---|---:|---:|---:|---|---:|",
     ]
     lines += [
-        f"| {r['shape']} | {r['tokens']} | {r['dense_ms']:.2f} | {r['gblr_ms']:.2f} | {r['time_ratio']:.2f}x | "
-        f"{r['path']} | {r['dense_saved_mb']:.1f} / {r['gblr_saved_mb']:.1f} ({r['memory_ratio']:.2f}x) |"
+        f"| {r['shape']} | {r['tokens']} | {r['case']} | {r['dense_ms']:.2f} | {r['gblr_ms']:.2f} | "
+        f"{r['time_ratio']:.2f}x | {r['path']} | {r['dense_peak_mb']:.1f} / {r['gblr_peak_mb']:.1f} "
+        f"({r['memory_ratio']:.2f}x) |"
         for r in rows
     ]
     json_path, md_path = write_outputs("training", rows, "\n".join(lines) + "\n")

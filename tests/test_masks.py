@@ -204,17 +204,19 @@ def test_cuda_matches_cpu(sigma):
 
 
 @pytest.mark.parametrize("mask_dim", [1, 2])
-@pytest.mark.parametrize("sigma", [None, 7.0])
-def test_masked_factor_equals_multiplying_by_the_mask(mask_dim, sigma):
+@pytest.mark.parametrize("rank", [1, 3])
+@pytest.mark.parametrize("n, sigma, dtype", [(40, None, torch.float64), (40, 7.0, torch.float64),
+                                             (768, 10.0, torch.float32)])  # the last: narrow edge gradients
+def test_masked_factor_equals_multiplying_by_the_mask(mask_dim, rank, n, sigma, dtype):
     from gblr.masks import element_supports, mask_from_supports, masked_factor
 
-    n, K, r = 40, 6, 3
+    K = 6
     generator = torch.Generator().manual_seed(0)
-    shape = (K, n, r) if mask_dim == 1 else (K, r, n)
-    values = torch.randn(shape, generator=generator, dtype=torch.float64)
-    width, location = grid_params(n, K, generator)
+    shape = (K, n, rank) if mask_dim == 1 else (K, rank, n)
+    values = torch.randn(shape, generator=generator, dtype=dtype)
+    width, location = (t.to(dtype) for t in grid_params(n, K, generator))
     width[0] = 0.0
-    seed = torch.randn(shape, generator=generator, dtype=torch.float64)
+    seed = torch.randn(shape, generator=generator, dtype=dtype)
     results = []
     for fused in (True, False):
         v, w, l = (t.clone().requires_grad_() for t in (values, width, location))
@@ -226,5 +228,27 @@ def test_masked_factor_equals_multiplying_by_the_mask(mask_dim, sigma):
             out = v * (mask[:, :, None] if mask_dim == 1 else mask[:, None, :])
         out.backward(seed)
         results.append((out.detach(), v.grad, w.grad, l.grad))
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-4
     for fused, reference in zip(*results):
-        torch.testing.assert_close(fused, reference, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(fused, reference, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("n, sigma", [(768, 10.0), (3072, 30.0)])
+def test_narrow_edge_gradients_equal_closed_forms_in_float32(n, sigma):
+    # Once sigma makes the smoothing narrow, float32 edge gradients read only a window around
+    # each edge (masks._kernels' reach); they must equal the full float64 formulas.
+    from gblr.masks import _kernels
+
+    tables = _kernels(n, sigma, torch.device("cpu"), torch.float32)
+    assert tables.window is not None and 4 * (2 * tables.reach + 1) <= n
+    generator = torch.Generator().manual_seed(n)
+    width, location = grid_params(n, 40, generator)
+    width[:4] = torch.tensor([0.0, 1.0, 1.0 / n, (n - 1.0) / n])  # empty, full, one element, all but one
+    location[:4] = torch.tensor([0.0, 0.5, (n - 1.0) / n, 0.25])  # edges that wrap around
+    seed = torch.randn(40, n, generator=generator, dtype=torch.float64)
+    w, l = width.float().requires_grad_(), location.float().requires_grad_()
+    gaudi_mask(w, l, n, sigma).backward(seed.float())
+    expected_w, expected_l = closed_form_gradients(width, location, n, sigma, seed)
+    scale = seed.abs().sum(1).max().item() * 1e-6
+    torch.testing.assert_close(w.grad.double(), expected_w, rtol=1e-5, atol=scale)
+    torch.testing.assert_close(l.grad.double(), expected_l, rtol=1e-5, atol=scale)

@@ -20,7 +20,7 @@ from torch import nn
 from .flops import Structure, Support, cyclic_indices, group_macs
 from ._validation import check_flops_ratio, check_input, check_positive_int, check_sigma
 from .kernels.tiled import pack, tiled_forward
-from .masks import element_supports, mask_from_supports, masked_factor
+from .masks import apply_masks, apply_masks_backward, element_supports, mask_from_supports, masked_factor
 
 __all__ = ["GBLRLinear", "FrozenGBLRLinear", "freeze_"]
 
@@ -37,59 +37,121 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-class _BlockProduct(torch.autograd.Function):
-    """``y = x @ (left_t.T @ right).T``, by materialising the weight or as two thin products,
-    with surrogate gradients for pruned components (see ``GBLRLinear._revival_factors``).
+class _GBLRProduct(torch.autograd.Function):
+    """``y = x @ W.T`` for ``W = left_t.T @ right``, where ``left_t`` and ``right`` are the factors
+    ``u`` and ``v`` masked by the Gaudi masks of the structural parameters; gradients for ``x``,
+    ``u``, ``v`` and the four structural parameters.
 
-    Rows ``rows`` of ``left_t`` and ``right`` belong to components whose masks are both empty;
+    One function for masks and product so that nothing of the factors' size is kept for
+    backward: the masked factors are rebuilt from ``u``, ``v`` and the supports (elementwise
+    work, cheap next to the products). The product materialises the weight or runs as two thin
+    products (``layout.materialise``). Under autocast the products run in the autocast dtype;
+    gradients come back in each input's dtype.
+
+    Rows ``revival[0]`` of the masked factors belong to components whose masks are both empty;
     the backward pass adds to their factor gradients what they would be if the partner factor
-    were ``spike_left_t`` / ``spike_right``. Those rows are zero, so the forward and the content
-    gradients (which the masks multiply by zero) are exact. Under autocast the products run in
-    the autocast dtype; gradients come back in each input's dtype.
+    were ``revival[1]`` (left) / ``revival[2]`` (right), see ``GBLRLinear._revival_factors``.
+    Those rows are zero, so the forward and the content gradients are exact.
     """
 
     @staticmethod
-    def forward(ctx, x, left_t, right, materialise, rows, spike_left_t, spike_right):
+    def forward(ctx, x, u, v, in_width, in_location, out_width, out_location, layout, supports, revival):
         dtype = _compute_dtype(x)
-        ctx.dtypes = (x.dtype, left_t.dtype, right.dtype)
         with torch.autocast(x.device.type, enabled=False):
-            xc, lc, rc = x.to(dtype), left_t.to(dtype), right.to(dtype)
-            if materialise:
-                weight = lc.T @ rc
-                y = F.linear(xc, weight)
-                ctx.save_for_backward(xc, lc, rc, weight, rows, spike_left_t, spike_right)
+            xc, lc, rc = x.to(dtype), layout.left_t(u, supports, dtype), layout.right(v, supports, dtype)
+            if layout.materialise:
+                saved = lc.T @ rc  # the weight
+                y = F.linear(xc, saved)
             else:
-                hidden = F.linear(xc, rc)
-                y = hidden @ lc
-                ctx.save_for_backward(xc, lc, rc, hidden, rows, spike_left_t, spike_right)
-        ctx.materialise = materialise
+                saved = F.linear(xc, rc)  # the hidden activations (tokens, K*r)
+                y = saved @ lc
+        ctx.save_for_backward(xc, u, v, saved, *supports)
+        ctx.layout, ctx.revival, ctx.x_dtype = layout, revival, x.dtype
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, left_t, right, saved, rows, spike_left_t, spike_right = ctx.saved_tensors
-        x_dtype, left_dtype, right_dtype = ctx.dtypes
+        # Ordered so that few buffers of the factors' size are alive at once: each masked factor
+        # is rebuilt just before its last use, and each factor gradient becomes the gradient of
+        # u or v in place.
+        x, u, v, saved, *supports = ctx.saved_tensors
+        layout, revival = ctx.layout, ctx.revival
+        want_x, want_u, want_v = ctx.needs_input_grad[:3]
+        want_in, want_out = any(ctx.needs_input_grad[3:5]), any(ctx.needs_input_grad[5:7])
+        want_left, want_right = want_u or want_out, want_v or want_in
+        grad_x = grad_left_t = grad_right = None
         with torch.autocast(x.device.type, enabled=False):
             grad_y = grad_y.to(x.dtype)
             flat_x, flat_g = x.reshape(-1, x.shape[-1]), grad_y.reshape(-1, grad_y.shape[-1])
-            if ctx.materialise:
+            if layout.materialise:
+                grad_x = grad_y @ saved if want_x else None
                 grad_weight = flat_g.T @ flat_x  # (out, in)
-                grad_x = grad_y @ saved
-                grad_left_t = right @ grad_weight.T
-                grad_right = left_t @ grad_weight
-                if rows is not None:
-                    grad_left_t[rows] += spike_right.to(x.dtype) @ grad_weight.T
-                    grad_right[rows] += spike_left_t.to(x.dtype) @ grad_weight
+                if want_left:
+                    grad_left_t = layout.right(v, supports, x.dtype) @ grad_weight.T
+                    if revival is not None:
+                        grad_left_t[revival[0]] += revival[2].to(x.dtype) @ grad_weight.T
+                if want_right:
+                    grad_right = layout.left_t(u, supports, x.dtype) @ grad_weight
+                    if revival is not None:
+                        grad_right[revival[0]] += revival[1].to(x.dtype) @ grad_weight
+                del grad_weight
             else:
                 flat_hidden = saved.reshape(-1, saved.shape[-1])
-                grad_hidden = flat_g @ left_t.T  # (T, K*r)
-                grad_x = (grad_hidden @ right).reshape(x.shape)
-                grad_left_t = flat_hidden.T @ flat_g
-                grad_right = grad_hidden.T @ flat_x
-                if rows is not None:
-                    grad_left_t[rows] += (flat_x @ spike_right.to(x.dtype).T).T @ flat_g
-                    grad_right[rows] += (flat_g @ spike_left_t.to(x.dtype).T).T @ flat_x
-        return (grad_x.to(x_dtype), grad_left_t.to(left_dtype), grad_right.to(right_dtype), None, None, None, None)
+                grad_hidden = flat_g @ layout.left_t(u, supports, x.dtype).T  # (tokens, K*r)
+                if want_left:
+                    grad_left_t = flat_hidden.T @ flat_g
+                    if revival is not None:
+                        grad_left_t[revival[0]] += (flat_x @ revival[2].to(x.dtype).T).T @ flat_g
+                if want_x:
+                    grad_x = (grad_hidden @ layout.right(v, supports, x.dtype)).reshape(x.shape)
+                if want_right:
+                    grad_right = grad_hidden.T @ flat_x
+                    if revival is not None:
+                        grad_right[revival[0]] += (flat_g @ revival[1].to(x.dtype).T).T @ flat_x
+        grad_u, grad_out_width, grad_out_location = layout.left_backward(grad_left_t, u, supports, want_u, want_out)
+        del grad_left_t
+        grad_v, grad_in_width, grad_in_location = layout.right_backward(grad_right, v, supports, want_v, want_in)
+        if grad_x is not None:
+            grad_x = grad_x.to(ctx.x_dtype)
+        return (grad_x, grad_u, grad_v, grad_in_width, grad_in_location, grad_out_width, grad_out_location,
+                None, None, None)
+
+
+class _Layout:
+    """What :class:`_GBLRProduct` needs to know about a layer besides its tensors: sizes, sigma,
+    the precision of the mask math and whether to materialise the weight."""
+
+    def __init__(self, layer: "GBLRLinear", materialise: bool) -> None:
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.sigma, self.materialise = layer.sigma, materialise
+        self.table_dtype = layer.in_width.dtype
+
+    def left_t(self, u, supports, dtype=None):
+        """``(K*r, out)``: ``u`` masked, no gradient (in ``dtype`` if given)."""
+        left = apply_masks(u, self.out_features, self.sigma, supports[2], supports[3], 1, self.table_dtype)
+        left_t = left.transpose(1, 2).reshape(-1, self.out_features)
+        return left_t if dtype is None else left_t.to(dtype)
+
+    def right(self, v, supports, dtype=None):
+        """``(K*r, in)``: ``v`` masked, no gradient (in ``dtype`` if given)."""
+        right = apply_masks(v, self.in_features, self.sigma, supports[0], supports[1], 2, self.table_dtype)
+        right = right.reshape(-1, self.in_features)
+        return right if dtype is None else right.to(dtype)
+
+    def left_backward(self, grad_left_t, u, supports, want_u, want_structure):
+        if grad_left_t is None:
+            return None, None, None
+        K, m, r = u.shape
+        grad_left = grad_left_t.to(u.dtype).reshape(K, r, m).transpose(1, 2)
+        return apply_masks_backward(grad_left, u, m, self.sigma, supports[2], supports[3], 1, self.table_dtype,
+                                    want_u, want_structure, reuse_grad_out=True)
+
+    def right_backward(self, grad_right, v, supports, want_v, want_structure):
+        if grad_right is None:
+            return None, None, None
+        grad_right = grad_right.to(v.dtype).reshape(v.shape)
+        return apply_masks_backward(grad_right, v, self.in_features, self.sigma, supports[0], supports[1], 2,
+                                    self.table_dtype, want_v, want_structure, reuse_grad_out=True)
 
 
 class GBLRLinear(nn.Module):
@@ -243,12 +305,13 @@ class GBLRLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.in_features)
         supports = self.supports()
-        left_t, right = self._factors(supports)
         revival = None
         if torch.is_grad_enabled() and self.in_width.requires_grad:
             revival = self._revival_factors(supports)
         tokens = x.numel() // self.in_features
-        y = _BlockProduct.apply(x, left_t, right, self._materialise_is_cheaper(tokens), *(revival or (None,) * 3))
+        layout = _Layout(self, self._materialise_is_cheaper(tokens))
+        y = _GBLRProduct.apply(x, self.u, self.v, self.in_width, self.in_location, self.out_width, self.out_location,
+                               layout, supports, revival)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def _revival_factors(self, supports):
@@ -256,7 +319,7 @@ class GBLRLinear(nn.Module):
 
         For such a component the true gradient of either width is zero (the block is the product
         of two empty masks), so the proximal step could never let it grow back. The backward
-        pass (:class:`_BlockProduct`) routes to each empty mask the gradient it would get if its
+        pass (:class:`_GBLRProduct`) routes to each empty mask the gradient it would get if its
         partner were one element wide at its location (SPEC section 3: a pruned block must be
         able to grow back). The output and the content gradients are unchanged.
         """

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -108,10 +109,23 @@ def _gaussian(n: int, sigma: float | None, device: torch.device) -> torch.Tensor
     return torch.exp(-(k**2) / (2.0 * sigma**2))
 
 
+class _Tables(NamedTuple):
+    """Precomputed tables for one ``(n, sigma)`` (see :func:`_kernels`)."""
+
+    cumulative: torch.Tensor  # C(j - 2n) for j = 0 .. 3n
+    gradient: torch.Tensor  # q((j - 2n) mod n) for j = 0 .. 3n - 1
+    window: torch.Tensor | None  # q(j mod n) for j = -reach .. reach, or None: q is not narrow
+    reach: int
+
+    @property
+    def pad(self) -> int:
+        """Columns :func:`_edge_gradients` needs after a row's ``n`` gradient entries."""
+        return 0 if self.window is None else self.window.numel()
+
+
 @functools.lru_cache(maxsize=64)
-def _kernels(n: int, sigma: float | None, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tables for one (n, sigma), cached (layers of one width share them; read-only):
-    the cumulative smoothing kernel and the gradient kernel.
+def _kernels(n: int, sigma: float | None, device: torch.device, dtype: torch.dtype) -> _Tables:
+    """Tables for one (n, sigma), cached (layers of one width share them; read-only).
 
     ``cumulative[j]`` holds ``C(j - 2n)`` for ``j = 0 .. 3n``, where ``C(i) = sum_{t < i} h[t]``
     extended to all integers by ``C(i + n) = C(i) + sum(h)``; a mask row is
@@ -120,6 +134,11 @@ def _kernels(n: int, sigma: float | None, device: torch.device, dtype: torch.dty
     ``gradient[j]`` holds ``q((j - 2n) mod n)`` for ``j = 0 .. 3n - 1``, with
     ``q = irfft(g[k] / sinc(k/n) * exp(i pi k / n), n, norm="forward")``; the width gradient
     of a mask is ``q`` shifted to ``L + W``.
+
+    Once sigma is large enough for the smoothing to be narrow, ``q`` is negligible (below a tenth
+    of ``dtype``'s epsilon relative to its peak) beyond ``reach`` elements of 0; then ``window``
+    holds its ``2 reach + 1`` significant values and the edge gradients read only that many
+    elements around each edge instead of whole rows.
     """
     g = _gaussian(n, sigma, device)
     k = torch.arange(n // 2 + 1, device=device, dtype=torch.float64)
@@ -135,7 +154,14 @@ def _kernels(n: int, sigma: float | None, device: torch.device, dtype: torch.dty
     spectrum = g / _sinc(k / n) * torch.exp(1j * math.pi * k / n)
     q = torch.fft.irfft(spectrum, n=n, norm="forward")
     gradient = q.repeat(3)
-    return cumulative.to(dtype), gradient.to(dtype)
+    offsets = torch.arange(n, device=device)
+    distance = torch.minimum(offsets, n - offsets)  # cyclic distance from 0
+    significant = q.abs() > 0.1 * torch.finfo(dtype).eps * q.abs().max()
+    reach = int(distance[significant].max()) if significant.any() else 0
+    window = None
+    if 4 * (2 * reach + 1) <= n:  # worth it: a quarter of a row or less
+        window = q[torch.remainder(torch.arange(-reach, reach + 1, device=device), n)].to(dtype)
+    return _Tables(cumulative.to(dtype), gradient.to(dtype), window, reach)
 
 
 _CHUNK_ELEMENTS = 1 << 18  # rows of scratch work per step
@@ -166,15 +192,27 @@ def _mask_rows(cumulative, w, l, n, out, scratch):
     return out.sub_(_windows(cumulative, 2 * n + 1 - l - w, n, out=scratch))
 
 
-def _edge_gradients(gradient, w, l, n, grad_mask, scratch, width_out, location_out) -> None:
-    """Width and location gradients of mask rows given ``grad_mask`` for them.
+def _edge_gradients(tables: _Tables, w, l, n, padded, scratch, width_out, location_out) -> None:
+    """Width and location gradients of mask rows from their gradient, which fills the first ``n``
+    columns of ``padded`` (``(rows, n + tables.pad)``; the pad is scratch space).
 
-    ``d mask[t] / dw = q((t - L - W) mod n)`` and ``d mask[t] / dl = d mask[t] / dw - q((t - L) mod n)``;
-    the gradient table's index ``j`` holds ``q((j - 2n) mod n)``, so the row for shift ``s`` starts
-    at ``2n - s``.
+    ``d mask[t] / dw = q((t - L - W) mod n)`` and ``d mask[t] / dl = d mask[t] / dw - q((t - L) mod n)``.
+    With a narrow ``q`` (``tables.window``) only the ``2 reach + 1`` elements around each edge
+    are read: the row's start is repeated in the pad, so each edge's elements are one contiguous
+    run. Otherwise whole rows of the gradient table are read, whose index ``j`` holds
+    ``q((j - 2n) mod n)``, so the row for shift ``s`` starts at ``2n - s``.
     """
-    torch.sum(_windows(gradient, 2 * n - l - w, n, out=scratch).mul_(grad_mask), 1, out=width_out)
-    left_edge = torch.sum(_windows(gradient, 2 * n - l, n, out=scratch).mul_(grad_mask), 1)
+    if tables.window is not None:
+        span = tables.pad
+        padded[:, n:].copy_(padded[:, :span])
+        starts = torch.remainder(torch.stack((l + w, l), 1) - tables.reach, n)  # right edge, left edge
+        near = (starts[:, :, None] + torch.arange(span, device=w.device)).reshape(w.shape[0], -1)
+        sums = torch.gather(padded, 1, near).reshape(w.shape[0], 2, span) @ tables.window
+        width_out.copy_(sums[:, 0])
+        torch.sub(sums[:, 0], sums[:, 1], out=location_out)
+        return
+    torch.sum(_windows(tables.gradient, 2 * n - l - w, n, out=scratch).mul_(padded), 1, out=width_out)
+    left_edge = torch.sum(_windows(tables.gradient, 2 * n - l, n, out=scratch).mul_(padded), 1)
     torch.sub(width_out, left_edge, out=location_out)
 
 
@@ -183,65 +221,99 @@ class _GaudiMask(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, width, location, n, sigma, w, l):  # noqa: D401 - autograd signature
-        cumulative, gradient = _kernels(n, sigma, width.device, width.dtype)
-        mask = cumulative.new_empty(w.shape[0], n)
+        tables = _kernels(n, sigma, width.device, width.dtype)
+        mask = tables.cumulative.new_empty(w.shape[0], n)
         for rows, scratch in _chunks(mask.shape[0], n, mask):
-            _mask_rows(cumulative, w[rows], l[rows], n, mask[rows], scratch)
-        ctx.save_for_backward(w, l, gradient)
-        ctx.n = n
+            _mask_rows(tables.cumulative, w[rows], l[rows], n, mask[rows], scratch)
+        ctx.save_for_backward(w, l)
+        ctx.n, ctx.tables = n, tables
         return mask
 
     @staticmethod
     def backward(ctx, grad_mask):
-        w, l, gradient = ctx.saved_tensors
-        n = ctx.n
-        grad_mask = grad_mask.to(gradient.dtype)
+        w, l = ctx.saved_tensors
+        n, tables = ctx.n, ctx.tables
+        grad_mask = grad_mask.to(tables.gradient.dtype)
         grad_width = grad_mask.new_empty(grad_mask.shape[0])
         grad_location = grad_mask.new_empty(grad_mask.shape[0])
         for rows, scratch in _chunks(grad_mask.shape[0], n, grad_mask):
-            _edge_gradients(gradient, w[rows], l[rows], n, grad_mask[rows], scratch, grad_width[rows], grad_location[rows])
+            padded = grad_mask[rows]
+            if tables.pad:
+                padded = grad_mask.new_empty(padded.shape[0], n + tables.pad)
+                padded[:, :n] = grad_mask[rows]
+            _edge_gradients(tables, w[rows], l[rows], n, padded, scratch, grad_width[rows], grad_location[rows])
         return grad_width, grad_location, None, None, None, None
 
 
-class _MaskedFactor(torch.autograd.Function):
-    """``values * mask`` for ``values`` of shape ``(K, a, b)`` and the Gaudi masks of
-    ``(width, location)`` along dimension ``mask_dim`` (1 or 2) of it.
+def apply_masks(values, n, sigma, w, l, mask_dim, table_dtype):
+    """``values * mask`` for ``values`` of shape ``(K, a, b)`` and the Gaudi masks of the rounded
+    supports ``(w, l)`` along dimension ``mask_dim`` (1 or 2); no gradient. The masks are built
+    chunk by chunk in a small buffer and never stored (``table_dtype``: float32 or float64, the
+    precision of the mask math)."""
+    cumulative = _kernels(n, sigma, values.device, table_dtype).cumulative
+    out = torch.empty_like(values)
+    for rows, mask, scratch in _factor_chunks(values, n, cumulative):
+        _mask_rows(cumulative, w[rows], l[rows], n, mask, scratch)
+        torch.mul(values[rows], _along(mask, mask_dim).to(values.dtype), out=out[rows])
+    return out
 
-    The masks are built chunk by chunk in a small buffer and never stored: the backward pass
-    rebuilds them from the tables. Compared with a mask tensor followed by a multiplication this
-    saves two passes over ``K x n`` memory each way and keeps nothing of that size for backward.
-    """
+
+def apply_masks_backward(grad_out, values, n, sigma, w, l, mask_dim, table_dtype, want_values, want_structure,
+                         reuse_grad_out=False):
+    """Gradients ``(values, width, location)`` of :func:`apply_masks` given ``grad_out``; the
+    masks are rebuilt from the tables. Entries not wanted are None. ``reuse_grad_out``: the
+    values' gradient overwrites ``grad_out`` (one buffer of the factor's size fewer)."""
+    tables = _kernels(n, sigma, values.device, table_dtype)
+    grad_values = None
+    if want_values:
+        grad_values = grad_out if reuse_grad_out else torch.empty_like(values)
+    grad_width = grad_location = None
+    if want_structure:
+        grad_width = tables.cumulative.new_empty(values.shape[0])
+        grad_location = tables.cumulative.new_empty(values.shape[0])
+    if not (want_values or want_structure):
+        return grad_values, grad_width, grad_location
+    other = 3 - mask_dim  # the dimension the mask does not vary along
+    padded_rows = None
+    for rows, mask, scratch in _factor_chunks(values, n, tables.cumulative):
+        if want_structure:  # before grad_out[rows] may be overwritten
+            if padded_rows is None:
+                padded_rows = mask.new_empty(mask.shape[0], n + tables.pad)
+            padded = padded_rows[: mask.shape[0]]
+            grad_mask = padded[:, :n].unsqueeze(other)
+            if values.shape[other] == 1:  # rank 1: nothing to sum over
+                torch.mul(grad_out[rows], values[rows], out=grad_mask)
+            else:
+                torch.sum(grad_out[rows] * values[rows], other, keepdim=True, out=grad_mask)
+            _edge_gradients(tables, w[rows], l[rows], n, padded, scratch, grad_width[rows], grad_location[rows])
+        if want_values:
+            _mask_rows(tables.cumulative, w[rows], l[rows], n, mask, scratch)
+            mask = _along(mask, mask_dim).to(grad_out.dtype)
+            if reuse_grad_out:
+                grad_values[rows].mul_(mask)
+            else:
+                torch.mul(grad_out[rows], mask, out=grad_values[rows])
+    return grad_values, grad_width, grad_location
+
+
+class _MaskedFactor(torch.autograd.Function):
+    """:func:`apply_masks` with gradients: compared with a mask tensor followed by a
+    multiplication this saves two passes over ``K x n`` memory each way and keeps nothing of
+    that size for backward."""
 
     @staticmethod
     def forward(ctx, values, width, location, n, sigma, w, l, mask_dim):  # noqa: D401 - autograd signature
-        cumulative, gradient = _kernels(n, sigma, width.device, width.dtype)
-        out = torch.empty_like(values)
-        for rows, mask, scratch in _factor_chunks(values, n, cumulative):
-            _mask_rows(cumulative, w[rows], l[rows], n, mask, scratch)
-            torch.mul(values[rows], _along(mask, mask_dim).to(values.dtype), out=out[rows])
-        ctx.save_for_backward(values, w, l, cumulative, gradient)
-        ctx.n, ctx.mask_dim = n, mask_dim
-        return out
+        ctx.save_for_backward(values, w, l)
+        ctx.n, ctx.sigma, ctx.mask_dim, ctx.table_dtype = n, sigma, mask_dim, width.dtype
+        return apply_masks(values, n, sigma, w, l, mask_dim, width.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        values, w, l, cumulative, gradient = ctx.saved_tensors
-        n, mask_dim = ctx.n, ctx.mask_dim
-        want_values, want_structure = ctx.needs_input_grad[0], ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        grad_values = torch.empty_like(values) if want_values else None
-        grad_width = grad_location = None
-        if want_structure:
-            grad_width = cumulative.new_empty(values.shape[0])
-            grad_location = cumulative.new_empty(values.shape[0])
-        other = 3 - mask_dim  # the dimension the mask does not vary along
-        for rows, mask, scratch in _factor_chunks(values, n, cumulative):
-            _mask_rows(cumulative, w[rows], l[rows], n, mask, scratch)
-            if want_values:
-                torch.mul(grad_out[rows], _along(mask, mask_dim).to(grad_out.dtype), out=grad_values[rows])
-            if want_structure:
-                grad_mask = (grad_out[rows] * values[rows]).sum(other).to(mask.dtype)
-                _edge_gradients(gradient, w[rows], l[rows], n, grad_mask, scratch, grad_width[rows], grad_location[rows])
-        return grad_values, grad_width, grad_location, None, None, None, None, None
+        values, w, l = ctx.saved_tensors
+        want_structure = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        grads = apply_masks_backward(grad_out, values, ctx.n, ctx.sigma, w, l, ctx.mask_dim, ctx.table_dtype,
+                                     ctx.needs_input_grad[0], want_structure)
+        return (*grads, None, None, None, None, None)
 
 
 def _along(mask: torch.Tensor, mask_dim: int) -> torch.Tensor:
