@@ -10,6 +10,12 @@ rank-1 components, sigma = 10, widths uniform in [0.3, 0.7], random locations. B
 interleaved in one process on the same input; the table gives medians and the ratio GBLR /
 dense. Peak memory = parameters + input + upstream gradient + the largest growth of allocated
 memory during the step (the profiler's allocation events).
+
+End to end (``--model-steps``, default 40): training steps of the Fashion-MNIST ViT recipe
+(`gblr train`'s default architecture, batch 128, AdamW) with dense layers and with GBLR layers at
+FLOPs target 0.3 mid-way through structure learning (the StructureLearner's step included), in
+alternating blocks of 5 steps; an epoch is 468 such steps, so the ratio of step times is the
+ratio of epoch times.
 Writes docs/benchmarks/training.{json,md}.
 """
 
@@ -23,6 +29,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 import gblr
+from gblr.recipes.models import build_model
 
 SHAPES = [(768, 3072), (3072, 768)]
 TOKENS = [64, 4096]
@@ -69,10 +76,38 @@ def peak_bytes(layer: nn.Module, x: torch.Tensor, grad_y: torch.Tensor) -> int:
     return sum(storages.values()) + growth
 
 
+def model_steps(steps: int, block: int = 5) -> dict:
+    """Median seconds per training step of the ViT recipe, dense and GBLR (see the docstring)."""
+    runs = {}
+    for layer in ("dense", "gblr"):
+        torch.manual_seed(0)
+        model = build_model("vit", (1, 28, 28), 10, layer=layer, flops_ratio=0.3)
+        optimizer = torch.optim.AdamW(gblr.param_groups(model, lr=2e-3, weight_decay=0.05))
+        learner = None
+        if layer == "gblr":  # 10 epochs' worth of steps, starting in the middle of the structure phase
+            learner = gblr.StructureLearner(model, optimizer, 0.3, total_steps=4680)
+            learner.step_count = 1800
+        images, labels = torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,))
+
+        def run(model=model, optimizer=optimizer, learner=learner, images=images, labels=labels):
+            for _ in range(block):
+                loss = torch.nn.functional.cross_entropy(model(images), labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                if learner is not None:
+                    learner.step()
+
+        runs[layer] = run
+    samples = time_interleaved(runs, repeats=max(1, steps // block))
+    return {name: median_ms(times) / block for name, times in samples.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--model-steps", type=int, default=40)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -100,6 +135,9 @@ def main() -> None:
                 print(f"{row['shape']:>9} tokens {tokens:5d} {case:5}: dense {dense_ms:7.2f} ms, GBLR {gblr_ms:7.2f} ms "
                       f"({row['time_ratio']:.2f}x, {row['path']}), peak {peaks['dense']:.1f} / {peaks['gblr']:.1f} MB "
                       f"({row['memory_ratio']:.2f}x)", flush=True)
+    model = model_steps(args.model_steps)
+    model["ratio"] = model["gblr"] / model["dense"]
+    print(f"ViT recipe step: dense {model['dense']:.1f} ms, GBLR {model['gblr']:.1f} ms ({model['ratio']:.2f}x)")
     lines = [
         "# Training step: GBLRLinear vs nn.Linear",
         "",
@@ -119,6 +157,20 @@ def main() -> None:
         f"({r['memory_ratio']:.2f}x) |"
         for r in rows
     ]
+    lines += [
+        "",
+        "## End to end: the Fashion-MNIST ViT recipe",
+        "",
+        f"Training step (forward, backward, AdamW, structural step) of `gblr train`'s default ViT, batch 128, "
+        f"median over {args.model_steps} steps in alternating blocks of 5; GBLR at FLOPs target 0.3, mid-way "
+        "through structure learning. An epoch is 468 steps, so the step ratio is the epoch-time ratio.",
+        "",
+        "| layers | ms per step | epoch time vs dense |",
+        "|---|---:|---:|",
+        f"| dense | {model['dense']:.1f} | 1.00x |",
+        f"| GBLR | {model['gblr']:.1f} | {model['ratio']:.2f}x |",
+    ]
+    rows.append({"shape": "vit-recipe", "dense_ms": model["dense"], "gblr_ms": model["gblr"], "time_ratio": model["ratio"]})
     json_path, md_path = write_outputs("training", rows, "\n".join(lines) + "\n")
     print(f"wrote {md_path} and {json_path}")
 

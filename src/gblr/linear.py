@@ -40,7 +40,8 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 class _GBLRProduct(torch.autograd.Function):
     """``y = x @ W.T`` for ``W = left_t.T @ right``, where ``left_t`` and ``right`` are the factors
     ``u`` and ``v`` masked by the Gaudi masks of the structural parameters; gradients for ``x``,
-    ``u``, ``v`` and the four structural parameters.
+    ``u``, ``v``, the bias (added inside the product, as ``nn.Linear``'s addmm does) and the
+    four structural parameters.
 
     One function for masks and product so that nothing of the factors' size is kept for
     backward: the masked factors are rebuilt from ``u``, ``v`` and the supports (elementwise
@@ -55,18 +56,20 @@ class _GBLRProduct(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, u, v, in_width, in_location, out_width, out_location, layout, supports, revival):
+    def forward(ctx, x, u, v, bias, in_width, in_location, out_width, out_location, layout, supports, revival):
         dtype = _compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             xc, lc, rc = x.to(dtype), layout.left_t(u, supports, dtype), layout.right(v, supports, dtype)
+            bc = None if bias is None else bias.to(dtype)
             if layout.materialise:
                 saved = lc.T @ rc  # the weight
-                y = F.linear(xc, saved)
+                y = F.linear(xc, saved, bc)
             else:
                 saved = F.linear(xc, rc)  # the hidden activations (tokens, K*r)
-                y = saved @ lc
+                y = F.linear(saved, lc.T, bc)
         ctx.save_for_backward(xc, u, v, saved, *supports)
         ctx.layout, ctx.revival, ctx.x_dtype = layout, revival, x.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
         return y
 
     @staticmethod
@@ -76,13 +79,15 @@ class _GBLRProduct(torch.autograd.Function):
         # u or v in place.
         x, u, v, saved, *supports = ctx.saved_tensors
         layout, revival = ctx.layout, ctx.revival
-        want_x, want_u, want_v = ctx.needs_input_grad[:3]
-        want_in, want_out = any(ctx.needs_input_grad[3:5]), any(ctx.needs_input_grad[5:7])
+        want_x, want_u, want_v, want_bias = ctx.needs_input_grad[:4]
+        want_in, want_out = any(ctx.needs_input_grad[4:6]), any(ctx.needs_input_grad[6:8])
         want_left, want_right = want_u or want_out, want_v or want_in
-        grad_x = grad_left_t = grad_right = None
+        grad_x = grad_left_t = grad_right = grad_bias = None
         with torch.autocast(x.device.type, enabled=False):
             grad_y = grad_y.to(x.dtype)
             flat_x, flat_g = x.reshape(-1, x.shape[-1]), grad_y.reshape(-1, grad_y.shape[-1])
+            if want_bias:
+                grad_bias = flat_g.sum(0).to(ctx.bias_dtype)
             if layout.materialise:
                 grad_x = grad_y @ saved if want_x else None
                 grad_weight = flat_g.T @ flat_x  # (out, in)
@@ -113,8 +118,8 @@ class _GBLRProduct(torch.autograd.Function):
         grad_v, grad_in_width, grad_in_location = layout.right_backward(grad_right, v, supports, want_v, want_in)
         if grad_x is not None:
             grad_x = grad_x.to(ctx.x_dtype)
-        return (grad_x, grad_u, grad_v, grad_in_width, grad_in_location, grad_out_width, grad_out_location,
-                None, None, None)
+        return (grad_x, grad_u, grad_v, grad_bias, grad_in_width, grad_in_location, grad_out_width,
+                grad_out_location, None, None, None)
 
 
 class _Layout:
@@ -275,16 +280,8 @@ class GBLRLinear(nn.Module):
         mask_out = mask_from_supports(self.out_width, self.out_location, self.out_features, self.sigma, w_out, l_out)
         return mask_in, mask_out
 
-    def _masked_factors(self, mask_in: torch.Tensor, mask_out: torch.Tensor, index=None):
-        """``left_t (K*r, out)`` and ``right (K*r, in)`` with ``W = left_t.T @ right`` from given
-        masks; only the components in ``index`` if given."""
-        u, v = (self.u, self.v) if index is None else (self.u[index], self.v[index])
-        left_t = (u * mask_out.to(u.dtype)[:, :, None]).transpose(1, 2).reshape(-1, self.out_features)
-        right = (v * mask_in.to(v.dtype)[:, None, :]).reshape(-1, self.in_features)
-        return left_t, right
-
     def _factors(self, supports):
-        """``left_t`` and ``right`` as in :meth:`_masked_factors`, with the masks applied on the
+        """``left_t (K*r, out)`` and ``right (K*r, in)`` with ``W = left_t.T @ right``, the masks applied on the
         fly (:func:`gblr.masks.masked_factor`: no mask tensors, nothing of their size kept for
         backward). For rank 1 no copy is made beyond the masking."""
         w_in, l_in, w_out, l_out = supports
@@ -310,9 +307,8 @@ class GBLRLinear(nn.Module):
             revival = self._revival_factors(supports)
         tokens = x.numel() // self.in_features
         layout = _Layout(self, self._materialise_is_cheaper(tokens))
-        y = _GBLRProduct.apply(x, self.u, self.v, self.in_width, self.in_location, self.out_width, self.out_location,
-                               layout, supports, revival)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+        return _GBLRProduct.apply(x, self.u, self.v, self.bias, self.in_width, self.in_location, self.out_width,
+                                  self.out_location, layout, supports, revival)
 
     def _revival_factors(self, supports):
         """Surrogate partners for components whose two widths are both zero, or None.
@@ -328,14 +324,11 @@ class GBLRLinear(nn.Module):
         if dead.numel() == 0:
             return None
         with torch.no_grad():
-            one = torch.ones_like(dead)
-            spike_in = mask_from_supports(
-                self.in_width[dead], self.in_location[dead], self.in_features, self.sigma, one, l_in[dead]
-            )
-            spike_out = mask_from_supports(
-                self.out_width[dead], self.out_location[dead], self.out_features, self.sigma, one, l_out[dead]
-            )
-            spike_left_t, spike_right = self._masked_factors(spike_in, spike_out, dead)
+            one, table_dtype = torch.ones_like(dead), self.in_width.dtype
+            spike_left = apply_masks(self.u[dead], self.out_features, self.sigma, one, l_out[dead], 1, table_dtype)
+            spike_right = apply_masks(self.v[dead], self.in_features, self.sigma, one, l_in[dead], 2, table_dtype)
+            spike_left_t = spike_left.transpose(1, 2).reshape(-1, self.out_features)
+            spike_right = spike_right.reshape(-1, self.in_features)
         rows = (dead[:, None] * self.rank + torch.arange(self.rank, device=dead.device)).flatten()
         return rows, spike_left_t, spike_right
 
