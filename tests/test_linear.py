@@ -137,6 +137,15 @@ def test_bfloat16_autocast_keeps_mask_math_in_float32():
     assert mask_in.dtype == torch.float32
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), layer(x), rtol=5e-2, atol=5e-2)
+    # backward: gradients in each parameter's own dtype, close to the float32 ones
+    y.float().square().sum().backward()
+    low = {name: p.grad.clone() for name, p in layer.named_parameters()}
+    layer.zero_grad()
+    layer(x).square().sum().backward()
+    for name, p in layer.named_parameters():
+        assert low[name].dtype == p.dtype == torch.float32, name
+        scale = p.grad.abs().max()
+        torch.testing.assert_close(low[name], p.grad, rtol=0, atol=3e-2 * scale, msg=name)
 
 
 @settings(max_examples=25, deadline=None)

@@ -138,7 +138,8 @@ def _kernels(n: int, sigma: float | None, device: torch.device, dtype: torch.dty
     Once sigma is large enough for the smoothing to be narrow, ``q`` is negligible (below a tenth
     of ``dtype``'s epsilon relative to its peak) beyond ``reach`` elements of 0; then ``window``
     holds its ``2 reach + 1`` significant values and the edge gradients read only that many
-    elements around each edge instead of whole rows.
+    elements around each edge instead of whole rows (not under ``torch.compile``, which traces
+    this function instead of calling it).
     """
     g = _gaussian(n, sigma, device)
     k = torch.arange(n // 2 + 1, device=device, dtype=torch.float64)
@@ -154,6 +155,8 @@ def _kernels(n: int, sigma: float | None, device: torch.device, dtype: torch.dty
     spectrum = g / _sinc(k / n) * torch.exp(1j * math.pi * k / n)
     q = torch.fft.irfft(spectrum, n=n, norm="forward")
     gradient = q.repeat(3)
+    if torch.compiler.is_compiling():  # finding the reach depends on the data: a graph break per call
+        return _Tables(cumulative.to(dtype), gradient.to(dtype), None, n // 2)
     offsets = torch.arange(n, device=device)
     distance = torch.minimum(offsets, n - offsets)  # cyclic distance from 0
     significant = q.abs() > 0.1 * torch.finfo(dtype).eps * q.abs().max()

@@ -200,8 +200,8 @@ def fit(config: TrainConfig) -> tuple[nn.Module, dict]:
     if steps_per_epoch == 0:
         raise ValueError(f"batch_size={config.batch_size} is larger than the training set ({len(data.train_images)})")
     total_steps = steps_per_epoch * config.epochs
-    optimizer = torch.optim.AdamW(
-        param_groups(model, lr=config.lr, struct_lr=config.struct_lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(  # foreach: one call per group instead of one per tensor (also on CPU)
+        param_groups(model, lr=config.lr, struct_lr=config.struct_lr, weight_decay=config.weight_decay), foreach=True
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _schedule(total_steps, int(config.warmup_epochs * steps_per_epoch))
