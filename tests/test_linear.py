@@ -311,25 +311,29 @@ def test_revival_gives_dead_components_a_width_gradient(materialise):
     set_structure(layer, [0, 5, 16], [3, 1, 0], [0, 4, 12], [7, 2, 0])  # component 0 is fully pruned
     reference = copy.deepcopy(layer)
     reference._materialise_is_cheaper = lambda tokens: materialise
-    x = torch.randn(10, 16, dtype=torch.float64)
+    x = torch.randn(10, 16, dtype=torch.float64, requires_grad=True)
     target = torch.randn(10, 12, dtype=torch.float64)
     F.mse_loss(layer(x), target).backward()
+    x_grad, x.grad = x.grad, None
     assert layer.in_width.grad[0] != 0 and layer.out_width.grad[0] != 0
-    # The revival term changes nothing else: same output, same gradients for the live parts.
+    # Revival changes nothing else: same output, same gradients for the input and the live parts.
     with torch.no_grad():
         torch.testing.assert_close(layer(x), reference(x))
     reference.requires_grad_(True)
     loss = F.mse_loss(F.linear(x, reference.weight, reference.bias), target)
     loss.backward()
+    torch.testing.assert_close(x_grad, x.grad)
     for name in ("u", "v", "bias"):
         torch.testing.assert_close(getattr(layer, name).grad, getattr(reference, name).grad)
-    torch.testing.assert_close(layer.in_width.grad[1:], reference.in_width.grad[1:])
-    # The gradient is the one the empty mask would get with a one-element partner.
-    with torch.no_grad():
-        set_structure(reference, [0, 5, 16], [3, 1, 0], [1, 4, 12], [7, 2, 0])
-    reference.zero_grad()
-    F.mse_loss(reference(x), target).backward()
-    torch.testing.assert_close(layer.in_width.grad[0], reference.in_width.grad[0])
+    for name in ("in_width", "in_location", "out_width", "out_location"):
+        torch.testing.assert_close(getattr(layer, name).grad[1:], getattr(reference, name).grad[1:])
+    # Each empty mask gets the gradient it would get beside a one-element partner.
+    for out_widths, in_widths, name in (([1, 4, 12], [0, 5, 16], "in_width"), ([0, 4, 12], [1, 5, 16], "out_width")):
+        with torch.no_grad():
+            set_structure(reference, in_widths, [3, 1, 0], out_widths, [7, 2, 0])
+        reference.zero_grad()
+        F.mse_loss(reference(x), target).backward()
+        torch.testing.assert_close(getattr(layer, name).grad[0], getattr(reference, name).grad[0])
 
 
 def test_a_pruned_block_can_grow_back_under_gradient_descent():

@@ -49,26 +49,31 @@ class _GBLRProduct(torch.autograd.Function):
     products (``layout.materialise``). Under autocast the products run in the autocast dtype;
     gradients come back in each input's dtype.
 
-    Rows ``revival[0]`` of the masked factors belong to components whose masks are both empty;
-    the backward pass adds to their factor gradients what they would be if the partner factor
-    were ``revival[1]`` (left) / ``revival[2]`` (right), see ``GBLRLinear._revival_factors``.
-    Those rows are zero, so the forward and the content gradients are exact.
+    Revival (``GBLRLinear._revived_widths``): ``revived`` holds the in and out widths with every
+    component whose two masks are both empty widened to one element. Wherever a masked factor
+    only serves as the *partner* of the other factor's gradient, it is built with these widths,
+    so an empty mask's gradient is the one it would get beside a one-element partner. Wherever
+    a product reaches the output or the input gradient, one of its two factors is built with
+    the true (empty) widths, so the output and every content gradient are exact.
     """
 
     @staticmethod
-    def forward(ctx, x, u, v, bias, in_width, in_location, out_width, out_location, layout, supports, revival):
+    def forward(ctx, x, u, v, bias, in_width, in_location, out_width, out_location, layout, supports, revived):
         dtype = _compute_dtype(x)
+        w_in, l_in, w_out, l_out = supports
+        revived_in, revived_out = (w_in, w_out) if revived is None else revived
         with torch.autocast(x.device.type, enabled=False):
-            xc, lc, rc = x.to(dtype), layout.left_t(u, supports, dtype), layout.right(v, supports, dtype)
-            bc = None if bias is None else bias.to(dtype)
+            xc, bc = x.to(dtype), None if bias is None else bias.to(dtype)
+            lc = layout.left_t(u, w_out, l_out, dtype)  # true widths: the output is exact
+            rc = layout.right(v, revived_in, l_in, dtype)
             if layout.materialise:
                 saved = lc.T @ rc  # the weight
                 y = F.linear(xc, saved, bc)
             else:
                 saved = F.linear(xc, rc)  # the hidden activations (tokens, K*r)
                 y = F.linear(saved, lc.T, bc)
-        ctx.save_for_backward(xc, u, v, saved, *supports)
-        ctx.layout, ctx.revival, ctx.x_dtype = layout, revival, x.dtype
+        ctx.save_for_backward(xc, u, v, saved, w_in, l_in, w_out, l_out, revived_in, revived_out)
+        ctx.layout, ctx.x_dtype = layout, x.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y
 
@@ -77,8 +82,8 @@ class _GBLRProduct(torch.autograd.Function):
         # Ordered so that few buffers of the factors' size are alive at once: each masked factor
         # is rebuilt just before its last use, and each factor gradient becomes the gradient of
         # u or v in place.
-        x, u, v, saved, *supports = ctx.saved_tensors
-        layout, revival = ctx.layout, ctx.revival
+        x, u, v, saved, w_in, l_in, w_out, l_out, revived_in, revived_out = ctx.saved_tensors
+        layout = ctx.layout
         want_x, want_u, want_v, want_bias = ctx.needs_input_grad[:4]
         want_in, want_out = any(ctx.needs_input_grad[4:6]), any(ctx.needs_input_grad[6:8])
         want_left, want_right = want_u or want_out, want_v or want_in
@@ -92,30 +97,22 @@ class _GBLRProduct(torch.autograd.Function):
                 grad_x = grad_y @ saved if want_x else None
                 grad_weight = flat_g.T @ flat_x  # (out, in)
                 if want_left:
-                    grad_left_t = layout.right(v, supports, x.dtype) @ grad_weight.T
-                    if revival is not None:
-                        grad_left_t[revival[0]] += revival[2].to(x.dtype) @ grad_weight.T
+                    grad_left_t = layout.right(v, revived_in, l_in, x.dtype) @ grad_weight.T
                 if want_right:
-                    grad_right = layout.left_t(u, supports, x.dtype) @ grad_weight
-                    if revival is not None:
-                        grad_right[revival[0]] += revival[1].to(x.dtype) @ grad_weight
+                    grad_right = layout.left_t(u, revived_out, l_out, x.dtype) @ grad_weight
                 del grad_weight
             else:
-                flat_hidden = saved.reshape(-1, saved.shape[-1])
-                grad_hidden = flat_g @ layout.left_t(u, supports, x.dtype).T  # (tokens, K*r)
+                flat_hidden = saved.reshape(-1, saved.shape[-1])  # made with the revived in-widths
+                grad_hidden = flat_g @ layout.left_t(u, revived_out, l_out, x.dtype).T  # (tokens, K*r)
                 if want_left:
                     grad_left_t = flat_hidden.T @ flat_g
-                    if revival is not None:
-                        grad_left_t[revival[0]] += (flat_x @ revival[2].to(x.dtype).T).T @ flat_g
-                if want_x:
-                    grad_x = (grad_hidden @ layout.right(v, supports, x.dtype)).reshape(x.shape)
+                if want_x:  # true in-widths: the input gradient is exact
+                    grad_x = (grad_hidden @ layout.right(v, w_in, l_in, x.dtype)).reshape(x.shape)
                 if want_right:
                     grad_right = grad_hidden.T @ flat_x
-                    if revival is not None:
-                        grad_right[revival[0]] += (flat_g @ revival[1].to(x.dtype).T).T @ flat_x
-        grad_u, grad_out_width, grad_out_location = layout.left_backward(grad_left_t, u, supports, want_u, want_out)
+        grad_u, grad_out_width, grad_out_location = layout.left_backward(grad_left_t, u, w_out, l_out, want_u, want_out)
         del grad_left_t
-        grad_v, grad_in_width, grad_in_location = layout.right_backward(grad_right, v, supports, want_v, want_in)
+        grad_v, grad_in_width, grad_in_location = layout.right_backward(grad_right, v, w_in, l_in, want_v, want_in)
         if grad_x is not None:
             grad_x = grad_x.to(ctx.x_dtype)
         return (grad_x, grad_u, grad_v, grad_bias, grad_in_width, grad_in_location, grad_out_width,
@@ -124,38 +121,37 @@ class _GBLRProduct(torch.autograd.Function):
 
 class _Layout:
     """What :class:`_GBLRProduct` needs to know about a layer besides its tensors: sizes, sigma,
-    the precision of the mask math and whether to materialise the weight."""
+    the precision of the mask math and whether to materialise the weight. Widths and locations
+    are rounded supports in elements (:func:`gblr.masks.element_supports`)."""
 
     def __init__(self, layer: "GBLRLinear", materialise: bool) -> None:
         self.in_features, self.out_features = layer.in_features, layer.out_features
         self.sigma, self.materialise = layer.sigma, materialise
         self.table_dtype = layer.in_width.dtype
 
-    def left_t(self, u, supports, dtype=None):
-        """``(K*r, out)``: ``u`` masked, no gradient (in ``dtype`` if given)."""
-        left = apply_masks(u, self.out_features, self.sigma, supports[2], supports[3], 1, self.table_dtype)
-        left_t = left.transpose(1, 2).reshape(-1, self.out_features)
-        return left_t if dtype is None else left_t.to(dtype)
+    def left_t(self, u, widths, locations, dtype):
+        """``(K*r, out)``: ``u`` masked along its rows, no gradient, in ``dtype``."""
+        left = apply_masks(u, self.out_features, self.sigma, widths, locations, 1, self.table_dtype)
+        return left.transpose(1, 2).reshape(-1, self.out_features).to(dtype)
 
-    def right(self, v, supports, dtype=None):
-        """``(K*r, in)``: ``v`` masked, no gradient (in ``dtype`` if given)."""
-        right = apply_masks(v, self.in_features, self.sigma, supports[0], supports[1], 2, self.table_dtype)
-        right = right.reshape(-1, self.in_features)
-        return right if dtype is None else right.to(dtype)
+    def right(self, v, widths, locations, dtype):
+        """``(K*r, in)``: ``v`` masked along its columns, no gradient, in ``dtype``."""
+        right = apply_masks(v, self.in_features, self.sigma, widths, locations, 2, self.table_dtype)
+        return right.reshape(-1, self.in_features).to(dtype)
 
-    def left_backward(self, grad_left_t, u, supports, want_u, want_structure):
+    def left_backward(self, grad_left_t, u, widths, locations, want_u, want_structure):
         if grad_left_t is None:
             return None, None, None
         K, m, r = u.shape
         grad_left = grad_left_t.to(u.dtype).reshape(K, r, m).transpose(1, 2)
-        return apply_masks_backward(grad_left, u, m, self.sigma, supports[2], supports[3], 1, self.table_dtype,
+        return apply_masks_backward(grad_left, u, m, self.sigma, widths, locations, 1, self.table_dtype,
                                     want_u, want_structure, reuse_grad_out=True)
 
-    def right_backward(self, grad_right, v, supports, want_v, want_structure):
+    def right_backward(self, grad_right, v, widths, locations, want_v, want_structure):
         if grad_right is None:
             return None, None, None
         grad_right = grad_right.to(v.dtype).reshape(v.shape)
-        return apply_masks_backward(grad_right, v, self.in_features, self.sigma, supports[0], supports[1], 2,
+        return apply_masks_backward(grad_right, v, self.in_features, self.sigma, widths, locations, 2,
                                     self.table_dtype, want_v, want_structure, reuse_grad_out=True)
 
 
@@ -302,35 +298,28 @@ class GBLRLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.in_features)
         supports = self.supports()
-        revival = None
+        revived = None
         if torch.is_grad_enabled() and self.in_width.requires_grad:
-            revival = self._revival_factors(supports)
+            revived = self._revived_widths(supports)
         tokens = x.numel() // self.in_features
         layout = _Layout(self, self._materialise_is_cheaper(tokens))
         return _GBLRProduct.apply(x, self.u, self.v, self.bias, self.in_width, self.in_location, self.out_width,
-                                  self.out_location, layout, supports, revival)
+                                  self.out_location, layout, supports, revived)
 
-    def _revival_factors(self, supports):
-        """Surrogate partners for components whose two widths are both zero, or None.
+    @staticmethod
+    def _revived_widths(supports) -> tuple[torch.Tensor, torch.Tensor]:
+        """In and out widths (elements) with every fully pruned component one element wide.
 
-        For such a component the true gradient of either width is zero (the block is the product
-        of two empty masks), so the proximal step could never let it grow back. The backward
-        pass (:class:`_GBLRProduct`) routes to each empty mask the gradient it would get if its
-        partner were one element wide at its location (SPEC section 3: a pruned block must be
-        able to grow back). The output and the content gradients are unchanged.
+        For a component whose two widths are both zero the true gradient of either width is zero
+        (the block is the product of two empty masks), so the proximal step could never let it
+        grow back. The backward pass (:class:`_GBLRProduct`) gives each empty mask the gradient
+        it would get if its partner were one element wide at its location (SPEC section 3: a
+        pruned block must be able to grow back). The output and the content gradients are
+        unchanged.
         """
-        w_in, l_in, w_out, l_out = supports
-        dead = ((w_in == 0) & (w_out == 0)).nonzero().flatten()
-        if dead.numel() == 0:
-            return None
-        with torch.no_grad():
-            one, table_dtype = torch.ones_like(dead), self.in_width.dtype
-            spike_left = apply_masks(self.u[dead], self.out_features, self.sigma, one, l_out[dead], 1, table_dtype)
-            spike_right = apply_masks(self.v[dead], self.in_features, self.sigma, one, l_in[dead], 2, table_dtype)
-            spike_left_t = spike_left.transpose(1, 2).reshape(-1, self.out_features)
-            spike_right = spike_right.reshape(-1, self.in_features)
-        rows = (dead[:, None] * self.rank + torch.arange(self.rank, device=dead.device)).flatten()
-        return rows, spike_left_t, spike_right
+        w_in, _, w_out, _ = supports
+        dead = (w_in == 0) & (w_out == 0)
+        return w_in + dead, w_out + dead
 
     # -- cost and deployment ----------------------------------------------------------------------
 
