@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 
 import gblr
 from gblr.flops import Support
-from gblr.kernels.tiled import pack, tiled_forward
-from gblr.linear import FrozenGBLRLinear
+from gblr.kernels.tiled import batch, batched_forward, pack, tiled_forward
+from gblr.linear import MEASURED_PATHS, FrozenGBLRLinear
 
 
 def _frozen(m, n, blocks_spec, seed=0, dtype=torch.float64, bias=True, **kwargs):
@@ -29,7 +29,7 @@ def _frozen(m, n, blocks_spec, seed=0, dtype=torch.float64, bias=True, **kwargs)
 def _outputs(layer, x):
     outputs = {}
     with torch.no_grad():
-        for kernel in ("reference", "tiled", "tiled-coarse", "dense"):
+        for kernel in ("reference", *MEASURED_PATHS):
             layer.kernel = kernel
             outputs[kernel] = layer(x)
     layer.kernel = "auto"
@@ -63,6 +63,7 @@ def test_tiled_and_dense_agree_with_reference_on_random_structures(case):
     torch.testing.assert_close(outputs["tiled"], outputs["reference"], rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(outputs["dense"], outputs["reference"], rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(outputs["tiled-coarse"], outputs["reference"], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(outputs["tiled-batched"], outputs["reference"], rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
@@ -72,7 +73,7 @@ def test_paths_agree_in_lower_precision(dtype, tolerance):
     x = torch.randn(33, 96).to(dtype)
     outputs = _outputs(layer, x)
     scale = outputs["reference"].float().abs().max()
-    for kernel in ("tiled", "tiled-coarse", "dense"):
+    for kernel in MEASURED_PATHS:
         assert outputs[kernel].dtype == dtype
         assert (outputs[kernel].float() - outputs["reference"].float()).abs().max() <= tolerance * scale
 
@@ -88,6 +89,20 @@ def test_tiled_product_pads_only_partial_tiles():
     torch.testing.assert_close(tiled_forward(x, product), layer._reference(x))
 
 
+def test_batched_tiles_pad_every_tile_to_the_same_rows():
+    # tile 8: block A (rank 2) covers columns 0..15 (tiles 0, 1), block B (rank 1) columns 8..11
+    # (tile 1): the column tiles hold 2 and 3 rows, padded to 3; 24 columns = 3 tiles, the last empty
+    layer = _frozen(16, 24, [(0, 16, 0, 16, 2), (4, 4, 8, 4, 1)], tile=8, bias=False)
+    product = pack(24, 16, list(layer.blocks()), 8)
+    batched = batch(product, torch.empty(0, dtype=torch.float64))
+    assert batched.V.shape == (3, 3, 8) and batched.U.shape == (2, 3, 8)
+    assert batched.macs == 3 * 3 * 8 + 2 * 3 * 8
+    assert (batched.in_rows == product.rank).sum() == 9 - 5  # padding rows point at the scratch row
+    for tokens in (1, 5):
+        x = torch.randn(tokens, 24, dtype=torch.float64)
+        torch.testing.assert_close(batched_forward(x, batched), layer._reference(x))
+
+
 def test_auto_measures_once_per_bucket_and_explain_reports_it():
     torch.manual_seed(0)
     model = torch.nn.Sequential(gblr.GBLRLinear(64, 96, init_flops_ratio=0.25), torch.nn.ReLU(),
@@ -101,8 +116,8 @@ def test_auto_measures_once_per_bucket_and_explain_reports_it():
     layer = frozen[0]
     assert len(layer.choices) == 1
     ((device, dtype, bucket), (path, seconds)), = layer.choices.items()
-    assert (device, dtype, bucket) == ("cpu", torch.float32, 8) and path in ("tiled", "tiled-coarse", "dense")
-    assert set(seconds) == {"tiled", "tiled-coarse", "dense"} and path == min(seconds, key=seconds.get)
+    assert (device, dtype, bucket) == ("cpu", torch.float32, 8) and path in MEASURED_PATHS
+    assert set(seconds) == set(MEASURED_PATHS) and path == min(seconds, key=seconds.get)
     with torch.no_grad():
         frozen(torch.randn(7, 64))  # same bucket: no new measurement
     assert len(layer.choices) == 1
@@ -112,7 +127,7 @@ def test_auto_measures_once_per_bucket_and_explain_reports_it():
     row = explanation.layers[0]
     assert row.flops_ratio == pytest.approx(layer.flops_ratio())
     assert row.padded_ratio >= row.flops_ratio and row.gemms == layer.tiled_product().gemms
-    assert set(row.paths) == {1, 16} and all(p in ("tiled", "tiled-coarse", "dense") for p, _ in row.paths.values())
+    assert set(row.paths) == {1, 16} and all(p in MEASURED_PATHS for p, _ in row.paths.values())
     text = str(explanation)
     assert "0" in text and "16 tok" in text and "x" in text
     assert "training form" in str(gblr.explain(model, tokens=(4,)))

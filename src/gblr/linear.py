@@ -19,7 +19,7 @@ from torch import nn
 
 from .flops import Structure, Support, cyclic_indices, group_macs
 from ._validation import check_flops_ratio, check_input, check_positive_int, check_sigma
-from .kernels.tiled import pack, tiled_forward
+from .kernels.tiled import batch, batched_forward, pack, tiled_forward
 from .masks import apply_masks, apply_masks_backward, element_supports, mask_from_supports, masked_factor
 
 __all__ = ["GBLRLinear", "FrozenGBLRLinear", "freeze_"]
@@ -402,8 +402,9 @@ def _dense_init_factors(m: int, n: int, total_rank: int, device, dtype) -> tuple
     return torch.cat(lefts, 1)[:, :total_rank], torch.cat(rights, 0)[:total_rank]
 
 
-KERNELS = ("auto", "reference", "tiled", "tiled-coarse", "dense")
+KERNELS = ("auto", "reference", "tiled", "tiled-coarse", "tiled-batched", "dense")
 COARSE_TILE_FACTOR = 3  # "tiled-coarse": 3x wider tiles, fewer GEMMs (small token counts), more padding
+MEASURED_PATHS = ("tiled", "tiled-coarse", "tiled-batched", "dense")  # what kernel="auto" chooses from
 
 
 def _cyclic_ranges(start: int, width: int, size: int) -> list[tuple[int, int, int]]:
@@ -504,8 +505,8 @@ class FrozenGBLRLinear(nn.Module):
         self._kernel = value
 
     def _cached(self, what: str, x: torch.Tensor):
-        """The tiled product (``what="tiled"`` / ``"tiled-coarse"``) or the dense weight for
-        ``x``'s device and dtype. Built once; :meth:`refresh` drops it (done after every
+        """The tiled product (``what="tiled"`` / ``"tiled-coarse"``), its padded batched form
+        (``"tiled-batched"``) or the dense weight for ``x``'s device and dtype. Built once; :meth:`refresh` drops it (done after every
         training step through the reference path and on ``load_state_dict``)."""
         key = (x.device, x.dtype, self.tile)
         cached = self._packed.get(what)
@@ -513,6 +514,8 @@ class FrozenGBLRLinear(nn.Module):
             with torch.no_grad():
                 if what == "dense":
                     value = self.weight.to(x.device, x.dtype)
+                elif what == "tiled-batched":
+                    value = batch(self._cached("tiled", x), x)
                 else:
                     tile = self.tile if what == "tiled" else COARSE_TILE_FACTOR * self.tile
                     value = pack(self.in_features, self.out_features, list(self.blocks()), tile,
@@ -536,6 +539,8 @@ class FrozenGBLRLinear(nn.Module):
 
     def _run(self, path: str, x: torch.Tensor) -> torch.Tensor:
         """``x (T, in) -> (T, out)`` without bias by one path."""
+        if path == "tiled-batched":
+            return batched_forward(x, self._cached(path, x))
         if path.startswith("tiled"):
             return tiled_forward(x, self._cached(path, x))
         if path == "dense":
@@ -543,11 +548,11 @@ class FrozenGBLRLinear(nn.Module):
         return self._reference(x)
 
     def _measure(self, x: torch.Tensor, repeats: int = 5) -> tuple[str, dict[str, float]]:
-        """Time the tiled paths (fine and coarse tiles) and the dense path on ``x``: one warm-up
-        each, then ``repeats`` rounds in turn (so that drifting machine load hits all alike),
+        """Time the tiled paths (fine, coarse and batched tiles) and the dense path on ``x``: one
+        warm-up each, then ``repeats`` rounds in turn (so that drifting machine load hits all alike),
         the best time of each; the fastest path wins."""
         sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-        paths = ("tiled", "tiled-coarse", "dense")
+        paths = MEASURED_PATHS
         for path in paths:
             self._run(path, x)  # warm up (and pack)
         seconds = dict.fromkeys(paths, math.inf)

@@ -14,6 +14,11 @@ of rows active in it. Each row costs its support rounded out to whole tiles, so 
 (:attr:`TiledProduct.macs`) exceed the layer's FLOPs by about ``tile`` per row and side.
 Everything is precomputed once (:func:`pack`); ``h`` is kept transposed (rank rows by tokens)
 so that the scatter and gather between the stages move whole contiguous rows.
+
+At a few tokens the cost is the number of calls rather than the MACs; :func:`batch` then pads
+every tile on a side to the same number of rows (zero rows, scattered to a scratch row of ``h``)
+so that each side is one batched GEMM (:func:`batched_forward`): four calls in all, paying the
+padding in MACs.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import torch
 
 from ..flops import cyclic_indices
 
-__all__ = ["TiledProduct", "pack", "tiled_forward"]
+__all__ = ["TiledProduct", "BatchedTiles", "pack", "batch", "tiled_forward", "batched_forward"]
 
 
 @dataclasses.dataclass
@@ -115,3 +120,57 @@ def tiled_forward(x: torch.Tensor, product: TiledProduct) -> torch.Tensor:
     for start, stop in product.uncovered:
         y[:, start:stop].zero_()
     return y
+
+
+@dataclasses.dataclass
+class BatchedTiles:
+    """A :class:`TiledProduct` with each side's tiles padded to one row count: ``V (J_in, K_in,
+    tile)`` and ``U (J_out, K_out, tile)``, every tile of both sides present (an uncovered tile is
+    all padding). Padding rows read and write row ``rank`` of ``h``, a scratch row."""
+
+    in_features: int
+    out_features: int
+    rank: int
+    tile: int
+    in_rows: torch.Tensor  # (J_in * K_in,) rows of h each padded tile row adds to
+    V: torch.Tensor
+    out_rows: torch.Tensor  # (J_out * K_out,) rows of h each padded tile row reads
+    U: torch.Tensor
+
+    @property
+    def macs(self) -> int:
+        """MACs per token, padding included."""
+        return int(self.V.numel() + self.U.numel())
+
+
+def _padded(tiles, size: int, tile: int, scratch: int, like: torch.Tensor):
+    count = -(-size // tile)
+    rows = max([r.numel() for _, _, r, _ in tiles], default=0) or 1
+    values = like.new_zeros(count, rows, tile)
+    index = torch.full((count, rows), scratch, dtype=torch.long, device=like.device)
+    for start, stop, r, block in tiles:
+        values[start // tile, : r.numel(), : stop - start] = block
+        index[start // tile, : r.numel()] = r
+    return index.flatten(), values
+
+
+@torch.no_grad()
+def batch(product: TiledProduct, like: torch.Tensor) -> BatchedTiles:
+    """The padded, batched form of ``product`` (``like``: device and dtype of the values)."""
+    tile, scratch = product.tile, product.rank
+    in_rows, V = _padded(product.in_tiles, product.in_features, tile, scratch, like)
+    out_rows, U = _padded(product.out_tiles, product.out_features, tile, scratch, like)
+    return BatchedTiles(product.in_features, product.out_features, product.rank, tile, in_rows, V, out_rows, U)
+
+
+def batched_forward(x: torch.Tensor, batched: BatchedTiles) -> torch.Tensor:
+    """:func:`tiled_forward` as two batched GEMMs (see :func:`batch`)."""
+    tokens, tile = x.shape[0], batched.tile
+    x_t = x.new_zeros(batched.V.shape[0] * tile, tokens)  # x transposed, padded to whole tiles
+    x_t[: batched.in_features] = x.T
+    parts = torch.bmm(batched.V, x_t.view(-1, tile, tokens))  # (J_in, K_in, tokens)
+    h = x.new_zeros(batched.rank + 1, tokens)
+    h.index_add_(0, batched.in_rows, parts.view(-1, tokens))
+    gathered = h.index_select(0, batched.out_rows).view(batched.U.shape[0], -1, tokens)
+    y = torch.bmm(gathered.transpose(1, 2), batched.U)  # (J_out, tokens, tile)
+    return y.transpose(0, 1).reshape(tokens, -1)[:, : batched.out_features]
