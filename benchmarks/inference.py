@@ -6,9 +6,12 @@
 speed-up = time of F.linear with the dense weight / time of the frozen layer (its automatic path:
 tiled or dense, measured once per token bucket), same process, same dtype, interleaved repeats,
 medians. Structures: "random" (GBLRLinear's initial structure at the ratio: full-width
-components for half the budget, partial blocks at random places for the rest) and "decomposed"
-(gblr.decompose of a random weight with a decaying spectrum: mostly full-width components; for
-the 4096-wide shapes only with --decompose-large).
+components for half the budget, partial blocks at random places for the rest), "decomposed"
+(gblr.decompose of a teacher: a random weight with a decaying spectrum; mostly full-width
+components) and "learned" (a GBLRLinear trained from scratch to imitate the same teacher on
+random inputs with the training recipe's machinery: gblr.param_groups, AdamW and
+gblr.StructureLearner with its sigma schedule and budget controller, 300 steps of 256 tokens).
+The two fitted structures are built for the 4096-wide shapes only with --fit-large.
 Writes docs/benchmarks/inference.{md,json}.
 """
 
@@ -33,16 +36,43 @@ CPU_SHAPES = {  # (in_features, out_features): token counts
 }
 
 
-def structured(kind: str, n: int, m: int, ratio: float, dtype) -> gblr.FrozenGBLRLinear:
+STRUCTURES = ("random", "decomposed", "learned")
+
+
+def teacher(n: int, m: int) -> torch.Tensor:
+    """A random ``(m, n)`` weight with a decaying spectrum."""
     generator = torch.Generator().manual_seed(0)
+    k = min(m, n)
+    spectrum = 0.995 ** torch.arange(k, dtype=torch.float32)
+    return (torch.randn(m, k, generator=generator) * spectrum) @ torch.randn(k, n, generator=generator) / n**0.5
+
+
+def learned(n: int, m: int, ratio: float, steps: int = 300, tokens: int = 256) -> gblr.GBLRLinear:
+    """A GBLRLinear trained from scratch to imitate :func:`teacher` under the FLOPs budget."""
+    target = teacher(n, m)
+    torch.manual_seed(0)
+    layer = gblr.GBLRLinear(n, m, bias=False, init_flops_ratio=min(1.0, 2 * ratio))
+    optimizer = torch.optim.AdamW(gblr.param_groups(layer, lr=1e-3, weight_decay=0.0), foreach=True)
+    learner = gblr.StructureLearner(layer, optimizer, ratio, total_steps=steps)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x = torch.randn(tokens, n, generator=generator)
+        loss = F.mse_loss(layer(x), x @ target.T)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        learner.step()
+    return layer
+
+
+def structured(kind: str, n: int, m: int, ratio: float, dtype) -> gblr.FrozenGBLRLinear:
     if kind == "random":
         torch.manual_seed(0)
         layer = gblr.GBLRLinear(n, m, bias=False, init_flops_ratio=ratio)
+    elif kind == "learned":
+        layer = learned(n, m, ratio)
     else:
-        k = min(m, n)
-        spectrum = 0.995 ** torch.arange(k, dtype=torch.float32)
-        weight = (torch.randn(m, k, generator=generator) * spectrum) @ torch.randn(k, n, generator=generator) / n**0.5
-        layer = gblr.decompose(weight, ratio, trade=0, rounds=8)
+        layer = gblr.decompose(teacher(n, m), ratio, trade=0, rounds=8)
         layer.bias = None
     return layer.to(dtype).freeze()
 
@@ -54,8 +84,8 @@ def run_layers(args) -> list[dict]:
             continue
         for ratio in args.ratios:
             for kind in args.structures:
-                if kind == "decomposed" and n * m > 4e6 and not args.decompose_large:
-                    continue  # an SVD of a 4096-wide matrix per ratio: minutes on 2 cores
+                if kind != "random" and n * m > 4e6 and not args.fit_large:
+                    continue  # an SVD, or training, of a 4096-wide matrix per ratio: minutes on 2 cores
                 layer = structured(kind, n, m, ratio, args.dtype)
                 with torch.no_grad():  # (with autograd on, 4000 block updates would each keep a graph node)
                     weight = layer.weight
@@ -144,11 +174,12 @@ def markdown(rows, model_rows, args) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.25, 0.5])
-    parser.add_argument("--structures", nargs="+", default=["random", "decomposed"], choices=["random", "decomposed"])
+    parser.add_argument("--structures", nargs="+", default=list(STRUCTURES), choices=STRUCTURES)
     parser.add_argument("--shapes", nargs="*", default=None, help="e.g. 768x3072 (in x out); default: all")
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--decompose-large", action="store_true", help="decomposed structures for the 4096 shapes too")
+    parser.add_argument("--fit-large", action="store_true",
+                        help="decomposed and learned structures for the 4096 shapes too")
     parser.add_argument("--minilm", action="store_true", help="also time all-MiniLM-L6-v2 end to end")
     parser.add_argument("--name", default="inference")
     args = parser.parse_args()

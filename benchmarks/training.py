@@ -12,10 +12,10 @@ dense. Peak memory = parameters + input + upstream gradient + the largest growth
 memory during the step (the profiler's allocation events).
 
 End to end (``--model-steps``, default 40): training steps of the Fashion-MNIST ViT recipe
-(`gblr train`'s default architecture, batch 128, AdamW with foreach=True as the recipe uses) with dense layers and with GBLR layers at
-FLOPs target 0.3 mid-way through structure learning (the StructureLearner's step included), in
-alternating blocks of 5 steps; an epoch is 468 such steps, so the ratio of step times is the
-ratio of epoch times.
+(`gblr train`'s default architecture, batch 128, AdamW with foreach=True as the recipe uses)
+with dense layers and with GBLR layers at FLOPs target 0.3 mid-way through structure learning
+(the StructureLearner's step included), in alternating blocks of 5 steps; an epoch is 468 such
+steps, so the ratio of step times is the ratio of epoch times.
 Writes docs/benchmarks/training.{json,md}.
 """
 
@@ -170,7 +170,8 @@ def main() -> None:
         f"| dense | {model['dense']:.1f} | 1.00x |",
         f"| GBLR | {model['gblr']:.1f} | {model['ratio']:.2f}x |",
     ]
-    rows.append({"shape": "vit-recipe", "dense_ms": model["dense"], "gblr_ms": model["gblr"], "time_ratio": model["ratio"]})
+    rows.append({"shape": "vit-recipe", "dense_ms": model["dense"], "gblr_ms": model["gblr"],
+                 "time_ratio": model["ratio"]})
     json_path, md_path = write_outputs("training", rows, "\n".join(lines) + "\n")
     print(f"wrote {md_path} and {json_path}")
 
