@@ -547,16 +547,20 @@ class FrozenGBLRLinear(nn.Module):
             return F.linear(x, self._cached("dense", x))
         return self._reference(x)
 
-    def _measure(self, x: torch.Tensor, repeats: int = 5) -> tuple[str, dict[str, float]]:
+    def _measure(self, x: torch.Tensor, repeats: int = 5, budget: float = 0.02) -> tuple[str, dict[str, float]]:
         """Time the tiled paths (fine, coarse and batched tiles) and the dense path on ``x``: one
-        warm-up each, then ``repeats`` rounds in turn (so that drifting machine load hits all alike),
-        the best time of each; the fastest path wins."""
+        warm-up each, then rounds in turn (so that drifting machine load hits all alike), at least
+        ``repeats`` and until ``budget`` seconds have passed (at most 50: fast calls are noisy), the
+        best time of each; the fastest path wins."""
         sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
         paths = MEASURED_PATHS
         for path in paths:
             self._run(path, x)  # warm up (and pack)
         seconds = dict.fromkeys(paths, math.inf)
-        for _ in range(repeats):
+        began = time.perf_counter()
+        for round_ in range(50):
+            if round_ >= repeats and time.perf_counter() - began >= budget:
+                break
             for path in paths:
                 sync()
                 start = time.perf_counter()
