@@ -19,6 +19,8 @@ LAYERS = {
     "monarch_q_gt_nb": lambda bias: MonarchLinear(8, 24, 2, 10, bias=bias, dtype=DTYPE),
     "block_sparse": lambda bias: BlockSparseLinear(12, 18, 3, [(0, 1), (2, 2), (1, 0), (0, 0)], bias=bias, dtype=DTYPE),
     "block_sparse_diagonals": lambda bias: BlockSparseLinear(16, 8, 4, diagonal_blocks(4, 2), bias=bias, dtype=DTYPE),
+    # blocks of SMALL_BLOCK entries or more run block by block (smaller ones as a masked dense product)
+    "block_sparse_large_blocks": lambda bias: BlockSparseLinear(96, 64, 2, [(0, 1), (1, 1)], bias=bias, dtype=DTYPE),
 }
 
 SHAPES = [(64, 64), (128, 512), (512, 128), (96, 384), (768, 3072)]

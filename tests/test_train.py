@@ -44,6 +44,7 @@ def test_train_writes_report_log_checkpoint_and_pictures(data_dir, tmp_path):
     rows = list(csv.DictReader((tmp_path / "log.csv").open()))
     assert [int(row["epoch"]) for row in rows] == [1, 2, 3]
     assert float(rows[-1]["test_accuracy"]) == pytest.approx(report["accuracy_before_freeze"])
+    assert report["train_loss"] == pytest.approx(float(rows[-1]["train_loss"]))
     for picture in ("masks.png", "budgets.png"):
         assert (tmp_path / picture).stat().st_size > 1000
     assert (tmp_path / "checkpoint.pt").exists()

@@ -336,6 +336,7 @@ def _finish(config, model, learner, data, rows, train_seconds, started, main) ->
     report = {
         "accuracy": accuracy,
         "accuracy_before_freeze": accuracy_unfrozen,
+        "train_loss": rows[-1]["train_loss"] if rows else None,  # of the last epoch
         "flops_ratio": flops.ratio,
         "flops_target": config.flops_target,
         "dense_macs": flops.dense_macs,
