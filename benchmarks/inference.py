@@ -152,7 +152,11 @@ def markdown(rows, model_rows, args) -> str:
         "speed-up = median time of `F.linear` with the dense weight / median time of the frozen layer "
         "(automatic path), interleaved in one process. *FLOPs*: the frozen layer's MACs / dense; *tiled*: MACs "
         "of the tiled path (128-wide tiles) including the zero padding of partly covered tiles / dense. *path*: "
-        "what the layer's automatic choice (measured once per token bucket) picked.",
+        "what the layer's automatic choice (measured once per token bucket) picked. Structures: *random*, "
+        "GBLRLinear's initial structure at the ratio (full-width components for half the budget, partial blocks "
+        "at random places for the rest); *decomposed*, `gblr.decompose` of a teacher (a random weight with a "
+        "decaying spectrum); *learned*, a GBLRLinear trained from scratch to imitate the same teacher with "
+        "`gblr.StructureLearner` (300 steps of 256 random inputs).",
         "",
         "| shape (in x out) | structure | ratio | FLOPs | tiled | tokens | path | dense ms | GBLR ms | speed-up |",
         "|---|---|---:|---:|---:|---:|---|---:|---:|---:|",
