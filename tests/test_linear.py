@@ -404,3 +404,22 @@ def test_cuda_forward_backward_and_freeze():
     layer.sigma = None
     with torch.no_grad():
         torch.testing.assert_close(layer.freeze()(x), layer(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_autocast_matches_float32(dtype):
+    torch.manual_seed(0)
+    layer = GBLRLinear(256, 192, sigma=10.0, device="cuda")
+    x = torch.randn(64, 256, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", dtype=dtype):
+        y = layer(x)
+    assert y.dtype == dtype
+    y.float().square().sum().backward()
+    low = [p.grad.clone() for p in (x, *layer.parameters())]
+    assert all(g.dtype == torch.float32 for g in low)
+    x.grad = None
+    layer.zero_grad()
+    layer(x).square().sum().backward()
+    for got, expected in zip(low, (x.grad, *(p.grad for p in layer.parameters()))):
+        torch.testing.assert_close(got, expected, rtol=0, atol=3e-2 * expected.abs().max().item())
