@@ -141,8 +141,8 @@ def render_comparison(finished: dict, args) -> str:
         "the same recipe for every row; only the 24 linear layers inside the blocks change. "
         "Accuracy: test set, mean ± standard deviation over seeds, of the deployed (for GBLR: frozen) model. "
         "FLOPs ratio: MACs of the replaced layers / dense MACs, as achieved. Train time: the faster "
-        "seed's, relative to the faster dense run; some runs shared the 2 cores with other jobs, so "
-        "times are rough (controlled per-layer timings: training.md).",
+        "seed's, relative to the faster dense run, runs one after another on an otherwise idle machine "
+        "(per-layer timings: training.md).",
         "",
         "| layers | target | FLOPs ratio | test accuracy (%) | seeds | train time vs dense |",
         "|---|---:|---:|---:|---:|---:|",
