@@ -140,21 +140,24 @@ def render_comparison(finished: dict, args) -> str:
         f"ViT (dim 64, depth 4, 4 heads, patch 4, MLP ratio 2), {args.epochs} epochs, AdamW, batch 128, "
         "the same recipe for every row; only the 24 linear layers inside the blocks change. "
         "Accuracy: test set, mean ± standard deviation over seeds, of the deployed (for GBLR: frozen) model. "
-        "FLOPs ratio: MACs of the replaced layers / dense MACs, as achieved. Train time: the faster "
+        "FLOPs ratio: MACs of the replaced layers / dense MACs, as achieved. Final training loss: of the "
+        "last epoch, mean over seeds. Train time: the faster "
         "seed's, relative to the faster dense run, runs one after another on an otherwise idle machine "
         "(per-layer timings: training.md).",
         "",
-        "| layers | target | FLOPs ratio | test accuracy (%) | seeds | train time vs dense |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| layers | target | FLOPs ratio | test accuracy (%) | final training loss | seeds | train time vs dense |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     order = sorted(groups, key=lambda item: (-item[1], item[0] != "gblr", item[0]))
     for layer, target in order:
         rows = groups[(layer, target)]
         seconds = min(r["train_seconds"] for r in rows)
         relative = f"{seconds / dense_seconds:.2f}x" if dense_seconds else "-"
+        losses = [r["train_loss"] for r in rows if r.get("train_loss") is not None]
+        loss = f"{statistics.mean(losses):.4f}" if len(losses) == len(rows) else "-"
         lines.append(
             f"| {layer} | {target:g} | {statistics.mean(r['flops_ratio'] for r in rows):.3f} | "
-            f"{summarise([100 * r['accuracy'] for r in rows])} | {len(rows)} | {relative} |"
+            f"{summarise([100 * r['accuracy'] for r in rows])} | {loss} | {len(rows)} | {relative} |"
         )
     return "\n".join(lines) + "\n"
 
