@@ -30,9 +30,12 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores ({torch.get_num_threads()} threads used), {device}, torch {torch.__version__}"
 
 
-def time_interleaved(candidates: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[str, list[float]]:
+def time_interleaved(
+    candidates: dict[str, Callable[[], object]], repeats: int, warmup: int = 2, before: Callable[[], object] | None = None
+) -> dict[str, list[float]]:
     """Run each candidate ``repeats`` times, alternating between them so that drift in machine
-    load hits all of them alike; returns the seconds of every run."""
+    load hits all of them alike; returns the seconds of every run. ``before`` runs untimed before
+    every timed call (e.g. :func:`evict_caches`)."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for fn in candidates.values():
         for _ in range(warmup):
@@ -41,11 +44,26 @@ def time_interleaved(candidates: dict[str, Callable[[], object]], repeats: int, 
     samples: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(repeats):
         for name, fn in candidates.items():
+            if before is not None:
+                before()
+                sync()
             start = time.perf_counter()
             fn()
             sync()
             samples[name].append(time.perf_counter() - start)
     return samples
+
+
+_EVICTION_BUFFER: list[torch.Tensor] = []
+
+
+def evict_caches() -> None:
+    """Write 64 MB, more than this machine's caches hold, so that the next call reads its weights
+    from memory, as a layer inside a model does (the other layers evicted them since its last
+    call). Without it, two candidates timed in turn both run from cache."""
+    if not _EVICTION_BUFFER:
+        _EVICTION_BUFFER.append(torch.empty(16 * 2**20))
+    _EVICTION_BUFFER[0].fill_(1.0)
 
 
 def median_ms(samples: list[float]) -> float:

@@ -2,6 +2,7 @@
 
     python benchmarks/inference.py                       # CPU table (about 10 minutes on 2 cores)
     python benchmarks/inference.py --minilm              # plus all-MiniLM-L6-v2 end to end
+    python benchmarks/inference.py --tokens 1 16 --cold --name inference_cold   # weights from memory
 
 speed-up = time of F.linear with the dense weight / time of the frozen layer (its automatic path:
 tiled or dense, measured once per token bucket), same process, same dtype, interleaved repeats,
@@ -24,7 +25,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from common import machine, median_ms, time_interleaved, write_outputs
+from common import evict_caches, machine, median_ms, time_interleaved, write_outputs
 
 import gblr
 
@@ -91,12 +92,15 @@ def run_layers(args) -> list[dict]:
                     weight = layer.weight
                 product = layer.tiled_product()
                 for tokens in token_counts:
+                    if args.tokens and tokens not in args.tokens:
+                        continue
                     x = torch.randn(tokens, n, dtype=args.dtype)
                     with torch.no_grad():
                         path = layer.path_for(tokens, x)
                         repeats = args.repeats if tokens * n * m < 4e9 else max(3, args.repeats // 3)
                         samples = time_interleaved(
-                            {"dense": lambda: F.linear(x, weight), "gblr": lambda: layer(x)}, repeats=repeats
+                            {"dense": lambda: F.linear(x, weight), "gblr": lambda: layer(x)}, repeats=repeats,
+                            before=evict_caches if args.cold else None,
                         )
                     row = {
                         "shape": f"{n}x{m}", "tokens": tokens, "ratio": ratio, "structure": kind,
@@ -142,13 +146,30 @@ def run_minilm(args) -> list[dict]:
     return [row]
 
 
+def command_flags(args) -> str:
+    flags = " --minilm" if args.minilm else ""
+    if args.tokens:
+        flags += " --tokens " + " ".join(map(str, args.tokens))
+    if args.cold:
+        flags += " --cold"
+    if args.name != "inference":
+        flags += f" --name {args.name}"
+    return flags
+
+
 def markdown(rows, model_rows, args) -> str:
     lines = [
         "# Frozen GBLR inference against dense",
         "",
-        f"Command: `python benchmarks/inference.py{' --minilm' if model_rows else ''}`. Machine: {machine()}. "
+        f"Command: `python benchmarks/inference.py{command_flags(args)}`. Machine: {machine()}. "
         f"dtype {str(args.dtype).removeprefix('torch.')}.",
         "",
+        *([
+            "Cold caches: 64 MB are written before every timed call, so both the dense weight and the "
+            "frozen layer's factors come from memory, as they do for a layer inside a model. (The automatic "
+            "path choice is still measured with warm caches.)",
+            "",
+        ] if args.cold else []),
         "speed-up = median time of `F.linear` with the dense weight / median time of the frozen layer "
         "(automatic path), interleaved in one process. *FLOPs*: the frozen layer's MACs / dense; *tiled*: MACs "
         "of the tiled path (128-wide tiles) including the zero padding of partly covered tiles / dense. *path*: "
@@ -185,6 +206,9 @@ def main() -> None:
     parser.add_argument("--fit-large", action="store_true",
                         help="decomposed and learned structures for the 4096 shapes too")
     parser.add_argument("--minilm", action="store_true", help="also time all-MiniLM-L6-v2 end to end")
+    parser.add_argument("--cold", action="store_true",
+                        help="evict the caches before every timed call (weights read from memory, as inside a model)")
+    parser.add_argument("--tokens", type=int, nargs="*", default=None, help="only these token counts")
     parser.add_argument("--name", default="inference")
     args = parser.parse_args()
     args.dtype = torch.float32
