@@ -31,7 +31,10 @@ def machine() -> str:
 
 
 def time_interleaved(
-    candidates: dict[str, Callable[[], object]], repeats: int, warmup: int = 2, before: Callable[[], object] | None = None
+    candidates: dict[str, Callable[[], object]],
+    repeats: int,
+    warmup: int = 2,
+    before: Callable[[], object] | None = None,
 ) -> dict[str, list[float]]:
     """Run each candidate ``repeats`` times, alternating between them so that drift in machine
     load hits all of them alike; returns the seconds of every run. ``before`` runs untimed before

@@ -276,20 +276,16 @@ class GBLRLinear(nn.Module):
         mask_out = mask_from_supports(self.out_width, self.out_location, self.out_features, self.sigma, w_out, l_out)
         return mask_in, mask_out
 
-    def _factors(self, supports):
-        """``left_t (K*r, out)`` and ``right (K*r, in)`` with ``W = left_t.T @ right``, the masks applied on the
-        fly (:func:`gblr.masks.masked_factor`: no mask tensors, nothing of their size kept for
-        backward). For rank 1 no copy is made beyond the masking."""
-        w_in, l_in, w_out, l_out = supports
-        left = masked_factor(self.u, self.out_width, self.out_location, self.out_features, self.sigma, w_out, l_out, 1)
-        right = masked_factor(self.v, self.in_width, self.in_location, self.in_features, self.sigma, w_in, l_in, 2)
-        return left.transpose(1, 2).reshape(-1, self.out_features), right.reshape(-1, self.in_features)
-
     @property
     def weight(self) -> torch.Tensor:
-        """The dense ``(out_features, in_features)`` matrix this layer applies (differentiable)."""
-        left_t, right = self._factors(self.supports())
-        return left_t.T @ right
+        """The dense ``(out_features, in_features)`` matrix this layer applies (differentiable):
+        ``left_t.T @ right`` with the masks applied to ``u`` and ``v`` on the fly
+        (:func:`gblr.masks.masked_factor`: no mask tensors, nothing of their size kept for
+        backward)."""
+        w_in, l_in, w_out, l_out = self.supports()
+        left = masked_factor(self.u, self.out_width, self.out_location, self.out_features, self.sigma, w_out, l_out, 1)
+        right = masked_factor(self.v, self.in_width, self.in_location, self.in_features, self.sigma, w_in, l_in, 2)
+        return left.transpose(1, 2).reshape(-1, self.out_features).T @ right.reshape(-1, self.in_features)
 
     def _materialise_is_cheaper(self, tokens: int) -> bool:
         m, n, kr = self.out_features, self.in_features, self.components * self.rank
@@ -506,8 +502,9 @@ class FrozenGBLRLinear(nn.Module):
 
     def _cached(self, what: str, x: torch.Tensor):
         """The tiled product (``what="tiled"`` / ``"tiled-coarse"``), its padded batched form
-        (``"tiled-batched"``) or the dense weight for ``x``'s device and dtype. Built once; :meth:`refresh` drops it (done after every
-        training step through the reference path and on ``load_state_dict``)."""
+        (``"tiled-batched"``) or the dense weight for ``x``'s device and dtype. Built once;
+        :meth:`refresh` drops it (done after every training step through the reference path and
+        on ``load_state_dict``)."""
         key = (x.device, x.dtype, self.tile)
         cached = self._packed.get(what)
         if cached is None or cached[0] != key:

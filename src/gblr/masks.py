@@ -239,10 +239,13 @@ class _GaudiMask(torch.autograd.Function):
         grad_mask = grad_mask.to(tables.gradient.dtype)
         grad_width = grad_mask.new_empty(grad_mask.shape[0])
         grad_location = grad_mask.new_empty(grad_mask.shape[0])
+        padded_rows = None
         for rows, scratch in _chunks(grad_mask.shape[0], n, grad_mask):
             padded = grad_mask[rows]
-            if tables.pad:
-                padded = grad_mask.new_empty(padded.shape[0], n + tables.pad)
+            if tables.pad:  # one padded buffer for all chunks, as in apply_masks_backward
+                if padded_rows is None:
+                    padded_rows = grad_mask.new_empty(scratch.shape[0], n + tables.pad)
+                padded = padded_rows[: scratch.shape[0]]
                 padded[:, :n] = grad_mask[rows]
             _edge_gradients(tables, w[rows], l[rows], n, padded, scratch, grad_width[rows], grad_location[rows])
         return grad_width, grad_location, None, None, None, None
