@@ -128,6 +128,8 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--flops-target", type=float, default=defaults.flops_target,
                        help="FLOPs ratio of the replaced layers (GBLR learns to it; baselines are built at it)")
     model.add_argument("--init-flops-ratio", type=float, default=None, help="GBLR starting ratio (default 2x target, at most 1)")
+    model.add_argument("--rank", type=int, default=defaults.rank,
+                       help="rank of each GBLR component (blocks cheaper as dense blocks cost their area)")
     for name in ("dim", "depth", "heads", "patch_size"):
         model.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
     model.add_argument("--mlp-ratio", type=float, default=defaults.mlp_ratio)

@@ -8,11 +8,16 @@
         learner.step()          # proximal width step, location wrap, sigma, budget
     gblr.freeze_(model)
 
-The objective is task loss + lambda * cost, where cost is the differentiable MAC count of all
-GBLR layers, ``sum_k r * (n * in_width_k + m * out_width_k)`` (the sum of widths of SPEC
-section 4, each width weighted by the MACs it buys, normalised so that a square layer's widths
-weigh 1). It is solved by proximal gradient descent: after the optimizer step on the task
-loss, every width shrinks by ``lr_struct * lambda * weight`` and is clipped to [0, 1].
+The objective is task loss + lambda * cost, where cost is the MAC count of all GBLR layers as
+a function of the real-valued widths: component ``k`` with ``a = n * in_width_k`` and
+``b = m * out_width_k`` elements costs ``min(r * (a + b), a * b)`` (SPEC section 2: two thin
+products, or one dense block where that is cheaper). For rank 1 this is the sum of widths of
+SPEC section 4, each weighted by the MACs it buys; for components of higher rank, small blocks
+cost their area, so learning can choose full-rank blocks as well as low-rank bands. It is
+solved by proximal gradient descent: after the optimizer step on the task loss, every width
+shrinks by ``lr_struct * lambda * weight``, where ``weight`` is the slope of the cost in that
+width at the current point (normalised so that a square rank-1 layer's widths weigh 1), and is
+clipped to [0, 1].
 
 The proximal step is taken in the optimizer's own metric: for Adam-type optimizers the shrink
 is divided by the same ``sqrt(v_hat)`` that scales the width's gradient step. Without this,
@@ -22,12 +27,16 @@ matters a lot. In the shared metric a width settles where ``|d loss / d width| =
 weight``: every width, in every layer, buys the same loss reduction per MAC, which is the
 optimality condition of spending a global budget.
 
-Users think in FLOPs, not in lambda. Each step the learner picks the smallest lambda >= 0 whose
-proximal step puts the *global* FLOPs ratio of the GBLR layers (each weighted by its dense size)
-on a trajectory from the initial ratio to ``flops_target`` (found by bisection on a cheap
+Users think in FLOPs, not in lambda. Each step the learner picks the lambda of smallest size
+whose proximal step puts the *global* FLOPs ratio of the GBLR layers (each weighted by its dense
+size) on a trajectory from the initial ratio to ``flops_target`` (found by bisection on a cheap
 element-count estimate of the cost, calibrated against the exact count). Below the trajectory
-lambda is 0 and the widths move by their gradients alone. How the budget is split across layers
-is left to the gradients, so layers that matter less end up cheaper.
+lambda is negative: widths grow, in the same metric, back to it. Without that the ratio drifts
+under the target once it stops falling (a run of 10 epochs ended at 0.28 for a target of 0.3),
+because the task gradient alone narrows blocks: the rows and columns just outside a block hold
+untrained content, so widening looks worse than it is until that content is trained. The
+budget is a constraint that binds; how it is split across layers is left to the gradients, so
+layers that matter less end up cheaper.
 
 Phases over ``total_steps``:
 1. structure learning (the first ``structure_fraction`` of the steps): sigma rises linearly
@@ -117,6 +126,25 @@ class SigmaSchedule:
         return self.start + (self.end - self.start) * fraction
 
 
+def _reach(in_room: torch.Tensor, in_rate: torch.Tensor, out_room: torch.Tensor, out_rate: torch.Tensor) -> float:
+    """The |lambda| at which every width that lambda moves has used up its room (to 0 or 1);
+    a width whose cost slope is 0 (its partner is 0 wide) is not moved."""
+    reach = torch.cat([in_room / in_rate, out_room / out_rate])
+    reach = reach[torch.isfinite(reach)]
+    return float(reach.max()) if reach.numel() else 0.0
+
+
+def _first_true(predicate, high: float) -> float:
+    """The first lambda in [0, high] where ``predicate`` (monotone: False, then True) holds, to
+    ``high / 32**5``, by five rounds of a 33-point grid evaluated at once; ``high`` if none."""
+    low = 0.0
+    for _ in range(5):
+        grid = torch.linspace(low, high, 33, dtype=torch.float64)
+        first = int((~predicate(grid)).long().sum())  # grid[first] is the first point where it holds
+        low, high = float(grid[max(first - 1, 0)]), float(grid[min(first, 32)])
+    return high
+
+
 class StructureLearner:
     """Proximal structure step, sigma schedule and global FLOPs budget; call :meth:`step`
     after every ``optimizer.step()``. See the module docstring for the method.
@@ -164,11 +192,8 @@ class StructureLearner:
         # Per-component constants, flattened over all layers (in the order of structure_of).
         self._group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
         self._structure = structure_of(self.layers)  # sizes, ranks and layer indices stay fixed
-        ranks = self._structure.ranks.double()
-        mean_cost = float((ranks * (self._structure.in_sizes + self._structure.out_sizes)).mean()) / 2
-        # each width's shrink weight: the MACs one unit of it buys, relative to the average width
-        self._in_weight = ranks * self._structure.in_sizes / mean_cost
-        self._out_weight = ranks * self._structure.out_sizes / mean_cost
+        # shrink weights are MACs per unit of width, in units of a rank-1 component's mean side
+        self._cost_unit = float((self._structure.in_sizes + self._structure.out_sizes).double().mean()) / 2
         self._layer_dense = torch.tensor([layer.in_features * layer.out_features for layer in self.layers],
                                          dtype=torch.float64)
         self._dense_macs = float(self._layer_dense.sum())
@@ -232,42 +257,61 @@ class StructureLearner:
         second_moment = torch.cat([state["exp_avg_sq"].detach() for state in states]).double()
         return (second_moment / corrections.to(second_moment.device)).sqrt_() + eps.to(second_moment.device)
 
-    def _choose_lambda(self, target: float, exact_ratio: float, struct_lr: float) -> tuple[float, torch.Tensor, torch.Tensor]:
-        """The smallest lambda whose shrink brings the cost estimate down to the target.
+    def _shrink_weights(self, in_w: torch.Tensor, out_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The slopes of each component's cost ``min(r(a + b), ab)`` in its in and out widths,
+        at the current widths, in units of ``self._cost_unit``: ``r * n`` and ``r * m`` for a
+        low-rank block, ``b * n`` and ``a * m`` for a block cheaper as a dense one."""
+        in_size, out_size = self._structure.in_sizes.double(), self._structure.out_sizes.double()
+        rank = self._structure.ranks.double()
+        a, b = in_w * in_size, out_w * out_size
+        dense = a * b < rank * (a + b)
+        in_weight = in_size * torch.where(dense, b, rank) / self._cost_unit
+        out_weight = out_size * torch.where(dense, a, rank) / self._cost_unit
+        return in_weight, out_weight
 
-        The estimate counts ``r * (W_in + W_out)`` elements per live component (no grouping,
-        no dense-block discount), so its goal is rescaled by estimate / exact at the current
+    def _choose_lambda(self, target: float, exact_ratio: float, struct_lr: float) -> tuple[float, torch.Tensor, torch.Tensor]:
+        """The lambda of smallest size whose step (a shrink, or a growth where lambda < 0)
+        brings the cost estimate to the target.
+
+        The estimate counts ``min(r * (W_in + W_out), W_in * W_out)`` per component (no grouping
+        of identical supports), so its goal is rescaled by estimate / exact at the current
         point. All layers are evaluated at once, for a grid of lambdas per round (a 32-way
         bisection). Returns lambda and the in and out shrink rates (shrink = lambda * rate).
         """
         in_widths = [layer.in_width for layer in self.layers]
         out_widths = [layer.out_width for layer in self.layers]
-        in_rate = struct_lr * self._in_weight / self._preconditioners(in_widths)
-        out_rate = struct_lr * self._out_weight / self._preconditioners(out_widths)
         in_w = torch.cat([w.detach() for w in in_widths]).double()
         out_w = torch.cat([w.detach() for w in out_widths]).double()
+        in_weight, out_weight = self._shrink_weights(in_w, out_w)
+        in_rate = struct_lr * in_weight / self._preconditioners(in_widths)
+        out_rate = struct_lr * out_weight / self._preconditioners(out_widths)
         in_size, out_size = self._structure.in_sizes, self._structure.out_sizes
         rank = self._structure.ranks
 
+        stored_in = torch.cat([w.detach() for w in in_widths])
+        stored_out = torch.cat([w.detach() for w in out_widths])
+
+        def widths_after(stored, rate, lams):  # the step as step() applies it, in the widths' dtype
+            return (stored - (lams * rate).to(stored.dtype)).clamp(0.0, 1.0).double()
+
         def estimate(lams: torch.Tensor) -> torch.Tensor:  # (L,) -> (L,)
             lams = lams[:, None]
-            count_in = torch.round((in_w - lams * in_rate).clamp(0.0, 1.0) * in_size)
-            count_out = torch.round((out_w - lams * out_rate).clamp(0.0, 1.0) * out_size)
-            alive = (count_in > 0) & (count_out > 0)
-            return (rank * (count_in + count_out) * alive).sum(1) / self._dense_macs
+            count_in = torch.round(widths_after(stored_in, in_rate, lams) * in_size)
+            count_out = torch.round(widths_after(stored_out, out_rate, lams) * out_size)
+            cost = torch.minimum(rank * (count_in + count_out), count_in * count_out)
+            return cost.sum(1) / self._dense_macs
 
         now = float(estimate(torch.zeros(1, dtype=torch.float64))[0])
-        if now <= 0.0 or exact_ratio <= target:
+        if now <= 0.0:
             return 0.0, in_rate, out_rate
         goal = target * now / exact_ratio
-        low = 0.0
-        high = float(torch.cat([in_w / in_rate, out_w / out_rate]).max())
-        for _ in range(5):  # each round narrows [low, high] 32-fold
-            grid = torch.linspace(low, high, 33, dtype=torch.float64)
-            above = estimate(grid) > goal  # non-increasing in lambda
-            first_below = int(above.long().sum())  # grid[first_below] is the first point at or below the goal
-            low, high = float(grid[max(first_below - 1, 0)]), float(grid[min(first_below, 32)])
-        return high, in_rate, out_rate
+        if now > goal:  # shrink: the smallest lambda > 0 at or below the goal
+            lam = _first_true(lambda lams: estimate(lams) <= goal, _reach(in_w, in_rate, out_w, out_rate))
+        elif now < goal:  # grow: the smallest growth at or above the goal
+            lam = -_first_true(lambda lams: estimate(-lams) >= goal, _reach(1 - in_w, in_rate, 1 - out_w, out_rate))
+        else:
+            lam = 0.0
+        return lam, in_rate, out_rate
 
     # -- the step --------------------------------------------------------------------------------
 
@@ -288,7 +332,7 @@ class StructureLearner:
             ratio = self.flops_ratio()
             target = self.target_now()
             lam, in_rate, out_rate = self._choose_lambda(target, ratio, self._struct_lr())
-            if lam > 0:
+            if lam != 0:
                 sizes = [layer.components for layer in self.layers]
                 for layer, in_shrink, out_shrink in zip(
                     self.layers, (lam * in_rate).split(sizes), (lam * out_rate).split(sizes)

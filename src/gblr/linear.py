@@ -231,12 +231,15 @@ class GBLRLinear(nn.Module):
         self.v.copy_(right.reshape(K, r, n))
 
         budget = self.init_flops_ratio * m * n
-        full = min(K, int(0.5 * budget // (r * (m + n))))
+        full_cost = min(r * (m + n), m * n)
+        full = min(K, int(0.5 * budget // full_cost))
         partial = K - full
         fraction = 0.0
         if partial:
-            per_component = (budget - full * r * (m + n)) / partial
-            fraction = min(1.0, per_component / (r * (m + n)))
+            per_component = (budget - full * full_cost) / partial
+            # the fraction x whose block costs per_component: min(r(m+n)x, mn x^2) is the
+            # smaller of two increasing functions, so x is the larger of their roots
+            fraction = min(1.0, max(per_component / (r * (m + n)), math.sqrt(per_component / (m * n))))
         self.in_width.fill_(fraction)
         self.out_width.fill_(fraction)
         self.in_width[:full] = 1.0

@@ -28,16 +28,25 @@ LinearFactory = Callable[[int, int], nn.Module]
 
 
 def make_linear(
-    kind: str, in_features: int, out_features: int, flops_ratio: float = 1.0, *, init_flops_ratio: float | None = None
+    kind: str,
+    in_features: int,
+    out_features: int,
+    flops_ratio: float = 1.0,
+    *,
+    init_flops_ratio: float | None = None,
+    rank: int = 1,
 ) -> nn.Module:
     """One linear layer of the given kind. Baselines are built at ``flops_ratio``; a GBLR layer
     starts at ``init_flops_ratio`` (default: the smaller of 1 and twice ``flops_ratio``) and
-    is brought to the budget by :class:`gblr.StructureLearner`."""
-    if kind == "dense":
-        return nn.Linear(in_features, out_features)
+    is brought to the budget by :class:`gblr.StructureLearner`. GBLR layers have components of
+    rank ``rank``, as many as make up the rank of a dense layer (``min(in, out) / rank``,
+    rounded up)."""
     if kind == "gblr":
         start = min(1.0, 2 * flops_ratio) if init_flops_ratio is None else init_flops_ratio
-        return GBLRLinear(in_features, out_features, init_flops_ratio=start)
+        components = -(-min(in_features, out_features) // rank)
+        return GBLRLinear(in_features, out_features, components=components, rank=rank, init_flops_ratio=start)
+    if kind == "dense":
+        return nn.Linear(in_features, out_features)
     if kind == "lowrank":
         return LowRankLinear.at_flops_ratio(in_features, out_features, flops_ratio)
     if kind == "monarch":
@@ -188,12 +197,16 @@ def build_model(
     num_classes: int,
     layer: str = "dense",
     flops_ratio: float = 1.0,
+    layer_options: dict | None = None,
     **kwargs,
 ) -> nn.Module:
-    """``build_model("vit", (1, 28, 28), 10, layer="gblr", flops_ratio=0.3, dim=64)``."""
+    """``build_model("vit", (1, 28, 28), 10, layer="gblr", flops_ratio=0.3, dim=64)``.
+    ``layer_options`` go to :func:`make_linear` (GBLR's ``init_flops_ratio`` and ``rank``);
+    other keyword arguments to the model."""
     if name not in MODELS:
         raise ValueError(f"model must be one of {', '.join(MODELS)}; got {name!r}")
-    return MODELS[name](image_shape, num_classes, linear=linear_factory(layer, flops_ratio), **kwargs)
+    linear = linear_factory(layer, flops_ratio, **(layer_options or {}))
+    return MODELS[name](image_shape, num_classes, linear=linear, **kwargs)
 
 
 def replaced_flops(model: nn.Module) -> FlopsReport:

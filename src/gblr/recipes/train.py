@@ -46,6 +46,7 @@ class TrainConfig:
     layer: str = "gblr"
     flops_target: float = 0.3  # of the replaced layers; baselines are built at it, GBLR learns to it
     init_flops_ratio: float | None = None  # GBLR start; default min(1, 2 * flops_target)
+    rank: int = 1  # rank of each GBLR component
     epochs: int = 3
     batch_size: int = 128  # global, across ranks
     lr: float = 2e-3
@@ -78,7 +79,7 @@ class TrainConfig:
             raise ValueError(f"model must be one of {', '.join(MODELS)}; got {self.model!r}")
         if not 0 < self.flops_target <= 1:
             raise ValueError(f"flops_target must be in (0, 1], got {self.flops_target!r}")
-        for name in ("epochs", "batch_size", "eval_batch_size"):
+        for name in ("epochs", "batch_size", "eval_batch_size", "rank"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
 
@@ -186,15 +187,11 @@ def fit(config: TrainConfig) -> tuple[nn.Module, dict]:
     architecture = {"patch_size": config.patch_size, "dim": config.dim, "depth": config.depth}
     if config.model == "vit":
         architecture.update(heads=config.heads, mlp_ratio=config.mlp_ratio)
+    layer_options = {"init_flops_ratio": config.init_flops_ratio, "rank": config.rank} if config.layer == "gblr" else {}
     model = build_model(
         config.model, data.image_shape, data.num_classes, layer=config.layer, flops_ratio=config.flops_target,
-        **architecture,
+        layer_options=layer_options, **architecture,
     )
-    if config.layer == "gblr" and config.init_flops_ratio is not None:
-        for module in model.modules():
-            if hasattr(module, "init_flops_ratio"):
-                module.init_flops_ratio = config.init_flops_ratio
-                module.reset_parameters()
 
     steps_per_epoch = len(data.train_images) // config.batch_size
     if steps_per_epoch == 0:
