@@ -100,6 +100,19 @@ def main() -> None:
     print(f"wrote {DOCS / (args.name + '.md')}")
 
 
+def command_line(args) -> str:
+    """The command that reproduces the table: the options that differ from their defaults."""
+    parts = ["python benchmarks/fashion_mnist.py"] + (["--ablation"] if args.ablation else [])
+    parts += [f"--epochs {args.epochs}", f"--seeds {' '.join(map(str, args.seeds))}"]
+    if args.ratios != [0.25, 0.5] or args.ablation:
+        parts.append(f"--ratios {' '.join(f'{r:g}' for r in args.ratios)}")
+    if args.kinds != list(KINDS) and not args.ablation:
+        parts.append(f"--kinds {' '.join(args.kinds)}")
+    if args.name != ("fashion_mnist_ablation" if args.ablation else "fashion_mnist"):
+        parts.append(f"--name {args.name}")
+    return " ".join(parts)
+
+
 def render_ablation(finished: dict, args) -> str:
     groups: dict[tuple[str, float], list[dict]] = {}
     for row in finished.values():
@@ -107,8 +120,7 @@ def render_ablation(finished: dict, args) -> str:
     lines = [
         "# Fashion-MNIST: variants of GBLR's structure-learning recipe",
         "",
-        f"Machine: {machine()}. Command: `python benchmarks/fashion_mnist.py --ablation --epochs {args.epochs} "
-        f"--seeds {' '.join(map(str, args.seeds))} --ratios {' '.join(f'{r:g}' for r in args.ratios)}`.",
+        f"Machine: {machine()}. Command: `{command_line(args)}`.",
         "The ViT recipe of fashion_mnist.md with GBLR layers; each variant changes one setting of "
         "`gblr train`. Accuracy of the frozen model on the test set; training loss of the last epoch "
         "(mean over seeds).",
@@ -135,8 +147,7 @@ def render_comparison(finished: dict, args) -> str:
     lines = [
         "# Fashion-MNIST: GBLR against dense and structured baselines",
         "",
-        f"Machine: {machine()}. Command: `python benchmarks/fashion_mnist.py --epochs {args.epochs} "
-        f"--seeds {' '.join(map(str, args.seeds))}`.",
+        f"Machine: {machine()}. Command: `{command_line(args)}`.",
         f"ViT (dim 64, depth 4, 4 heads, patch 4, MLP ratio 2), {args.epochs} epochs, AdamW, batch 128, "
         "the same recipe for every row; only the 24 linear layers inside the blocks change. "
         "Accuracy: test set, mean ± standard deviation over seeds, of the deployed (for GBLR: frozen) model. "
@@ -159,7 +170,32 @@ def render_comparison(finished: dict, args) -> str:
             f"| {layer} | {target:g} | {statistics.mean(r['flops_ratio'] for r in rows):.3f} | "
             f"{summarise([100 * r['accuracy'] for r in rows])} | {loss} | {len(rows)} | {relative} |"
         )
+    lines += render_allocation(groups)
     return "\n".join(lines) + "\n"
+
+
+def render_allocation(groups: dict[tuple[str, float], list[dict]]) -> list[str]:
+    """GBLR's learned FLOPs ratio per kind of layer (the last part of its name: query, fc1, ...),
+    mean over the blocks and seeds: how the global budget was split."""
+    targets = sorted(target for layer, target in groups if layer == "gblr")
+    if not targets:
+        return []
+    kinds = list(dict.fromkeys(entry["name"].rsplit(".", 1)[-1] for entry in groups[("gblr", targets[0])][0]["layers"]))
+    lines = [
+        "",
+        "GBLR's learned budgets: FLOPs ratio of each kind of layer, mean over the 4 blocks and the seeds "
+        "(the global ratio is held at the target; the split is learned).",
+        "",
+        "| target | " + " | ".join(kinds) + " |",
+        "|---:|" + "---:|" * len(kinds),
+    ]
+    for target in targets:
+        ratios = {kind: [] for kind in kinds}
+        for row in groups[("gblr", target)]:
+            for entry in row["layers"]:
+                ratios[entry["name"].rsplit(".", 1)[-1]].append(entry["flops_ratio"])
+        lines.append(f"| {target:g} | " + " | ".join(f"{statistics.mean(ratios[kind]):.3f}" for kind in kinds) + " |")
+    return lines
 
 
 if __name__ == "__main__":
