@@ -19,6 +19,7 @@ from torch import nn
 
 from .flops import Structure, Support, cyclic_indices, group_macs
 from ._validation import check_flops_ratio, check_input, check_positive_int, check_sigma
+from .kernels import gathered
 from .kernels.tiled import batch, batched_forward, pack, tiled_forward
 from .masks import apply_masks, apply_masks_backward, element_supports, mask_from_supports, masked_factor
 
@@ -401,9 +402,16 @@ def _dense_init_factors(m: int, n: int, total_rank: int, device, dtype) -> tuple
     return torch.cat(lefts, 1)[:, :total_rank], torch.cat(rights, 0)[:total_rank]
 
 
-KERNELS = ("auto", "reference", "tiled", "tiled-coarse", "tiled-batched", "dense")
+KERNELS = ("auto", "reference", "tiled", "tiled-coarse", "tiled-batched", "triton", "dense")
 COARSE_TILE_FACTOR = 3  # "tiled-coarse": 3x wider tiles, fewer GEMMs (small token counts), more padding
 MEASURED_PATHS = ("tiled", "tiled-coarse", "tiled-batched", "dense")  # what kernel="auto" chooses from
+TRITON_BLOCK = 64  # output columns per group of the "triton" path's kernel
+
+
+def measured_paths(x: torch.Tensor) -> tuple[str, ...]:
+    """The paths ``kernel="auto"`` times for inputs like ``x``: :data:`MEASURED_PATHS`, and on
+    CUDA with Triton installed the Triton kernel too."""
+    return MEASURED_PATHS + (("triton",) if x.is_cuda and gathered.available() else ())
 
 
 def _cyclic_ranges(start: int, width: int, size: int) -> list[tuple[int, int, int]]:
@@ -501,6 +509,9 @@ class FrozenGBLRLinear(nn.Module):
     def kernel(self, value: str) -> None:
         if value not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {value!r}")
+        if value == "triton" and not gathered.available():
+            raise ValueError("kernel='triton' needs Triton (pip install triton) and a CUDA device; "
+                             "kernel='auto' picks the fastest available path")
         self._kernel = value
 
     def _cached(self, what: str, x: torch.Tensor):
@@ -516,6 +527,9 @@ class FrozenGBLRLinear(nn.Module):
                     value = self.weight.to(x.device, x.dtype)
                 elif what == "tiled-batched":
                     value = batch(self._cached("tiled", x), x)
+                elif what == "triton":
+                    value = gathered.pack_triton(self.in_features, self.out_features, list(self.blocks()),
+                                                 TRITON_BLOCK, device=x.device, dtype=x.dtype)
                 else:
                     tile = self.tile if what == "tiled" else COARSE_TILE_FACTOR * self.tile
                     value = pack(self.in_features, self.out_features, list(self.blocks()), tile,
@@ -541,6 +555,8 @@ class FrozenGBLRLinear(nn.Module):
         """``x (T, in) -> (T, out)`` without bias by one path."""
         if path == "tiled-batched":
             return batched_forward(x, self._cached(path, x))
+        if path == "triton":
+            return gathered.triton_forward(x, self._cached(path, x))
         if path.startswith("tiled"):
             return tiled_forward(x, self._cached(path, x))
         if path == "dense":
@@ -548,12 +564,13 @@ class FrozenGBLRLinear(nn.Module):
         return self._reference(x)
 
     def _measure(self, x: torch.Tensor, repeats: int = 5, budget: float = 0.02) -> tuple[str, dict[str, float]]:
-        """Time the tiled paths (fine, coarse and batched tiles) and the dense path on ``x``: one
+        """Time the tiled paths (fine, coarse and batched tiles), the dense path and, on CUDA, the
+        Triton kernel (:func:`measured_paths`) on ``x``: one
         warm-up each, then rounds in turn (so that drifting machine load hits all alike), at least
         ``repeats`` and until ``budget`` seconds have passed (at most 50: fast calls are noisy), the
         best time of each; the fastest path wins."""
         sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-        paths = MEASURED_PATHS
+        paths = measured_paths(x)
         for path in paths:
             self._run(path, x)  # warm up (and pack)
         seconds = dict.fromkeys(paths, math.inf)

@@ -1,0 +1,101 @@
+"""The Triton path of frozen layers against the torch reference.
+
+On a machine without CUDA the kernel runs in Triton's interpreter (CPU tensors, fp32 and fp16:
+the interpreter cannot multiply bf16). Skipped when Triton is not installed (it is optional:
+``pip install triton``)."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # read by Triton when a kernel is defined: set it before that
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import gblr
+from gblr.flops import Support
+from gblr.kernels import gathered
+from gblr.linear import TRITON_BLOCK, FrozenGBLRLinear, measured_paths
+
+pytestmark = pytest.mark.skipif(not gathered.available(), reason="needs Triton (pip install triton)")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _frozen(m, n, spec, seed=0, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(seed)
+    blocks = []
+    for out_start, out_width, in_start, in_width, rank in spec:
+        left = torch.randn(out_width, rank, generator=generator)
+        right = torch.randn(rank, in_width, generator=generator)
+        blocks.append((Support(in_start, in_width, out_start, out_width), left, right))
+    return FrozenGBLRLinear(n, m, blocks, torch.randn(m, generator=generator)).to(DEVICE, dtype)
+
+
+def _relative_error(y, reference):
+    return float((y.float() - reference.float()).norm() / reference.float().norm().clamp_min(1e-30))
+
+
+spec_strategy = st.integers(5, 70).flatmap(
+    lambda m: st.integers(5, 70).flatmap(
+        lambda n: st.tuples(
+            st.just(m), st.just(n),
+            st.lists(st.tuples(st.integers(0, m - 1), st.integers(1, m), st.integers(0, n - 1), st.integers(1, n),
+                               st.integers(1, 3)), min_size=0, max_size=6),
+            st.sampled_from([16, 32]), st.integers(1, 40),
+        )
+    )
+)
+
+
+@settings(max_examples=25, deadline=None)
+@given(spec_strategy)
+def test_gathered_gemms_agree_with_reference_on_random_structures(case):
+    # wrap-around, overlapping, one-element and full blocks, rank 1-3, dense blocks; several groups
+    m, n, spec, block, tokens = case
+    layer = _frozen(m, n, spec)
+    product = gathered.pack_triton(n, m, list(layer.blocks()), block)
+    x = torch.randn(tokens, n, device=DEVICE)
+    with torch.no_grad():
+        reference = layer._reference(x)
+        y = gathered.triton_forward(x, product)
+    assert y.shape == (tokens, m)
+    if spec:
+        assert _relative_error(y, reference) < 1e-5
+    else:
+        assert torch.all(y == 0)
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.float16, 3e-3)]
+                         + ([(torch.bfloat16, 2e-2)] if DEVICE == "cuda" else []))
+def test_triton_kernel_setting_runs_the_kernel(dtype, tolerance):
+    torch.manual_seed(0)
+    layer = gblr.GBLRLinear(96, 160, rank=2, init_flops_ratio=0.3).freeze().to(DEVICE, dtype)
+    x = torch.randn(2, 17, 96, device=DEVICE).to(dtype)
+    with torch.no_grad():
+        layer.kernel = "reference"
+        reference = layer(x)
+        layer.kernel = "triton"
+        y = layer(x)
+    assert y.dtype == dtype and y.shape == reference.shape
+    assert _relative_error(y, reference) < tolerance
+    product = layer._cached("triton", x)
+    assert product.block == TRITON_BLOCK
+    # padded MACs: at least the layer's FLOPs, and every stage-2 group is one output tile
+    assert product.macs >= layer.flops() and product.second.groups == -(-160 // TRITON_BLOCK)
+
+
+def test_auto_times_the_kernel_on_cuda_only():
+    x = torch.zeros(1, 4)
+    assert "triton" not in measured_paths(x)
+    if DEVICE == "cuda":
+        assert "triton" in measured_paths(x.cuda())
+
+
+def test_cpu_tensors_outside_the_interpreter_get_a_clear_error(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    layer = _frozen(8, 8, [(0, 4, 0, 4, 1)]).cpu()
+    product = gathered.pack_triton(8, 8, list(layer.blocks()), 16)
+    with pytest.raises(ValueError, match="CUDA"):
+        gathered.triton_forward(torch.randn(2, 8), product)
