@@ -1,0 +1,143 @@
+"""GPU inference: each path of a frozen GBLR layer against dense F.linear, bf16 by default.
+
+    python benchmarks/inference_gpu.py                  # on a CUDA machine: a few minutes
+    bash benchmarks/gpu_check.sh                        # the CUDA tests, then this table
+    TRITON_INTERPRET=1 python benchmarks/inference_gpu.py --device cpu --smoke   # checks the script
+
+For each shape, FLOPs ratio and token count: the time of F.linear with the dense weight and of
+the frozen layer's paths (tiled, tiled-batched, triton, and "auto", the layer's own choice),
+medians of triton.testing.do_bench (CUDA events, the L2 cache flushed before every call, so
+weights come from memory as inside a model), plus each path's error relative to the reference
+path run in float32. Structure: "random", GBLRLinear's initial structure at the ratio (full-width
+components for half the budget, partial blocks at random places for the rest). Writes
+docs/benchmarks/<name>.{md,json} (default name: inference_gpu).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from common import machine, write_outputs
+
+import gblr
+from gblr.kernels import gathered
+
+GPU_SHAPES = ((768, 3072), (3072, 768), (4096, 4096), (4096, 11008))  # (in_features, out_features)
+GPU_TOKENS = (1, 16, 256, 4096, 8192)
+PATHS = ("tiled", "tiled-batched", "triton", "auto")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def bench_ms(fn, device: str) -> float:
+    """Median milliseconds of ``fn``: do_bench on CUDA, a short timed loop elsewhere (smoke runs)."""
+    if device == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    fn()
+    samples = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples) * 1e3
+
+
+def relative_error(y: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((y.float() - reference).norm() / reference.norm().clamp_min(1e-30))
+
+
+def run(args) -> list[dict]:
+    dtype = DTYPES[args.dtype]
+    rows = []
+    paths = [p for p in PATHS if p != "triton" or gathered.available()]
+    for n, m in args.shapes:
+        for ratio in args.ratios:
+            torch.manual_seed(0)
+            exact = gblr.GBLRLinear(n, m, bias=False, init_flops_ratio=ratio).freeze().to(args.device)
+            layer = copy.deepcopy(exact).to(dtype)
+            with torch.no_grad():
+                weight = layer.weight
+            for tokens in args.tokens:
+                x = torch.randn(tokens, n, device=args.device).to(dtype)
+                with torch.inference_mode():
+                    reference = exact._reference(x.float())
+                    row = {
+                        "shape": f"{n}x{m}", "ratio": ratio, "tokens": tokens, "dtype": args.dtype,
+                        "flops_ratio": layer.flops_ratio(),
+                        "padded_ratio": {"tiled": layer.tiled_product().macs / (n * m)},
+                        "dense_ms": bench_ms(lambda: F.linear(x, weight), args.device),
+                        "ms": {}, "error": {},
+                    }
+                    if "triton" in paths:
+                        row["padded_ratio"]["triton"] = layer._cached("triton", x).macs / (n * m)
+                    for path in paths:
+                        layer.kernel = path
+                        row["error"][path] = relative_error(layer(x), reference)
+                        row["ms"][path] = bench_ms(lambda: layer(x), args.device)
+                    layer.kernel = "auto"
+                    row["auto_path"] = layer.path_for(tokens, x)
+                rows.append(row)
+                print(f"{row['shape']} ratio {ratio:g} {tokens:>5} tokens: dense {row['dense_ms']:.4f} ms, "
+                      + ", ".join(f"{p} {row['dense_ms'] / row['ms'][p]:.2f}x (err {row['error'][p]:.1e})"
+                                  for p in paths)
+                      + f"; auto chose {row['auto_path']}", flush=True)
+    return rows
+
+
+def render(rows: list[dict], args) -> str:
+    paths = [p for p in PATHS if rows and p in rows[0]["ms"]]
+    lines = [
+        f"# Frozen GBLR inference on {'a GPU' if args.device == 'cuda' else args.device}, {args.dtype}",
+        "",
+        f"Machine: {machine()}. Command: `python benchmarks/inference_gpu.py --dtype {args.dtype}"
+        + (" --smoke --device cpu" if args.smoke else "") + "`.",
+        "Speed-up = median time of `F.linear` with the dense weight / median time of the frozen layer's path "
+        "(triton.testing.do_bench: CUDA events, L2 flushed before every call). Structure: random (GBLRLinear's "
+        "initial structure at the ratio). padded: MACs each path does, zero padding included, / dense MACs. "
+        "error: relative to the reference path in float32.",
+        "",
+        "| shape | ratio | tokens | dense ms | " + " | ".join(f"{p} speed-up" for p in paths)
+        + " | auto chose | padded (tiled / triton) | max error |",
+        "|---|---:|---:|---:|" + "---:|" * len(paths) + "---|---:|---:|",
+    ]
+    for row in rows:
+        padded = " / ".join(f"{row['padded_ratio'][k]:.3f}" for k in ("tiled", "triton") if k in row["padded_ratio"])
+        lines.append(
+            f"| {row['shape']} | {row['ratio']:g} | {row['tokens']} | {row['dense_ms']:.4f} | "
+            + " | ".join(f"{row['dense_ms'] / row['ms'][p]:.2f}x" for p in paths)
+            + f" | {row['auto_path']} | {padded} | {max(row['error'].values()):.1e} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="bf16", choices=DTYPES)
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.25])
+    parser.add_argument("--tokens", type=int, nargs="+", default=list(GPU_TOKENS))
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script (e.g. on CPU)")
+    parser.add_argument("--name", default=None, help="output name under docs/benchmarks")
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("no CUDA device: this benchmark is for GPUs (--device cpu --smoke checks the script)")
+    args.shapes = [(96, 160), (160, 96)] if args.smoke else list(GPU_SHAPES)
+    if args.smoke:
+        args.tokens = [t for t in args.tokens if t <= 64] or [1, 33]
+    args.name = args.name or ("inference_gpu_smoke" if args.smoke else "inference_gpu")
+    rows = run(args)
+    if not args.smoke:
+        write_outputs(args.name, rows, render(rows, args))
+        print(f"wrote docs/benchmarks/{args.name}.md")
+    else:
+        print(render(rows, args))
+
+
+if __name__ == "__main__":
+    main()
