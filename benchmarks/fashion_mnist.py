@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument("--render-only", action="store_true", help="rewrite the table from the saved runs")
     parser.add_argument("--ablation", action="store_true", help="GBLR recipe variants instead of the baselines")
     args = parser.parse_args()
-    args.name = args.name or ("fashion_mnist_ablation" if args.ablation else "fashion_mnist")
+    args.name = args.name or default_name(args)
     torch.set_num_threads(args.threads)
     render = render_ablation if args.ablation else render_comparison
 
@@ -100,6 +100,10 @@ def main() -> None:
     print(f"wrote {DOCS / (args.name + '.md')}")
 
 
+def default_name(args) -> str:
+    return "fashion_mnist_ablation" if args.ablation else "fashion_mnist"
+
+
 def command_line(args) -> str:
     """The command that reproduces the table: the options that differ from their defaults."""
     parts = ["python benchmarks/fashion_mnist.py"] + (["--ablation"] if args.ablation else [])
@@ -108,7 +112,7 @@ def command_line(args) -> str:
         parts.append(f"--ratios {' '.join(f'{r:g}' for r in args.ratios)}")
     if args.kinds != list(KINDS) and not args.ablation:
         parts.append(f"--kinds {' '.join(args.kinds)}")
-    if args.name != ("fashion_mnist_ablation" if args.ablation else "fashion_mnist"):
+    if args.name != default_name(args):
         parts.append(f"--name {args.name}")
     return " ".join(parts)
 

@@ -1,4 +1,6 @@
-"""Small synthetic datasets written to disk in the real formats, for recipe and CLI tests."""
+"""Shared test helpers: small synthetic datasets written to disk in the real formats (recipe and
+CLI tests), frozen layers built from block lists and a strategy for random block lists (the
+inference-path tests)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,10 @@ import struct
 from pathlib import Path
 
 import torch
+from hypothesis import strategies as st
+
+from gblr.flops import Support
+from gblr.linear import FrozenGBLRLinear
 
 
 def write_idx(path: Path, array: torch.Tensor) -> None:
@@ -29,3 +35,36 @@ def write_fashion_mnist(directory: Path, train: int = 256, test: int = 128, seed
         write_idx(directory / f"{prefix}-images-idx3-ubyte.gz", images.clamp(0, 255))
         write_idx(directory / f"{prefix}-labels-idx1-ubyte.gz", labels)
     return directory
+
+
+def frozen_layer(m: int, n: int, spec, seed: int = 0, dtype=torch.float64, bias: bool = True, **kwargs) -> FrozenGBLRLinear:
+    """A FrozenGBLRLinear from ``(out_start, out_width, in_start, in_width, rank)`` tuples, with
+    random factors (and bias)."""
+    generator = torch.Generator().manual_seed(seed)
+    blocks = []
+    for out_start, out_width, in_start, in_width, rank in spec:
+        support = Support(in_start, in_width, out_start, out_width)
+        left = torch.randn(out_width, rank, generator=generator, dtype=dtype)
+        right = torch.randn(rank, in_width, generator=generator, dtype=dtype)
+        blocks.append((support, left, right))
+    b = torch.randn(m, generator=generator, dtype=dtype) if bias else None
+    return FrozenGBLRLinear(n, m, blocks, b, dtype=dtype, **kwargs)
+
+
+def block_specs(max_side: int, max_blocks: int):
+    """``(m, n, spec)`` with sides 5..max_side and up to ``max_blocks`` blocks for
+    :func:`frozen_layer`: wrap-around, overlapping, one-element and full blocks, rank 1-3 (dense
+    blocks where the rank reaches a width)."""
+    return st.integers(5, max_side).flatmap(
+        lambda m: st.integers(5, max_side).flatmap(
+            lambda n: st.tuples(
+                st.just(m),
+                st.just(n),
+                st.lists(
+                    st.tuples(st.integers(0, m - 1), st.integers(1, m), st.integers(0, n - 1), st.integers(1, n),
+                              st.integers(1, 3)),
+                    min_size=0, max_size=max_blocks,
+                ),
+            )
+        )
+    )

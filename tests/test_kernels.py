@@ -8,22 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import gblr
-from gblr.flops import Support
+from fixtures import block_specs, frozen_layer
 from gblr.kernels.tiled import batch, batched_forward, pack, tiled_forward
-from gblr.linear import MEASURED_PATHS, FrozenGBLRLinear
-
-
-def _frozen(m, n, blocks_spec, seed=0, dtype=torch.float64, bias=True, **kwargs):
-    """A FrozenGBLRLinear from (out_start, out_width, in_start, in_width, rank) tuples."""
-    generator = torch.Generator().manual_seed(seed)
-    blocks = []
-    for out_start, out_width, in_start, in_width, rank in blocks_spec:
-        support = Support(in_start, in_width, out_start, out_width)
-        left = torch.randn(out_width, rank, generator=generator, dtype=dtype)
-        right = torch.randn(rank, in_width, generator=generator, dtype=dtype)
-        blocks.append((support, left, right))
-    b = torch.randn(m, generator=generator, dtype=dtype) if bias else None
-    return FrozenGBLRLinear(n, m, blocks, b, dtype=dtype, **kwargs)
+from gblr.linear import MEASURED_PATHS
 
 
 def _outputs(layer, x):
@@ -36,28 +23,12 @@ def _outputs(layer, x):
     return outputs
 
 
-blocks_strategy = st.integers(5, 40).flatmap(
-    lambda m: st.integers(5, 40).flatmap(
-        lambda n: st.tuples(
-            st.just(m),
-            st.just(n),
-            st.lists(
-                st.tuples(st.integers(0, m - 1), st.integers(1, m), st.integers(0, n - 1), st.integers(1, n),
-                          st.integers(1, 3)),
-                min_size=0, max_size=8,
-            ),
-            st.integers(1, 16),
-        )
-    )
-)
-
-
 @settings(max_examples=60, deadline=None)
-@given(blocks_strategy)
+@given(st.tuples(block_specs(40, 8), st.integers(1, 16)))
 def test_tiled_and_dense_agree_with_reference_on_random_structures(case):
     # wrap-around, overlapping, one-element and full blocks, rank 1-3, dense blocks (rank >= widths)
-    m, n, spec, tile = case
-    layer = _frozen(m, n, [(o % m, a, i % n, b, r) for o, a, i, b, r in spec], tile=tile)
+    (m, n, spec), tile = case
+    layer = frozen_layer(m, n, [(o % m, a, i % n, b, r) for o, a, i, b, r in spec], tile=tile)
     x = torch.randn(3, 7, n, dtype=torch.float64)
     outputs = _outputs(layer, x)
     torch.testing.assert_close(outputs["tiled"], outputs["reference"], rtol=1e-10, atol=1e-10)
@@ -80,7 +51,7 @@ def test_paths_agree_in_lower_precision(dtype, tolerance):
 
 def test_tiled_product_pads_only_partial_tiles():
     # one rank-2 block on rows 8..23 (wrapping past 31 is not needed) and columns 30..33 of 40 (wraps)
-    layer = _frozen(32, 40, [(8, 16, 30, 14, 2)], tile=8, bias=False)
+    layer = frozen_layer(32, 40, [(8, 16, 30, 14, 2)], tile=8, bias=False)
     product = pack(40, 32, list(layer.blocks()), 8)
     # columns 30..39 and 0..3: tiles [24,32), [32,40), [0,8) -> 3 tiles x 8 x 2 rows; rows 8..23: 2 tiles x 8 x 2
     assert product.macs == 3 * 8 * 2 + 2 * 8 * 2
@@ -92,7 +63,7 @@ def test_tiled_product_pads_only_partial_tiles():
 def test_batched_tiles_pad_every_tile_to_the_same_rows():
     # tile 8: block A (rank 2) covers columns 0..15 (tiles 0, 1), block B (rank 1) columns 8..11
     # (tile 1): the column tiles hold 2 and 3 rows, padded to 3; 24 columns = 3 tiles, the last empty
-    layer = _frozen(16, 24, [(0, 16, 0, 16, 2), (4, 4, 8, 4, 1)], tile=8, bias=False)
+    layer = frozen_layer(16, 24, [(0, 16, 0, 16, 2), (4, 4, 8, 4, 1)], tile=8, bias=False)
     product = pack(24, 16, list(layer.blocks()), 8)
     batched = batch(product, torch.empty(0, dtype=torch.float64))
     assert batched.V.shape == (3, 3, 8) and batched.U.shape == (2, 3, 8)
@@ -136,7 +107,7 @@ def test_auto_measures_once_per_bucket_and_explain_reports_it():
 
 
 def test_cached_tiles_follow_edits_training_steps_loads_and_dtype_changes():
-    layer = _frozen(24, 20, [(0, 10, 5, 12, 2), (20, 8, 0, 20, 1)], tile=4, kernel="tiled")
+    layer = frozen_layer(24, 20, [(0, 10, 5, 12, 2), (20, 8, 0, 20, 1)], tile=4, kernel="tiled")
     x = torch.randn(6, 20, dtype=torch.float64)
     with torch.no_grad():
         before = layer(x)
@@ -175,7 +146,7 @@ def test_cached_tiles_follow_edits_training_steps_loads_and_dtype_changes():
 
 
 def test_gradients_use_the_reference_path():
-    layer = _frozen(16, 12, [(2, 6, 3, 5, 1), (0, 16, 0, 12, 2)], kernel="auto")
+    layer = frozen_layer(16, 12, [(2, 6, 3, 5, 1), (0, 16, 0, 12, 2)], kernel="auto")
     x = torch.randn(4, 12, dtype=torch.float64, requires_grad=True)
     layer(x).sum().backward()
     assert layer.left0.grad is not None and x.grad is not None
@@ -184,4 +155,4 @@ def test_gradients_use_the_reference_path():
 
 def test_bad_kernel_name_is_rejected():
     with pytest.raises(ValueError, match="kernel must be one of"):
-        _frozen(8, 8, [(0, 4, 0, 4, 1)], kernel="fast")
+        frozen_layer(8, 8, [(0, 4, 0, 4, 1)], kernel="fast")

@@ -15,45 +15,27 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import gblr
-from gblr.flops import Support
+from fixtures import block_specs, frozen_layer
 from gblr.kernels import gathered
-from gblr.linear import TRITON_BLOCK, FrozenGBLRLinear, measured_paths
+from gblr.linear import TRITON_BLOCK, measured_paths
 
 pytestmark = pytest.mark.skipif(not gathered.available(), reason="needs Triton (pip install triton)")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _frozen(m, n, spec, seed=0, dtype=torch.float32):
-    generator = torch.Generator().manual_seed(seed)
-    blocks = []
-    for out_start, out_width, in_start, in_width, rank in spec:
-        left = torch.randn(out_width, rank, generator=generator)
-        right = torch.randn(rank, in_width, generator=generator)
-        blocks.append((Support(in_start, in_width, out_start, out_width), left, right))
-    return FrozenGBLRLinear(n, m, blocks, torch.randn(m, generator=generator)).to(DEVICE, dtype)
+def _frozen(m, n, spec):
+    return frozen_layer(m, n, spec, dtype=torch.float32).to(DEVICE)
 
 
 def _relative_error(y, reference):
     return float((y.float() - reference.float()).norm() / reference.float().norm().clamp_min(1e-30))
 
 
-spec_strategy = st.integers(5, 70).flatmap(
-    lambda m: st.integers(5, 70).flatmap(
-        lambda n: st.tuples(
-            st.just(m), st.just(n),
-            st.lists(st.tuples(st.integers(0, m - 1), st.integers(1, m), st.integers(0, n - 1), st.integers(1, n),
-                               st.integers(1, 3)), min_size=0, max_size=6),
-            st.sampled_from([16, 32]), st.integers(1, 40),
-        )
-    )
-)
-
-
 @settings(max_examples=25, deadline=None)
-@given(spec_strategy)
+@given(st.tuples(block_specs(70, 6), st.sampled_from([16, 32]), st.integers(1, 40)))
 def test_gathered_gemms_agree_with_reference_on_random_structures(case):
     # wrap-around, overlapping, one-element and full blocks, rank 1-3, dense blocks; several groups
-    m, n, spec, block, tokens = case
+    (m, n, spec), block, tokens = case
     layer = _frozen(m, n, spec)
     product = gathered.pack_triton(n, m, list(layer.blocks()), block)
     x = torch.randn(tokens, n, device=DEVICE)

@@ -282,16 +282,14 @@ class StructureLearner:
         """
         in_widths = [layer.in_width for layer in self.layers]
         out_widths = [layer.out_width for layer in self.layers]
-        in_w = torch.cat([w.detach() for w in in_widths]).double()
-        out_w = torch.cat([w.detach() for w in out_widths]).double()
+        stored_in = torch.cat([w.detach() for w in in_widths])  # in the widths' own dtype
+        stored_out = torch.cat([w.detach() for w in out_widths])
+        in_w, out_w = stored_in.double(), stored_out.double()
         in_weight, out_weight = self._shrink_weights(in_w, out_w)
         in_rate = struct_lr * in_weight / self._preconditioners(in_widths)
         out_rate = struct_lr * out_weight / self._preconditioners(out_widths)
         in_size, out_size = self._structure.in_sizes, self._structure.out_sizes
         rank = self._structure.ranks
-
-        stored_in = torch.cat([w.detach() for w in in_widths])
-        stored_out = torch.cat([w.detach() for w in out_widths])
 
         def widths_after(stored, rate, lams):  # the step as step() applies it, in the widths' dtype
             return (stored - (lams * rate).to(stored.dtype)).clamp(0.0, 1.0).double()
@@ -345,7 +343,7 @@ class StructureLearner:
                 layer.out_width.clamp_(0.0, 1.0)
                 layer.in_location.remainder_(1.0)
                 layer.out_location.remainder_(1.0)
-            self._floor = [width.detach().clone() for layer in self.layers for width in (layer.in_width, layer.out_width)]
+            self._floor = [width.detach().clone() for width in self._widths()]
             self.last = {"flops_ratio": ratio, "target": target, "lambda": lam}
         else:
             self._hold_structure()
@@ -362,9 +360,12 @@ class StructureLearner:
         """Below the budget trajectory no width ends a step narrower than the last structural
         step left it (the optimizer's narrowing is undone; its widening stays). Returns the
         FLOPs ratio after that."""
-        widths = [width for layer in self.layers for width in (layer.in_width, layer.out_width)]
-        torch._foreach_maximum_(widths, self._floor)
+        torch._foreach_maximum_(self._widths(), self._floor)
         return self.flops_ratio()
+
+    def _widths(self) -> list[torch.Tensor]:
+        """Every layer's in and out widths, in the order of ``self._floor``."""
+        return [width for layer in self.layers for width in (layer.in_width, layer.out_width)]
 
     def _begin_content_phase(self) -> None:
         for layer in self.layers:

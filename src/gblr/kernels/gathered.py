@@ -101,10 +101,10 @@ def pack_triton(in_features: int, out_features: int, blocks, block: int = 64, de
     # Stage 1: rank rows sorted by (cyclic) support start, then width; groups of `block` rows.
     starts = (right_active & ~right_active.roll(1, dims=1)).float().argmax(1)  # 0 for full rows
     widths = right_active.sum(1)
-    order = sorted(range(rank), key=lambda r: (int(starts[r]), int(widths[r])))
+    order = torch.argsort(starts * (in_features + 1) + widths, stable=True)
     indices, slabs = [], []
     for first in range(0, rank, block):
-        rows = torch.tensor(order[first : first + block], device=device, dtype=torch.long)
+        rows = order[first : first + block]
         columns = right_active[rows].any(0).nonzero().flatten()
         slab = like.new_zeros(columns.numel(), block)
         slab[:, : rows.numel()] = right_rows[rows][:, columns].T
@@ -113,7 +113,7 @@ def pack_triton(in_features: int, out_features: int, blocks, block: int = 64, de
     groups = len(indices)
     stage1 = _gemm(indices, slabs, groups * block, block, like)
     position = torch.empty(rank, dtype=torch.long, device=device)  # h column of each rank row
-    position[torch.tensor(order, dtype=torch.long, device=device)] = torch.arange(rank, device=device)
+    position[order] = torch.arange(rank, device=device)
 
     # Stage 2: output tiles of `block` columns, reading the h columns of the rows that reach them.
     indices, slabs = [], []
