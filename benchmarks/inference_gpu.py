@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from common import machine, write_outputs
 
 import gblr
-from gblr.kernels import gathered
+from gblr.kernels import segmented
 
 GPU_SHAPES = ((768, 3072), (3072, 768), (4096, 4096), (4096, 11008))  # (in_features, out_features)
 GPU_TOKENS = (1, 16, 256, 4096, 8192)
@@ -55,7 +55,7 @@ def relative_error(y: torch.Tensor, reference: torch.Tensor) -> float:
 def run(args) -> list[dict]:
     dtype = DTYPES[args.dtype]
     rows = []
-    paths = [p for p in PATHS if p != "triton" or gathered.available()]
+    paths = [p for p in PATHS if p != "triton" or segmented.available()]
     for n, m in args.shapes:
         for ratio in args.ratios:
             torch.manual_seed(0)
@@ -78,8 +78,12 @@ def run(args) -> list[dict]:
                         row["padded_ratio"]["triton"] = layer._cached("triton", x).macs / (n * m)
                     for path in paths:
                         layer.kernel = path
-                        row["error"][path] = relative_error(layer(x), reference)
-                        row["ms"][path] = bench_ms(lambda: layer(x), args.device)
+                        try:
+                            row["error"][path] = relative_error(layer(x), reference)
+                            row["ms"][path] = bench_ms(lambda: layer(x), args.device)
+                        except Exception as error:  # noqa: BLE001 - one failing path must not end the table
+                            print(f"{path} failed: {type(error).__name__}: {error}"[:2000], flush=True)
+                            row["error"][path], row["ms"][path] = float("nan"), float("inf")
                     layer.kernel = "auto"
                     row["auto_path"] = layer.path_for(tokens, x)
                 rows.append(row)
@@ -88,6 +92,80 @@ def run(args) -> list[dict]:
                                   for p in paths)
                       + f"; auto chose {row['auto_path']}", flush=True)
     return rows
+
+
+def dense_as_segmented(weight: torch.Tensor, out_block: int, block_k: int) -> segmented.SegmentedGEMM:
+    """A dense ``x @ weight.T`` as one segmented GEMM (every group one segment of all columns)."""
+    out_features, in_features = weight.shape
+    reads = -(-in_features // block_k) * block_k
+    slabs = [weight[start : start + out_block].T for start in range(0, out_features, out_block)]
+    slabs = [F.pad(slab, (0, out_block - slab.shape[1], 0, reads - in_features)) for slab in slabs]
+    return segmented._gemm(slabs, out_features, reads, block_k, weight)
+
+
+def sweep(args) -> None:
+    """Launch settings of the Triton kernel: a dense GEMM through it against F.linear (how close
+    the kernel itself comes to cuBLAS), then the frozen 4096x11008 layer at ratio 0.25."""
+    dtype = DTYPES[args.dtype]
+    tokens, n, m = (8192, 4096, 11008) if not args.smoke else (64, 96, 160)
+    torch.manual_seed(0)
+    x = torch.randn(tokens, n, device=args.device).to(dtype)
+    weight = torch.randn(m, n, device=args.device).to(dtype) / n**0.5
+    reference = F.linear(x.float(), weight.float())
+    dense = bench_ms(lambda: F.linear(x, weight), args.device)
+    print(f"sweep: dense F.linear {tokens}x{n}x{m}: {dense:.4f} ms", flush=True)
+    launches = [dict(block_t=bt, num_warps=w, num_stages=3) for bt in (64, 128) for w in (4, 8)]
+
+    def attempt(label, fn, reference=None):
+        try:
+            y = fn()
+            ms = bench_ms(fn, args.device)
+            error = "" if reference is None else f" (err {relative_error(y, reference):.1e})"
+            print(f"sweep {label}: {ms:.4f} ms, {dense / ms:.3f}x of dense{error}", flush=True)
+        except Exception as error:  # noqa: BLE001 - a failing configuration must not end the sweep
+            print(f"sweep {label} failed: {type(error).__name__}: {error}"[:600], flush=True)
+
+    if not args.skip_dense:
+        for out_block in (64, 128):
+            for block_k in (32, 64):
+                gemm = dense_as_segmented(weight, out_block, block_k)
+                padded = F.pad(x, (0, gemm.reads - n))  # segments read whole K steps
+                for launch in launches:
+                    out = x.new_empty(tokens, m)
+                    attempt(f"dense-as-segmented N{out_block} K{block_k} {launch}",
+                            lambda: segmented._run(padded, tokens, gemm, out, tokens, **launch), reference)
+    torch.manual_seed(0)
+    layer = gblr.GBLRLinear(n, m, bias=False, init_flops_ratio=0.25).freeze().to(args.device, dtype)
+    with torch.no_grad():
+        reference = layer.to(torch.float32)._reference(x.float())
+    layer = layer.to(dtype)
+    few_dense = {few: bench_ms(lambda: F.linear(x[:few], weight), args.device) for few in (1, 16)}
+    for packing in ((128, 64, 64), (64, 32, 32), (128, 32, 32), (128, 64, 32)):
+        product = segmented.pack_triton(n, m, list(layer.blocks()), *packing)
+        label = f"layer packing {packing} padded {product.macs / (n * m):.3f}"
+        for launch in launches[2:]:
+            attempt(f"{label} {launch}", lambda: segmented.triton_forward(x, product, **launch), reference)
+        launch = launches[2]
+        h = x.new_empty(product.first.columns, tokens)
+        attempt(f"{label} stage 1 alone (stage MACs {product.first.macs / (n * m):.3f})",
+                lambda: segmented._run(x, tokens, product.first, h.T, tokens, **launch))
+        y = x.new_empty(tokens, m)
+        attempt(f"{label} stage 2 alone (stage MACs {product.second.macs / (n * m):.3f})",
+                lambda: segmented._run(h.T, tokens, product.second, y, tokens, **launch))
+        for few in (1, 16):
+            x_few = x[:few].clone()
+            fn = lambda: segmented.triton_forward(x_few, product)  # noqa: E731
+            fn()
+            print(f"sweep {label} {few} tokens: {few_dense[few] / bench_ms(fn, args.device):.3f}x of dense", flush=True)
+    # What the layer adds around its chosen path at one token (Python, caches, bias).
+    x_one = x[:1].clone()
+    cached = layer._cached("dense", x_one)
+    for label, fn in (("F.linear on the layer's cached weight", lambda: F.linear(x_one, cached)),):
+        attempt(label, fn)
+    with torch.inference_mode():
+        for kernel in ("dense", "auto"):
+            layer.kernel = kernel
+            attempt(f"layer(x) at 1 token, kernel={kernel} (auto chose {layer.path_for(1, x_one)})", lambda: layer(x_one))
 
 
 def render(rows: list[dict], args) -> str:
@@ -124,12 +202,16 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=list(GPU_TOKENS))
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script (e.g. on CPU)")
     parser.add_argument("--name", default=None, help="output name under docs/benchmarks")
+    parser.add_argument("--sweep", action="store_true", help="only the Triton kernel's launch-settings sweep")
+    parser.add_argument("--skip-dense", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device: this benchmark is for GPUs (--device cpu --smoke checks the script)")
     args.shapes = [(96, 160), (160, 96)] if args.smoke else list(GPU_SHAPES)
     if args.smoke:
         args.tokens = [t for t in args.tokens if t <= 64] or [1, 33]
+    if args.sweep:
+        return sweep(args)
     args.name = args.name or ("inference_gpu_smoke" if args.smoke else "inference_gpu")
     rows = run(args)
     if not args.smoke:

@@ -16,10 +16,10 @@ from hypothesis import strategies as st
 
 import gblr
 from fixtures import block_specs, frozen_layer
-from gblr.kernels import gathered
-from gblr.linear import TRITON_BLOCK, measured_paths
+from gblr.kernels import segmented
+from gblr.linear import TRITON_PACKING, measured_paths
 
-pytestmark = pytest.mark.skipif(not gathered.available(), reason="needs Triton (pip install triton)")
+pytestmark = pytest.mark.skipif(not segmented.available(), reason="needs Triton (pip install triton)")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -32,16 +32,17 @@ def _relative_error(y, reference):
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.tuples(block_specs(70, 6), st.sampled_from([16, 32]), st.integers(1, 40)))
-def test_gathered_gemms_agree_with_reference_on_random_structures(case):
-    # wrap-around, overlapping, one-element and full blocks, rank 1-3, dense blocks; several groups
-    (m, n, spec), block, tokens = case
+@given(st.tuples(block_specs(70, 6), st.sampled_from([16, 32]), st.sampled_from([16, 32]), st.integers(1, 40)))
+def test_segmented_gemms_agree_with_reference_on_random_structures(case):
+    # wrap-around, overlapping, one-element and full blocks, rank 1-3, dense blocks; several groups;
+    # widths that are not multiples of block_k (the input is padded, segments moved left)
+    (m, n, spec), block, block_k, tokens = case
     layer = _frozen(m, n, spec)
-    product = gathered.pack_triton(n, m, list(layer.blocks()), block)
+    product = segmented.pack_triton(n, m, list(layer.blocks()), block, 48 - block, block_k, device=DEVICE)
     x = torch.randn(tokens, n, device=DEVICE)
     with torch.no_grad():
         reference = layer._reference(x)
-        y = gathered.triton_forward(x, product)
+        y = segmented.triton_forward(x, product)
     assert y.shape == (tokens, m)
     if spec:
         assert _relative_error(y, reference) < 1e-5
@@ -63,9 +64,9 @@ def test_triton_kernel_setting_runs_the_kernel(dtype, tolerance):
     assert y.dtype == dtype and y.shape == reference.shape
     assert _relative_error(y, reference) < tolerance
     product = layer._cached("triton", x)
-    assert product.block == TRITON_BLOCK
+    assert product.second.block == TRITON_PACKING["out_block"]
     # padded MACs: at least the layer's FLOPs, and every stage-2 group is one output tile
-    assert product.macs >= layer.flops() and product.second.groups == -(-160 // TRITON_BLOCK)
+    assert product.macs >= layer.flops() and product.second.group_count == -(-160 // TRITON_PACKING["out_block"])
 
 
 def test_auto_times_the_kernel_on_cuda_only():
@@ -78,6 +79,42 @@ def test_auto_times_the_kernel_on_cuda_only():
 def test_cpu_tensors_outside_the_interpreter_get_a_clear_error(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     layer = _frozen(8, 8, [(0, 4, 0, 4, 1)]).cpu()
-    product = gathered.pack_triton(8, 8, list(layer.blocks()), 16)
+    product = segmented.pack_triton(8, 8, list(layer.blocks()), 16, 16, 16)
     with pytest.raises(ValueError, match="CUDA"):
-        gathered.triton_forward(torch.randn(2, 8), product)
+        segmented.triton_forward(torch.randn(2, 8), product)
+
+
+def test_segments_are_aligned_whole_chunks_that_cover_every_needed_column():
+    needed = torch.tensor([3, 4, 5, 30, 31, 200, 201, 202, 220, 250])
+    runs = segmented._segments(needed, reads=256, block_k=32)
+    # gaps up to block_k are read as padding: 3..31 one run, 200..250 another, moved left to fit 256
+    assert runs == [(0, 32), (192, 64)]
+    for start, length in runs:
+        assert start % segmented.ALIGN == 0 and length % 32 == 0 and start + length <= 256
+    covered = torch.zeros(256, dtype=torch.bool)
+    for start, length in runs:
+        covered[start : start + length] = True
+    assert covered[needed].all()
+
+
+def test_each_column_is_multiplied_once_where_segments_overlap():
+    # two groups of columns whose rounded segments overlap: the overlap's values must count once
+    torch.manual_seed(0)
+    slab = torch.zeros(96, 16)
+    slab[8:51] = torch.randn(43, 16)
+    slab[90:96] = torch.randn(6, 16)
+    gemm = segmented._gemm([slab], 16, 96, 32, slab)
+    starts, offsets = gemm.starts.tolist(), gemm.offsets.tolist()
+    assert starts == [8, 64]  # 8..71, and 88..119 moved left to fit 96: 64..71 read twice
+    rebuilt = torch.zeros(96, 16)
+    for s, (first, last) in enumerate(zip(offsets[:-1], offsets[1:])):
+        rebuilt[starts[s] : starts[s] + last - first] += gemm.values[first:last]
+    torch.testing.assert_close(rebuilt, slab)
+
+
+def test_padded_macs_stay_near_the_layer_flops_at_a_realistic_size():
+    torch.manual_seed(0)
+    layer = gblr.GBLRLinear(768, 3072, bias=False, init_flops_ratio=0.25).freeze()
+    product = segmented.pack_triton(768, 3072, list(layer.blocks()), 64, 32, 32)
+    padded = product.macs / (768 * 3072)
+    assert layer.flops_ratio() <= padded < 0.36

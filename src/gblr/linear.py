@@ -19,7 +19,7 @@ from torch import nn
 
 from .flops import Structure, Support, cyclic_indices, group_macs
 from ._validation import check_flops_ratio, check_input, check_positive_int, check_sigma
-from .kernels import gathered
+from .kernels import segmented
 from .kernels.tiled import batch, batched_forward, pack, tiled_forward
 from .masks import apply_masks, apply_masks_backward, element_supports, mask_from_supports, masked_factor
 
@@ -405,13 +405,15 @@ def _dense_init_factors(m: int, n: int, total_rank: int, device, dtype) -> tuple
 KERNELS = ("auto", "reference", "tiled", "tiled-coarse", "tiled-batched", "triton", "dense")
 COARSE_TILE_FACTOR = 3  # "tiled-coarse": 3x wider tiles, fewer GEMMs (small token counts), more padding
 MEASURED_PATHS = ("tiled", "tiled-coarse", "tiled-batched", "dense")  # what kernel="auto" chooses from
-TRITON_BLOCK = 64  # output columns per group of the "triton" path's kernel
+# The "triton" path's packing (gblr.kernels.segmented.pack_triton): output columns per stage-2
+# group, rank rows per stage-1 group, and the K step segments are rounded to.
+TRITON_PACKING = {"out_block": 128, "row_block": 64, "block_k": 64}
 
 
 def measured_paths(x: torch.Tensor) -> tuple[str, ...]:
     """The paths ``kernel="auto"`` times for inputs like ``x``: :data:`MEASURED_PATHS`, and on
     CUDA with Triton installed the Triton kernel too."""
-    return MEASURED_PATHS + (("triton",) if x.is_cuda and gathered.available() else ())
+    return MEASURED_PATHS + (("triton",) if x.is_cuda and segmented.available() else ())
 
 
 def _cyclic_ranges(start: int, width: int, size: int) -> list[tuple[int, int, int]]:
@@ -509,7 +511,7 @@ class FrozenGBLRLinear(nn.Module):
     def kernel(self, value: str) -> None:
         if value not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {value!r}")
-        if value == "triton" and not gathered.available():
+        if value == "triton" and not segmented.available():
             raise ValueError("kernel='triton' needs Triton (pip install triton) and a CUDA device; "
                              "kernel='auto' picks the fastest available path")
         self._kernel = value
@@ -528,8 +530,8 @@ class FrozenGBLRLinear(nn.Module):
                 elif what == "tiled-batched":
                     value = batch(self._cached("tiled", x), x)
                 elif what == "triton":
-                    value = gathered.pack_triton(self.in_features, self.out_features, list(self.blocks()),
-                                                 TRITON_BLOCK, device=x.device, dtype=x.dtype)
+                    value = segmented.pack_triton(self.in_features, self.out_features, list(self.blocks()),
+                                                  **TRITON_PACKING, device=x.device, dtype=x.dtype)
                 else:
                     tile = self.tile if what == "tiled" else COARSE_TILE_FACTOR * self.tile
                     value = pack(self.in_features, self.out_features, list(self.blocks()), tile,
@@ -556,7 +558,7 @@ class FrozenGBLRLinear(nn.Module):
         if path == "tiled-batched":
             return batched_forward(x, self._cached(path, x))
         if path == "triton":
-            return gathered.triton_forward(x, self._cached(path, x))
+            return segmented.triton_forward(x, self._cached(path, x))
         if path.startswith("tiled"):
             return tiled_forward(x, self._cached(path, x))
         if path == "dense":
