@@ -29,7 +29,7 @@ from gblr.kernels import segmented
 
 GPU_SHAPES = ((768, 3072), (3072, 768), (4096, 4096), (4096, 11008))  # (in_features, out_features)
 GPU_TOKENS = (1, 16, 256, 4096, 8192)
-PATHS = ("tiled", "tiled-batched", "triton", "auto")
+PATHS = ("tiled-batched", "triton", "auto")  # "tiled" (one GEMM per tile) is 0.01-0.3x here: left out
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -114,7 +114,8 @@ def sweep(args) -> None:
     reference = F.linear(x.float(), weight.float())
     dense = bench_ms(lambda: F.linear(x, weight), args.device)
     print(f"sweep: dense F.linear {tokens}x{n}x{m}: {dense:.4f} ms", flush=True)
-    launches = [dict(block_t=bt, num_warps=w, num_stages=3) for bt in (64, 128) for w in (4, 8)]
+    launches = [dict(block_t=128, num_warps=4, num_stages=3), dict(block_t=128, num_warps=8, num_stages=3),
+                dict(block_t=128, num_warps=4, num_stages=4), dict(block_t=256, num_warps=8, num_stages=3)]
 
     def attempt(label, fn, reference=None):
         try:
@@ -125,47 +126,30 @@ def sweep(args) -> None:
         except Exception as error:  # noqa: BLE001 - a failing configuration must not end the sweep
             print(f"sweep {label} failed: {type(error).__name__}: {error}"[:600], flush=True)
 
-    if not args.skip_dense:
-        for out_block in (64, 128):
-            for block_k in (32, 64):
-                gemm = dense_as_segmented(weight, out_block, block_k)
-                padded = F.pad(x, (0, gemm.reads - n))  # segments read whole K steps
-                for launch in launches:
-                    out = x.new_empty(tokens, m)
-                    attempt(f"dense-as-segmented N{out_block} K{block_k} {launch}",
-                            lambda: segmented._run(padded, tokens, gemm, out, tokens, **launch), reference)
+    for out_block, block_k in ((128, 64),) if args.skip_dense else ((64, 32), (64, 64), (128, 32), (128, 64)):
+        gemm = dense_as_segmented(weight, out_block, block_k)
+        padded = F.pad(x, (0, gemm.reads - n))  # segments read whole K steps
+        for launch in launches[:2] if args.skip_dense else launches:
+            out = x.new_empty(tokens, m)
+            attempt(f"dense-as-segmented N{out_block} K{block_k} {launch}",
+                    lambda: segmented._run(padded, tokens, gemm, out, tokens, **launch), reference)
     torch.manual_seed(0)
     layer = gblr.GBLRLinear(n, m, bias=False, init_flops_ratio=0.25).freeze().to(args.device, dtype)
     with torch.no_grad():
         reference = layer.to(torch.float32)._reference(x.float())
     layer = layer.to(dtype)
-    few_dense = {few: bench_ms(lambda: F.linear(x[:few], weight), args.device) for few in (1, 16)}
-    for packing in ((128, 64, 64), (64, 32, 32), (128, 32, 32), (128, 64, 32)):
+    for packing in ((128, 64, 64), (128, 128, 64), (64, 64, 64)):
         product = segmented.pack_triton(n, m, list(layer.blocks()), *packing)
         label = f"layer packing {packing} padded {product.macs / (n * m):.3f}"
-        for launch in launches[2:]:
+        for launch in launches if packing == (128, 64, 64) else launches[:2]:
             attempt(f"{label} {launch}", lambda: segmented.triton_forward(x, product, **launch), reference)
-        launch = launches[2]
-        h = x.new_empty(product.first.columns, tokens)
-        attempt(f"{label} stage 1 alone (stage MACs {product.first.macs / (n * m):.3f})",
-                lambda: segmented._run(x, tokens, product.first, h.T, tokens, **launch))
-        y = x.new_empty(tokens, m)
-        attempt(f"{label} stage 2 alone (stage MACs {product.second.macs / (n * m):.3f})",
-                lambda: segmented._run(h.T, tokens, product.second, y, tokens, **launch))
-        for few in (1, 16):
-            x_few = x[:few].clone()
-            fn = lambda: segmented.triton_forward(x_few, product)  # noqa: E731
-            fn()
-            print(f"sweep {label} {few} tokens: {few_dense[few] / bench_ms(fn, args.device):.3f}x of dense", flush=True)
-    # What the layer adds around its chosen path at one token (Python, caches, bias).
-    x_one = x[:1].clone()
-    cached = layer._cached("dense", x_one)
-    for label, fn in (("F.linear on the layer's cached weight", lambda: F.linear(x_one, cached)),):
-        attempt(label, fn)
-    with torch.inference_mode():
-        for kernel in ("dense", "auto"):
-            layer.kernel = kernel
-            attempt(f"layer(x) at 1 token, kernel={kernel} (auto chose {layer.path_for(1, x_one)})", lambda: layer(x_one))
+        for launch in launches[:1]:
+            h = x.new_zeros(product.first.columns, tokens)
+            attempt(f"{label} stage 1 alone (stage MACs {product.first.macs / (n * m):.3f}) {launch}",
+                    lambda: segmented._run(x, tokens, product.first, h.T, tokens, **launch))
+            y = x.new_empty(tokens, m)
+            attempt(f"{label} stage 2 alone (stage MACs {product.second.macs / (n * m):.3f}) {launch}",
+                    lambda: segmented._run(h.T, tokens, product.second, y, tokens, **launch))
 
 
 def render(rows: list[dict], args) -> str:
@@ -173,7 +157,8 @@ def render(rows: list[dict], args) -> str:
     lines = [
         f"# Frozen GBLR inference on {'a GPU' if args.device == 'cuda' else args.device}, {args.dtype}",
         "",
-        f"Machine: {machine()}. Command: `python benchmarks/inference_gpu.py --dtype {args.dtype}"
+        f"Machine: {machine()}. Command: `python benchmarks/inference_gpu.py --dtype {args.dtype} --ratios "
+        + " ".join(f"{r:g}" for r in args.ratios) + " --tokens " + " ".join(map(str, args.tokens))
         + (" --smoke --device cpu" if args.smoke else "") + "`.",
         "Speed-up = median time of `F.linear` with the dense weight / median time of the frozen layer's path "
         "(triton.testing.do_bench: CUDA events, L2 flushed before every call). Structure: random (GBLRLinear's "

@@ -407,7 +407,7 @@ COARSE_TILE_FACTOR = 3  # "tiled-coarse": 3x wider tiles, fewer GEMMs (small tok
 MEASURED_PATHS = ("tiled", "tiled-coarse", "tiled-batched", "dense")  # what kernel="auto" chooses from
 # The "triton" path's packing (gblr.kernels.segmented.pack_triton): output columns per stage-2
 # group, rank rows per stage-1 group, and the K step segments are rounded to.
-TRITON_PACKING = {"out_block": 128, "row_block": 64, "block_k": 64}
+TRITON_PACKING = {"out_block": 128, "row_block": 128, "block_k": 64}
 
 
 def measured_paths(x: torch.Tensor) -> tuple[str, ...]:

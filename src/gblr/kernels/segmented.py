@@ -210,6 +210,8 @@ def _kernel():
         BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
         SCATTER: tl.constexpr,
     ):
+        # token blocks vary fastest: programs that run together share a group's values (measured
+        # 3-25 % faster per stage on an H200 than the transposed order, which shares input rows)
         token_block, group = tl.program_id(0), tl.program_id(1)
         t = token_block * BLOCK_T + tl.arange(0, BLOCK_T)
         n = tl.arange(0, BLOCK_N)
@@ -236,7 +238,8 @@ def _kernel():
 
 
 def _launch_defaults(tokens: int) -> dict:
-    """Launch settings by token count (tuned on an H200 at 8192 tokens; first guesses below)."""
+    """Launch settings by token count (block_t 128 with 4 warps and 3 stages measured best on an
+    H200 at 8192 tokens, against 8 warps, 4 stages and block_t 256; below that, first guesses)."""
     block_t = 16 if tokens <= 16 else 32 if tokens <= 32 else 64 if tokens <= 1024 else 128
     return {"block_t": block_t, "num_warps": 4, "num_stages": 3}
 
