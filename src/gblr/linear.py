@@ -405,9 +405,6 @@ def _dense_init_factors(m: int, n: int, total_rank: int, device, dtype) -> tuple
 KERNELS = ("auto", "reference", "tiled", "tiled-coarse", "tiled-batched", "triton", "dense")
 COARSE_TILE_FACTOR = 3  # "tiled-coarse": 3x wider tiles, fewer GEMMs (small token counts), more padding
 MEASURED_PATHS = ("tiled", "tiled-coarse", "tiled-batched", "dense")  # what kernel="auto" chooses from
-# The "triton" path's packing (gblr.kernels.segmented.pack_triton): output columns per stage-2
-# group, rank rows per stage-1 group, and the K step segments are rounded to.
-TRITON_PACKING = {"out_block": 128, "row_block": 128, "block_k": 64}
 
 
 def measured_paths(x: torch.Tensor) -> tuple[str, ...]:
@@ -531,7 +528,7 @@ class FrozenGBLRLinear(nn.Module):
                     value = batch(self._cached("tiled", x), x)
                 elif what == "triton":
                     value = segmented.pack_triton(self.in_features, self.out_features, list(self.blocks()),
-                                                  **TRITON_PACKING, device=x.device, dtype=x.dtype)
+                                                  device=x.device, dtype=x.dtype)
                 else:
                     tile = self.tile if what == "tiled" else COARSE_TILE_FACTOR * self.tile
                     value = pack(self.in_features, self.out_features, list(self.blocks()), tile,

@@ -40,6 +40,9 @@ from .tiled import _stacked
 __all__ = ["available", "SegmentedGEMM", "SegmentedProduct", "pack_triton", "triton_forward"]
 
 ALIGN = 8  # segment starts: a multiple of 8 elements is 16 bytes in fp16/bf16, 32 in fp32
+# Packing defaults, measured best on an H200 (docs/benchmarks/triton_tuning.md): output columns
+# per stage-2 group, rank rows per stage-1 group, and the K step segments are rounded to.
+OUT_BLOCK, ROW_BLOCK, BLOCK_K = 128, 128, 64
 
 
 @functools.cache
@@ -149,8 +152,8 @@ def _cyclic_starts(active: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def pack_triton(in_features: int, out_features: int, blocks, out_block: int = 64, row_block: int = 32,
-                block_k: int = 64, device=None, dtype=None) -> SegmentedProduct:
+def pack_triton(in_features: int, out_features: int, blocks, out_block: int = OUT_BLOCK, row_block: int = ROW_BLOCK,
+                block_k: int = BLOCK_K, device=None, dtype=None) -> SegmentedProduct:
     """The two stages for a frozen layer's ``blocks`` (``(Support, left, right)``, ``right=None``
     for a dense block): stage 1 groups ``row_block`` rank rows, stage 2 tiles of ``out_block``
     output columns; segments are multiples of ``block_k``. Fewer rows per group pad less (the
