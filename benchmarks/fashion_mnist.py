@@ -54,6 +54,8 @@ def main() -> None:
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dim", type=int, default=64, help="ViT width (every run)")
+    parser.add_argument("--mlp-ratio", type=float, default=2.0, help="ViT MLP width / dim (every run)")
     parser.add_argument("--limit-train", type=int, default=None, help="fewer training images (quick checks)")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--name", default=None, help="output name under docs/benchmarks")
@@ -84,6 +86,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as out:
             report = train(TrainConfig(
                 layer=layer, flops_target=ratio, epochs=args.epochs, seed=seed, threads=args.threads,
+                dim=args.dim, mlp_ratio=args.mlp_ratio,
                 limit_train=args.limit_train, data_dir=args.data_dir, out=out, progress=False, pictures=False,
                 **overrides,
             ))
@@ -112,6 +115,10 @@ def command_line(args) -> str:
         parts.append(f"--ratios {' '.join(f'{r:g}' for r in args.ratios)}")
     if args.kinds != list(KINDS) and not args.ablation:
         parts.append(f"--kinds {' '.join(args.kinds)}")
+    if args.dim != 64:
+        parts.append(f"--dim {args.dim}")
+    if args.mlp_ratio != 2.0:
+        parts.append(f"--mlp-ratio {args.mlp_ratio:g}")
     if args.name != default_name(args):
         parts.append(f"--name {args.name}")
     return " ".join(parts)
@@ -152,7 +159,7 @@ def render_comparison(finished: dict, args) -> str:
         "# Fashion-MNIST: GBLR against dense and structured baselines",
         "",
         f"Machine: {machine()}. Command: `{command_line(args)}`.",
-        f"ViT (dim 64, depth 4, 4 heads, patch 4, MLP ratio 2), {args.epochs} epochs, AdamW, batch 128, "
+        f"ViT (dim {args.dim}, depth 4, 4 heads, patch 4, MLP ratio {args.mlp_ratio:g}), {args.epochs} epochs, AdamW, batch 128, "
         "the same recipe for every row; only the 24 linear layers inside the blocks change. "
         "Accuracy: test set, mean ± standard deviation over seeds, of the deployed (for GBLR: frozen) model. "
         "FLOPs ratio: MACs of the replaced layers / dense MACs, as achieved. Final training loss: of the "
