@@ -83,38 +83,3 @@ def test_cpu_tensors_outside_the_interpreter_get_a_clear_error(monkeypatch):
     with pytest.raises(ValueError, match="CUDA"):
         segmented.triton_forward(torch.randn(2, 8), product)
 
-
-def test_segments_are_aligned_whole_chunks_that_cover_every_needed_column():
-    needed = torch.tensor([3, 4, 5, 30, 31, 200, 201, 202, 220, 250])
-    runs = segmented._segments(needed, reads=256, block_k=32)
-    # gaps up to block_k are read as padding: 3..31 one run, 200..250 another, moved left to fit 256
-    assert runs == [(0, 32), (192, 64)]
-    for start, length in runs:
-        assert start % segmented.ALIGN == 0 and length % 32 == 0 and start + length <= 256
-    covered = torch.zeros(256, dtype=torch.bool)
-    for start, length in runs:
-        covered[start : start + length] = True
-    assert covered[needed].all()
-
-
-def test_each_column_is_multiplied_once_where_segments_overlap():
-    # two groups of columns whose rounded segments overlap: the overlap's values must count once
-    torch.manual_seed(0)
-    slab = torch.zeros(96, 16)
-    slab[8:51] = torch.randn(43, 16)
-    slab[90:96] = torch.randn(6, 16)
-    gemm = segmented._gemm([slab], 16, 96, 32, slab)
-    starts, offsets = gemm.starts.tolist(), gemm.offsets.tolist()
-    assert starts == [8, 64]  # 8..71, and 88..119 moved left to fit 96: 64..71 read twice
-    rebuilt = torch.zeros(96, 16)
-    for s, (first, last) in enumerate(zip(offsets[:-1], offsets[1:])):
-        rebuilt[starts[s] : starts[s] + last - first] += gemm.values[first:last]
-    torch.testing.assert_close(rebuilt, slab)
-
-
-def test_padded_macs_stay_near_the_layer_flops_at_a_realistic_size():
-    torch.manual_seed(0)
-    layer = gblr.GBLRLinear(768, 3072, bias=False, init_flops_ratio=0.25).freeze()
-    product = segmented.pack_triton(768, 3072, list(layer.blocks()), 64, 32, 32)
-    padded = product.macs / (768 * 3072)
-    assert layer.flops_ratio() <= padded < 0.36

@@ -124,13 +124,13 @@ def _gemm(slabs: list[torch.Tensor], columns: int, reads: int, block_k: int, lik
     starts, lengths, groups, values = [], [], [0], []
     for slab in slabs:
         needed = slab.ne(0).any(1).nonzero().flatten()
-        owned = torch.zeros(reads, dtype=torch.bool, device=slab.device)
+        # Runs are more than block_k apart, so a segment's rounding ends before the next run
+        # starts; the last segment, moved left to fit, overlaps its neighbour only where the
+        # slab is zero. No column is counted twice.
         for start, length in _segments(needed, reads, block_k):
-            part = slab[start : start + length] * ~owned[start : start + length, None]  # each column once
-            owned[start : start + length] = True
             starts.append(start)
             lengths.append(length)
-            values.append(part)
+            values.append(slab[start : start + length])
         groups.append(len(starts))
     offsets = torch.tensor([0] + lengths, dtype=torch.int64).cumsum(0)
     device = like.device
