@@ -188,7 +188,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script (e.g. on CPU)")
     parser.add_argument("--name", default=None, help="output name under docs/benchmarks")
     parser.add_argument("--sweep", action="store_true", help="only the Triton kernel's launch-settings sweep")
-    parser.add_argument("--skip-dense", action="store_true", help="--sweep: the dense GEMM through the kernel at the default packing only")
+    parser.add_argument("--skip-dense", action="store_true",
+                        help="with --sweep: the dense GEMM through the kernel at the default packing only")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device: this benchmark is for GPUs (--device cpu --smoke checks the script)")
