@@ -518,9 +518,9 @@ class FrozenGBLRLinear(nn.Module):
         (``"tiled-batched"``) or the dense weight for ``x``'s device and dtype. Built once;
         :meth:`refresh` drops it (done after every training step through the reference path and
         on ``load_state_dict``)."""
+        key = (x.device, x.dtype, self.tile)
         cached = self._packed.get(what)
-        if cached is None or cached[0] != (x.device, x.dtype, self.tile):
-            key = (x.device, x.dtype, self.tile)
+        if cached is None or cached[0] != key:
             with torch.no_grad():
                 if what == "dense":
                     value = self.weight.to(x.device, x.dtype)
