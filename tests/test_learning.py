@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gblr
-from gblr.learning import STRUCTURE_GROUP
+from gblr.learning import STRUCTURE_GROUP, _first_true
 
 
 class ResidualPair(nn.Module):
@@ -224,3 +224,19 @@ def test_small_blocks_of_high_rank_shrink_at_the_cost_of_their_area():
 def test_initial_ratio_counts_dense_blocks(rank):
     layer = gblr.GBLRLinear(64, 64, components=64 // rank, rank=rank, init_flops_ratio=0.5)
     assert layer.flops_ratio() == pytest.approx(0.5, abs=0.06)
+
+
+@pytest.mark.parametrize("answer", [3e-3, 0.7, 2e5])
+def test_lambda_search_is_precise_when_the_reach_is_a_millionfold_larger(answer):
+    # the reach is set by the slowest-shrinking width and can exceed the needed lambda by far;
+    # a search on a linear grid over [0, reach] stopped a whole grid step (reach / 32**5) late
+    calls = []
+
+    def predicate(lams):
+        calls.append(lams.numel())
+        return lams >= answer
+
+    found = _first_true(predicate, 1e6)
+    assert answer <= found <= answer * (1 + 1e-5)
+    assert calls == [33] * 5
+    assert _first_true(lambda lams: lams >= 2e6, 1e6) == 1e6  # never true: the upper end
