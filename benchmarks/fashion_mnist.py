@@ -159,7 +159,8 @@ def render_comparison(finished: dict, args) -> str:
         "# Fashion-MNIST: GBLR against dense and structured baselines",
         "",
         f"Machine: {machine()}. Command: `{command_line(args)}`.",
-        f"ViT (dim {args.dim}, depth 4, 4 heads, patch 4, MLP ratio {args.mlp_ratio:g}), {args.epochs} epochs, AdamW, batch 128, "
+        f"ViT (dim {args.dim}, depth 4, 4 heads, patch 4, MLP ratio {args.mlp_ratio:g}), {args.epochs} epochs, "
+        "AdamW, batch 128, "
         "the same recipe for every row; only the 24 linear layers inside the blocks change. "
         "Accuracy: test set, mean ± standard deviation over seeds, of the deployed (for GBLR: frozen) model. "
         "FLOPs ratio: MACs of the replaced layers / dense MACs, as achieved. Final training loss: of the "

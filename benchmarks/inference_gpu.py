@@ -97,7 +97,7 @@ def run(args) -> list[dict]:
 def dense_as_segmented(weight: torch.Tensor, out_block: int, block_k: int) -> segmented.SegmentedGEMM:
     """A dense ``x @ weight.T`` as one segmented GEMM (every group one segment of all columns)."""
     out_features, in_features = weight.shape
-    reads = -(-in_features // block_k) * block_k
+    reads = segmented._round_up(in_features, block_k)
     slabs = [weight[start : start + out_block].T for start in range(0, out_features, out_block)]
     slabs = [F.pad(slab, (0, out_block - slab.shape[1], 0, reads - in_features)) for slab in slabs]
     return segmented._gemm(slabs, out_features, reads, block_k, weight)
@@ -143,13 +143,13 @@ def sweep(args) -> None:
         label = f"layer packing {packing} padded {product.macs / (n * m):.3f}"
         for launch in launches if packing == (128, 64, 64) else launches[:2]:
             attempt(f"{label} {launch}", lambda: segmented.triton_forward(x, product, **launch), reference)
-        for launch in launches[:1]:
-            h = x.new_zeros(product.first.columns, tokens)
-            attempt(f"{label} stage 1 alone (stage MACs {product.first.macs / (n * m):.3f}) {launch}",
-                    lambda: segmented._run(x, tokens, product.first, h.T, tokens, **launch))
-            y = x.new_empty(tokens, m)
-            attempt(f"{label} stage 2 alone (stage MACs {product.second.macs / (n * m):.3f}) {launch}",
-                    lambda: segmented._run(h.T, tokens, product.second, y, tokens, **launch))
+        launch = launches[0]
+        h = x.new_zeros(product.first.columns, tokens)
+        attempt(f"{label} stage 1 alone (stage MACs {product.first.macs / (n * m):.3f}) {launch}",
+                lambda: segmented._run(x, tokens, product.first, h.T, tokens, **launch))
+        y = x.new_empty(tokens, m)
+        attempt(f"{label} stage 2 alone (stage MACs {product.second.macs / (n * m):.3f}) {launch}",
+                lambda: segmented._run(h.T, tokens, product.second, y, tokens, **launch))
 
 
 def render(rows: list[dict], args) -> str:
