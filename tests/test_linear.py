@@ -182,16 +182,20 @@ def test_loading_a_checkpoint_of_another_shape_fails_clearly():
 
 @pytest.mark.parametrize("ratio", [0.05, 0.25, 0.5, 1.0])
 @pytest.mark.parametrize("shape", [(256, 256), (96, 384), (384, 96)])
-def test_initial_structure_meets_the_ratio(ratio, shape):
+@pytest.mark.parametrize("share", [0.0, 0.5, 1.0])
+def test_initial_structure_meets_the_ratio(ratio, shape, share):
     torch.manual_seed(0)
-    layer = GBLRLinear(*shape, init_flops_ratio=ratio)
+    layer = GBLRLinear(*shape, init_flops_ratio=ratio, init_full_width_share=share)
     assert layer.flops_ratio() == pytest.approx(ratio, rel=0.05, abs=0.005)
     full = (layer.in_width == 1) & (layer.out_width == 1)
     full_macs = int(full.sum()) * sum(shape)
-    assert full_macs == pytest.approx(0.5 * ratio * shape[0] * shape[1], abs=sum(shape))
+    assert full_macs == pytest.approx(share * ratio * shape[0] * shape[1], abs=sum(shape))
+    if share == 0.0:
+        assert not full.any()
     # The full-width components are the top singular directions of a dense init.
     strengths = layer.u.norm(dim=(1, 2)) * layer.v.norm(dim=(1, 2))
-    assert strengths[full].min() >= strengths[~full].max()
+    if full.any() and not full.all():
+        assert strengths[full].min() >= strengths[~full].max()
 
 
 def test_initial_weight_has_dense_init_scale():
@@ -369,6 +373,7 @@ def test_a_pruned_block_can_grow_back_under_gradient_descent():
         ({"in_features": 4, "out_features": 4, "rank": 0}, "rank"),
         ({"in_features": 4, "out_features": 4, "init_flops_ratio": 0.0}, "init_flops_ratio"),
         ({"in_features": 4, "out_features": 4, "init_flops_ratio": 1.5}, "init_flops_ratio"),
+        ({"in_features": 4, "out_features": 4, "init_full_width_share": -0.1}, "init_full_width_share"),
         ({"in_features": 4, "out_features": 4, "sigma": -1.0}, "sigma"),
         ({"in_features": 4.0, "out_features": 4}, "in_features"),
     ],

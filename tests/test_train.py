@@ -35,6 +35,12 @@ def test_train_writes_report_log_checkpoint_and_pictures(data_dir, tmp_path):
     assert len(report["layers"]) == 6
     assert {"name", "shape", "flops_ratio"} <= set(report["layers"][0])
     assert report["layers"][0]["name"] == "blocks.0.attention.query"
+    for row in report["layers"]:  # what each frozen layer kept, from its blocks
+        layer = model.get_submodule(row["name"])
+        wide = [macs for support, macs in layer.block_macs()
+                if 2 * support.in_width >= layer.in_features and 2 * support.out_width >= layer.out_features]
+        assert row["blocks"] == len(layer.supports) > 0
+        assert row["wide_macs_share"] == pytest.approx(sum(wide) / layer.flops())
     assert set(report["timings"]) >= {"train_seconds", "epoch_seconds", "eval_seconds"}
     # the deployed model is frozen, and its cost is the reported one
     assert all(isinstance(m, FrozenGBLRLinear) for m in (model.blocks[0].mlp.fc1, model.blocks[0].attention.key))
@@ -103,6 +109,18 @@ def test_config_errors_name_the_field(data_dir, tmp_path):
         train(config(data_dir, tmp_path, layer="sparse"))
     with pytest.raises(ValueError, match="batch_size=1024 is larger"):
         train(config(data_dir, tmp_path, batch_size=1024))
+    with pytest.raises(ValueError, match="init_full_width_share"):
+        train(config(data_dir, tmp_path, init_full_width_share=1.5))
+
+
+def test_starting_budget_split_reaches_the_layers(data_dir, tmp_path):
+    banded = train(config(data_dir, tmp_path / "bands", epochs=1, init_full_width_share=1.0, pictures=False))
+    local = train(config(data_dir, tmp_path / "blocks", epochs=1, init_full_width_share=0.0, pictures=False))
+    # started without full-width components, the learned layers keep only local blocks; started
+    # with full-width components only, mostly wide ones
+    assert all(row["wide_macs_share"] == 0.0 for row in local["layers"])
+    macs = [row["flops_ratio"] * row["shape"][0] * row["shape"][1] for row in banded["layers"]]
+    assert sum(m * row["wide_macs_share"] for m, row in zip(macs, banded["layers"])) > 0.5 * sum(macs)
 
 
 WORKER = """

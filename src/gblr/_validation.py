@@ -20,6 +20,13 @@ def check_flops_ratio(value, name: str = "flops_ratio") -> float:
     return float(value)
 
 
+def check_share(value, name: str) -> float:
+    """Return ``value`` as a float if it lies in ``[0, 1]``; raise a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 <= value <= 1.0):
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
 def check_sigma(sigma) -> float | None:
     """``None`` (sharp boxcars) or a positive finite number, returned as a float."""
     if sigma is not None and not (

@@ -128,6 +128,8 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--flops-target", type=float, default=defaults.flops_target,
                        help="FLOPs ratio of the replaced layers (GBLR learns to it; baselines are built at it)")
     model.add_argument("--init-flops-ratio", type=float, default=None, help="GBLR starting ratio (default 2x target, at most 1)")
+    model.add_argument("--init-full-width-share", type=float, default=defaults.init_full_width_share,
+                       help="share of the starting budget in full-width GBLR components (the rest: partial blocks)")
     model.add_argument("--rank", type=int, default=defaults.rank,
                        help="rank of each GBLR component (blocks cheaper as dense blocks cost their area)")
     for name in ("dim", "depth", "heads", "patch_size"):

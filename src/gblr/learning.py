@@ -57,7 +57,7 @@ import math
 import torch
 from torch import nn
 
-from ._validation import check_flops_ratio
+from ._validation import check_flops_ratio, check_share
 from .linear import GBLRLinear, structure_of
 
 __all__ = ["param_groups", "StructureLearner", "SigmaSchedule", "gblr_layers"]
@@ -184,10 +184,8 @@ class StructureLearner:
         self.flops_target = check_flops_ratio(flops_target, "flops_target")
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= 0:
             raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
-        if not 0.0 <= structure_fraction <= 1.0:
-            raise ValueError(f"structure_fraction must be in [0, 1], got {structure_fraction!r}")
-        if not 0.0 <= budget_warmup <= 1.0:
-            raise ValueError(f"budget_warmup must be in [0, 1], got {budget_warmup!r}")
+        check_share(structure_fraction, "structure_fraction")
+        check_share(budget_warmup, "budget_warmup")
         self.optimizer = optimizer
         self.total_steps = total_steps
         self.structure_steps = int(round(structure_fraction * total_steps))

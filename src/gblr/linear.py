@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .flops import Structure, Support, cyclic_indices, group_macs
-from ._validation import check_flops_ratio, check_input, check_positive_int, check_sigma
+from ._validation import check_flops_ratio, check_input, check_positive_int, check_share, check_sigma
 from .kernels import segmented
 from .kernels.tiled import batch, batched_forward, pack, tiled_forward
 from .masks import apply_masks, apply_masks_backward, element_supports, mask_from_supports, masked_factor
@@ -165,9 +165,10 @@ class GBLRLinear(nn.Module):
         rank: rank ``r`` of each component (default 1).
         sigma: Gaussian smoothing of the masks; ``None`` (default) uses exact boxcars.
             Training from scratch raises it from about 1 to about 100 (SPEC section 4).
-        init_flops_ratio: FLOPs ratio of the initial structure, in ``(0, 1]`` (default 0.5):
-            half of this budget goes to full-width components (the top singular directions of
-            a standard dense init), the rest to partial blocks at random locations.
+        init_flops_ratio: FLOPs ratio of the initial structure, in ``(0, 1]`` (default 0.5).
+        init_full_width_share: share of that budget given to full-width components (the top
+            singular directions of a standard dense init), in ``[0, 1]`` (default 0.5, the
+            paper's); the rest goes to partial blocks at random locations.
 
     Structural parameters (``in_width``, ``in_location``, ``out_width``, ``out_location``, all
     normalised to ``[0, 1]``) are kept in float32 (float64 for a float64 layer), whatever the
@@ -186,6 +187,7 @@ class GBLRLinear(nn.Module):
         dtype=None,
         *,
         init_flops_ratio: float = 0.5,
+        init_full_width_share: float = 0.5,
     ) -> None:
         super().__init__()
         self.in_features = check_positive_int("in_features", in_features)
@@ -196,6 +198,7 @@ class GBLRLinear(nn.Module):
         self.rank = check_positive_int("rank", rank)
         self.sigma = sigma
         self.init_flops_ratio = check_flops_ratio(init_flops_ratio, "init_flops_ratio")
+        self.init_full_width_share = check_share(init_full_width_share, "init_full_width_share")
         factory = {"device": device, "dtype": dtype}
         structure = {"device": device, "dtype": _structure_dtype(dtype)}
         self.in_width = nn.Parameter(torch.empty(components, **structure))
@@ -222,9 +225,9 @@ class GBLRLinear(nn.Module):
         """Initialise per SPEC section 4 at ``init_flops_ratio``.
 
         A dense ``nn.Linear`` init is split by SVD into ``K`` rank-``r`` components (top
-        singular directions first). Full-width components take half of the MACs budget; the
-        other components share the other half as square-ish partial blocks (the same fraction
-        of rows and columns) at uniformly random locations.
+        singular directions first). Full-width components take ``init_full_width_share`` of the
+        MACs budget; the other components share the rest as square-ish partial blocks (the same
+        fraction of rows and columns) at uniformly random locations.
         """
         m, n, K, r = self.out_features, self.in_features, self.components, self.rank
         left, right = _dense_init_factors(m, n, K * r, device=self.u.device, dtype=_structure_dtype(self.u.dtype))
@@ -233,7 +236,7 @@ class GBLRLinear(nn.Module):
 
         budget = self.init_flops_ratio * m * n
         full_cost = min(r * (m + n), m * n)
-        full = min(K, int(0.5 * budget // full_cost))
+        full = min(K, int(self.init_full_width_share * budget // full_cost))
         partial = K - full
         fraction = 0.0
         if partial:
@@ -474,13 +477,16 @@ class FrozenGBLRLinear(nn.Module):
         for index, support in enumerate(self.supports):
             yield support, getattr(self, f"left{index}"), getattr(self, f"right{index}")
 
+    def block_macs(self):
+        """``(support, MACs)`` per block."""
+        for support, left, right in self.blocks():
+            if right is None:
+                yield support, support.in_width * support.out_width
+            else:
+                yield support, group_macs(left.shape[1], support.in_width, support.out_width)
+
     def flops(self) -> int:
-        return sum(
-            support.in_width * support.out_width
-            if right is None
-            else group_macs(left.shape[1], support.in_width, support.out_width)
-            for support, left, right in self.blocks()
-        )
+        return sum(macs for _, macs in self.block_macs())
 
     def flops_ratio(self) -> float:
         return self.flops() / (self.in_features * self.out_features)

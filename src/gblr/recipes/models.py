@@ -34,17 +34,20 @@ def make_linear(
     flops_ratio: float = 1.0,
     *,
     init_flops_ratio: float | None = None,
+    init_full_width_share: float = 0.5,
     rank: int = 1,
 ) -> nn.Module:
     """One linear layer of the given kind. Baselines are built at ``flops_ratio``; a GBLR layer
     starts at ``init_flops_ratio`` (default: the smaller of 1 and twice ``flops_ratio``) and
-    is brought to the budget by :class:`gblr.StructureLearner`. GBLR layers have components of
+    is brought to the budget by :class:`gblr.StructureLearner`, with ``init_full_width_share``
+    of the initial budget in full-width components. GBLR layers have components of
     rank ``rank``, as many as make up the rank of a dense layer (``min(in, out) / rank``,
     rounded up)."""
     if kind == "gblr":
         start = min(1.0, 2 * flops_ratio) if init_flops_ratio is None else init_flops_ratio
         components = -(-min(in_features, out_features) // rank)
-        return GBLRLinear(in_features, out_features, components=components, rank=rank, init_flops_ratio=start)
+        return GBLRLinear(in_features, out_features, components=components, rank=rank, init_flops_ratio=start,
+                          init_full_width_share=init_full_width_share)
     if kind == "dense":
         return nn.Linear(in_features, out_features)
     if kind == "lowrank":
@@ -201,7 +204,7 @@ def build_model(
     **kwargs,
 ) -> nn.Module:
     """``build_model("vit", (1, 28, 28), 10, layer="gblr", flops_ratio=0.3, dim=64)``.
-    ``layer_options`` go to :func:`make_linear` (GBLR's ``init_flops_ratio`` and ``rank``);
+    ``layer_options`` go to :func:`make_linear` (GBLR's ``init_flops_ratio``, ``init_full_width_share`` and ``rank``);
     other keyword arguments to the model."""
     if name not in MODELS:
         raise ValueError(f"model must be one of {', '.join(MODELS)}; got {name!r}")

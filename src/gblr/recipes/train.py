@@ -28,8 +28,9 @@ from torch import nn
 
 from .._files import write_atomic, write_text_atomic
 from .._progress import progress_bar
+from .._validation import check_share
 from ..learning import SigmaSchedule, StructureLearner, param_groups
-from ..linear import freeze_
+from ..linear import FrozenGBLRLinear, freeze_
 from .data import ImageData, batches, load_dataset
 from .models import LAYER_KINDS, MODELS, build_model, replaced_flops
 
@@ -46,6 +47,7 @@ class TrainConfig:
     layer: str = "gblr"
     flops_target: float = 0.3  # of the replaced layers; baselines are built at it, GBLR learns to it
     init_flops_ratio: float | None = None  # GBLR start; default min(1, 2 * flops_target)
+    init_full_width_share: float = 0.5  # of the starting budget, in full-width GBLR components
     rank: int = 1  # rank of each GBLR component
     epochs: int = 3
     batch_size: int = 128  # global, across ranks
@@ -79,6 +81,7 @@ class TrainConfig:
             raise ValueError(f"model must be one of {', '.join(MODELS)}; got {self.model!r}")
         if not 0 < self.flops_target <= 1:
             raise ValueError(f"flops_target must be in (0, 1], got {self.flops_target!r}")
+        check_share(self.init_full_width_share, "init_full_width_share")
         for name in ("epochs", "batch_size", "eval_batch_size", "rank"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
@@ -187,7 +190,8 @@ def fit(config: TrainConfig) -> tuple[nn.Module, dict]:
     architecture = {"patch_size": config.patch_size, "dim": config.dim, "depth": config.depth}
     if config.model == "vit":
         architecture.update(heads=config.heads, mlp_ratio=config.mlp_ratio)
-    layer_options = {"init_flops_ratio": config.init_flops_ratio, "rank": config.rank} if config.layer == "gblr" else {}
+    layer_options = {"init_flops_ratio": config.init_flops_ratio, "init_full_width_share": config.init_full_width_share,
+                     "rank": config.rank} if config.layer == "gblr" else {}
     model = build_model(
         config.model, data.image_shape, data.num_classes, layer=config.layer, flops_ratio=config.flops_target,
         layer_options=layer_options, **architecture,
@@ -338,7 +342,7 @@ def _finish(config, model, learner, data, rows, train_seconds, started, main) ->
         "flops_target": config.flops_target,
         "dense_macs": flops.dense_macs,
         "macs": flops.gblr_macs,
-        "layers": [{"name": layer.name, "shape": list(layer.shape), "flops_ratio": layer.ratio} for layer in flops],
+        "layers": _layer_rows(model, flops),
         "parameters": sum(p.numel() for p in model.parameters()),
         "timings": {
             "train_seconds": train_seconds,
@@ -355,6 +359,25 @@ def _finish(config, model, learner, data, rows, train_seconds, started, main) ->
             report["pictures"] = _pictures(model, flops, config, out)
         write_text_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
     return report
+
+
+def _layer_rows(model: nn.Module, flops) -> list[dict]:
+    """Per replaced layer: name, shape, FLOPs ratio; for a frozen GBLR layer also how many
+    blocks it kept and ``wide_macs_share``, the share of its MACs in blocks that span at least
+    half of the layer's rows and half of its columns (low-rank-like bands, as opposed to local
+    blocks)."""
+    frozen = {f"blocks.{name}": module for name, module in model.blocks.named_modules()
+              if isinstance(module, FrozenGBLRLinear)}
+    rows = []
+    for layer in flops:
+        row = {"name": layer.name, "shape": list(layer.shape), "flops_ratio": layer.ratio}
+        if layer.name in frozen:
+            module = frozen[layer.name]
+            wide = sum(block_macs for support, block_macs in module.block_macs()
+                       if 2 * support.in_width >= module.in_features and 2 * support.out_width >= module.out_features)
+            row.update(blocks=len(module.supports), wide_macs_share=wide / max(1, layer.gblr_macs))
+        rows.append(row)
+    return rows
 
 
 def _pictures(model, flops, config, out: Path) -> list[str]:
