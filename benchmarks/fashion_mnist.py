@@ -11,8 +11,8 @@ docs/benchmarks/fashion_mnist.md.
 
 ``--ablation`` trains GBLR only, once per variant of the structure-learning recipe (ABLATION:
 the default, other starting ratios, other splits of the starting budget between full-width
-components and partial blocks, a 2.5x structural learning rate, a shorter structure phase), and
-writes docs/benchmarks/fashion_mnist_ablation.md with the final
+components and partial blocks, a 2.5x structural learning rate, a shorter structure phase,
+components of higher rank), and writes docs/benchmarks/fashion_mnist_ablation.md with the final
 training loss beside the accuracy: it is how we look for why GBLR trails a baseline.
 """
 
@@ -37,6 +37,8 @@ ABLATION = {  # variant -> TrainConfig overrides, given the FLOPs target
     "start with partial blocks only": lambda ratio: {"init_full_width_share": 0.0},
     "struct-lr 5e-3 (2.5x)": lambda ratio: {"struct_lr": 5e-3},
     "structure-fraction 0.6": lambda ratio: {"structure_fraction": 0.6},
+    "rank-4 components (a quarter as many)": lambda ratio: {"rank": 4},
+    "rank-16 components (a sixteenth as many)": lambda ratio: {"rank": 16},
 }
 
 
@@ -98,7 +100,7 @@ def main() -> None:
             "key": key, "layer": layer, "variant": variant, "target": ratio, "seed": seed, "epochs": args.epochs,
             "accuracy": report["accuracy"], "flops_ratio": report["flops_ratio"],
             "train_loss": report["train_loss"], "train_seconds": report["timings"]["train_seconds"],
-            "layers": report["layers"],
+            "layers": report["layers"], "command": command_line(args),
         }
         print(f"{key}: accuracy {report['accuracy']:.4f}, FLOPs ratio {report['flops_ratio']:.3f}, "
               f"{report['timings']['train_seconds']:.0f} s", flush=True)
@@ -109,6 +111,12 @@ def main() -> None:
 
 def default_name(args) -> str:
     return "fashion_mnist_ablation" if args.ablation else "fashion_mnist"
+
+
+def commands(finished: dict, args) -> str:
+    """The commands that produced the rows (a table may grow over several runs of the script)."""
+    used = dict.fromkeys(row.get("command", command_line(args)) for row in finished.values()) or [command_line(args)]
+    return ("Command: " if len(used) == 1 else "Commands: ") + "; ".join(f"`{command}`" for command in used)
 
 
 def command_line(args) -> str:
@@ -135,7 +143,7 @@ def render_ablation(finished: dict, args) -> str:
     lines = [
         "# Fashion-MNIST: variants of GBLR's structure-learning recipe",
         "",
-        f"Machine: {machine()}. Command: `{command_line(args)}`.",
+        f"Machine: {machine()}. {commands(finished, args)}.",
         "The ViT recipe of fashion_mnist.md with GBLR layers; each variant changes one setting of "
         "`gblr train`. Accuracy of the frozen model on the test set; training loss of the last epoch "
         "(mean over seeds). Wide MACs: the share of the learned MACs in blocks spanning at least half "
@@ -171,7 +179,7 @@ def render_comparison(finished: dict, args) -> str:
     lines = [
         "# Fashion-MNIST: GBLR against dense and structured baselines",
         "",
-        f"Machine: {machine()}. Command: `{command_line(args)}`.",
+        f"Machine: {machine()}. {commands(finished, args)}.",
         f"ViT (dim {args.dim}, depth 4, 4 heads, patch 4, MLP ratio {args.mlp_ratio:g}), {args.epochs} epochs, "
         "AdamW, batch 128, "
         "the same recipe for every row; only the 24 linear layers inside the blocks change. "
