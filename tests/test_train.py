@@ -76,6 +76,13 @@ def test_resume_refuses_a_checkpoint_of_other_settings(data_dir, tmp_path):
     train(config(data_dir, tmp_path, epochs=2, stop_after=1))
     with pytest.raises(ValueError, match="epochs=2 there, 3 here"):
         train(config(data_dir, tmp_path, epochs=3, resume=True))
+    # a checkpoint written before a setting existed had that setting's default
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    del checkpoint["config"]["init_full_width_share"]
+    torch.save(checkpoint, tmp_path / "checkpoint.pt")
+    with pytest.raises(ValueError, match="init_full_width_share=0.5 there, 1.0 here"):
+        train(config(data_dir, tmp_path, epochs=2, resume=True, init_full_width_share=1.0))
+    assert train(config(data_dir, tmp_path, epochs=2, resume=True))["flops_ratio"] > 0
 
 
 @pytest.mark.parametrize("layer", ["dense", "lowrank", "monarch", "blocksparse"])

@@ -316,8 +316,9 @@ _RESUMABLE_CHANGES = {"resume", "stop_after", "progress", "pictures", "out", "th
 
 def _check_same_run(saved: dict, config: TrainConfig, path: Path) -> None:
     current = dataclasses.asdict(config)
-    changed = [f"{key}={saved.get(key)!r} there, {value!r} here" for key, value in current.items()
-               if key not in _RESUMABLE_CHANGES and saved.get(key) != value]
+    saved = {**dataclasses.asdict(TrainConfig()), **saved}  # a setting added since then had its default there
+    changed = [f"{key}={saved[key]!r} there, {value!r} here" for key, value in current.items()
+               if key not in _RESUMABLE_CHANGES and saved[key] != value]
     if changed:
         raise ValueError(
             f"{path} belongs to a run with other settings ({'; '.join(changed)}); resume with the same settings "
