@@ -28,7 +28,7 @@ from torch import nn
 
 from .._files import write_atomic, write_text_atomic
 from .._progress import progress_bar
-from .._validation import check_share
+from .._validation import check_flops_ratio, check_share
 from ..learning import SigmaSchedule, StructureLearner, param_groups
 from ..linear import FrozenGBLRLinear, freeze_
 from .data import ImageData, batches, load_dataset
@@ -79,8 +79,7 @@ class TrainConfig:
             raise ValueError(f"layer must be one of {', '.join(LAYER_KINDS)}; got {self.layer!r}")
         if self.model not in MODELS:
             raise ValueError(f"model must be one of {', '.join(MODELS)}; got {self.model!r}")
-        if not 0 < self.flops_target <= 1:
-            raise ValueError(f"flops_target must be in (0, 1], got {self.flops_target!r}")
+        check_flops_ratio(self.flops_target, "flops_target")
         check_share(self.init_full_width_share, "init_full_width_share")
         for name in ("epochs", "batch_size", "eval_batch_size", "rank"):
             if getattr(self, name) <= 0:
