@@ -75,7 +75,7 @@ def run(args) -> list[dict]:
                         "ms": {}, "error": {},
                     }
                     if "triton" in paths:
-                        row["padded_ratio"]["triton"] = layer._cached("triton", x).macs / (n * m)
+                        row["padded_ratio"]["triton"] = layer.packed("triton", x).macs / (n * m)
                     for path in paths:
                         layer.kernel = path
                         try:

@@ -129,7 +129,7 @@ def main() -> None:
                     "dense_ms": dense_ms, "gblr_ms": gblr_ms, "time_ratio": gblr_ms / dense_ms,
                     "dense_peak_mb": peaks["dense"], "gblr_peak_mb": peaks["gblr"],
                     "memory_ratio": peaks["gblr"] / peaks["dense"],
-                    "path": "materialise" if structured._materialise_is_cheaper(tokens) else "thin",
+                    "path": "materialise" if structured.materialises(tokens) else "thin",
                 }
                 rows.append(row)
                 print(f"{row['shape']:>9} tokens {tokens:5d} {case:5}: dense {dense_ms:7.2f} ms, GBLR {gblr_ms:7.2f} ms "

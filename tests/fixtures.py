@@ -12,7 +12,7 @@ import torch
 from hypothesis import strategies as st
 
 from gblr.flops import Support
-from gblr.linear import FrozenGBLRLinear
+from gblr.frozen import FrozenGBLRLinear
 
 
 def write_idx(path: Path, array: torch.Tensor) -> None:

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import gblr
 from fixtures import block_specs, frozen_layer
 from gblr.kernels.tiled import batch, batched_forward, pack, tiled_forward
-from gblr.linear import MEASURED_PATHS
+from gblr.kernels.choice import MEASURED_PATHS
 
 
 def _outputs(layer, x):

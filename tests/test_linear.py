@@ -71,13 +71,14 @@ def test_forward_matches_linear_with_weight(shape, bias):
 def test_both_forward_paths_agree_in_value_and_gradient():
     torch.manual_seed(1)
     layer = GBLRLinear(48, 32, sigma=10.0, dtype=torch.float64)
-    assert not layer._materialise_is_cheaper(1)
-    assert layer._materialise_is_cheaper(10_000)
+    assert not layer.materialises(1)
+    assert layer.materialises(10_000)
     x = torch.randn(6, 48, dtype=torch.float64)
     results = []
-    for materialise in (False, True):
+    for product in ("factored", "materialise"):
         layer.zero_grad()
-        layer._materialise_is_cheaper = lambda tokens, choice=materialise: choice
+        layer.product = product
+        assert layer.materialises(6) == (product == "materialise")
         y = layer(x)
         (y.sin().sum()).backward()
         results.append((y.detach(), [p.grad.clone() for p in layer.parameters()]))
@@ -94,7 +95,7 @@ def test_gradients_equal_autograd_through_the_weight(materialise, sigma, input_g
     # when the input needs none; plain autograd through layer.weight is the reference.
     torch.manual_seed(2)
     layer = GBLRLinear(40, 24, rank=2, sigma=sigma, dtype=torch.float64)
-    layer._materialise_is_cheaper = lambda tokens: materialise
+    layer.product = "materialise" if materialise else "factored"
     reference = copy.deepcopy(layer)
     x = torch.randn(3, 5, 40, dtype=torch.float64, requires_grad=input_grad)
     layer(x).sin().sum().backward()
@@ -311,10 +312,9 @@ def test_freeze_in_place_on_a_model():
 def test_revival_gives_dead_components_a_width_gradient(materialise):
     torch.manual_seed(0)
     layer = GBLRLinear(16, 12, components=3, sigma=20.0, dtype=torch.float64)
-    layer._materialise_is_cheaper = lambda tokens: materialise
+    layer.product = "materialise" if materialise else "factored"
     set_structure(layer, [0, 5, 16], [3, 1, 0], [0, 4, 12], [7, 2, 0])  # component 0 is fully pruned
     reference = copy.deepcopy(layer)
-    reference._materialise_is_cheaper = lambda tokens: materialise
     x = torch.randn(10, 16, dtype=torch.float64, requires_grad=True)
     target = torch.randn(10, 12, dtype=torch.float64)
     F.mse_loss(layer(x), target).backward()
@@ -376,6 +376,7 @@ def test_a_pruned_block_can_grow_back_under_gradient_descent():
         ({"in_features": 4, "out_features": 4, "init_full_width_share": -0.1}, "init_full_width_share"),
         ({"in_features": 4, "out_features": 4, "sigma": -1.0}, "sigma"),
         ({"in_features": 4.0, "out_features": 4}, "in_features"),
+        ({"in_features": 4, "out_features": 4, "product": "dense"}, "product"),
     ],
 )
 def test_constructor_errors_name_the_argument(kwargs, match):

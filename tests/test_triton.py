@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 import gblr
 from fixtures import block_specs, frozen_layer
 from gblr.kernels import segmented
-from gblr.linear import measured_paths
+from gblr.kernels.choice import measured_paths
 
 pytestmark = pytest.mark.skipif(not segmented.available(), reason="needs Triton (pip install triton)")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -63,7 +63,7 @@ def test_triton_kernel_setting_runs_the_kernel(dtype, tolerance):
         y = layer(x)
     assert y.dtype == dtype and y.shape == reference.shape
     assert _relative_error(y, reference) < tolerance
-    product = layer._cached("triton", x)
+    product = layer.packed("triton", x)
     assert product.second.block == segmented.OUT_BLOCK
     # padded MACs: at least the layer's FLOPs, and every stage-2 group is one output tile
     assert product.macs >= layer.flops() and product.second.group_count == -(-160 // segmented.OUT_BLOCK)

@@ -6,7 +6,8 @@ from .explain import explain
 from .decompose import InputStats, decompose, relative_error, svd_decompose, svd_error_curve
 from .flops import FlopsReport, LayerFlops, flops_report
 from .learning import SigmaSchedule, StructureLearner, param_groups
-from .linear import FrozenGBLRLinear, GBLRLinear, freeze_
+from .frozen import FrozenGBLRLinear, freeze_
+from .linear import GBLRLinear
 from .masks import gaudi_mask
 from .recipes.distill import distill
 

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._validation import check_flops_ratio, check_input, check_positive_int
+from .flops import max_low_rank
 
 __all__ = ["LowRankLinear", "MonarchLinear", "BlockSparseLinear", "diagonal_blocks"]
 
@@ -160,7 +161,7 @@ class LowRankLinear(_StructuredLinear):
         check_positive_int("in_features", in_features)
         check_positive_int("out_features", out_features)
         budget = _macs_budget(in_features, out_features, check_flops_ratio(flops_ratio))
-        rank = max(1, budget // (in_features + out_features))
+        rank = max(1, max_low_rank(budget, out_features, in_features))
         return cls(in_features, out_features, rank, bias=bias, device=device, dtype=dtype, **kwargs)
 
     @torch.no_grad()

@@ -62,7 +62,7 @@ from ._files import write_text_atomic
 from ._progress import progress_bar
 from ._validation import check_flops_ratio
 from .decompose import InputStats, decompose, relative_error, svd_decompose, svd_error_curve
-from .flops import Support
+from .flops import Support, largest_cheaper_rank, low_rank_macs, max_low_rank
 from .linear import FrozenGBLRLinear, GBLRLinear
 
 __all__ = ["GBLRConfig", "convert_", "ConversionReport", "LayerConversion", "save_pretrained", "load_pretrained"]
@@ -396,20 +396,15 @@ def _collect_stats(model: nn.Module, targets: list[_Target], calibration: Iterab
 # -- budget allocation ----------------------------------------------------------------------------
 
 
-def _largest_cheaper_rank(m: int, n: int) -> int:
-    """The largest rank ``R`` with ``R * (m + n) < m * n`` (0 if rank 1 is not cheaper than dense)."""
-    return (m * n - 1) // (m + n)
-
-
 def _allocate_ranks(
     shapes: list[tuple[int, int]], curves: list[torch.Tensor], budget: float, floor_ratio: float
 ) -> list[int | None]:
     """Per layer, the rank from greedy error-per-MAC allocation (module docstring), or None where
-    the layer should stay dense. Every layer must have ``_largest_cheaper_rank >= 1``."""
-    limits = [_largest_cheaper_rank(m, n) for m, n in shapes]
-    ranks = [max(1, min(limit, int(floor_ratio * m * n // (m + n)))) for (m, n), limit in zip(shapes, limits)]
+    the layer should stay dense. Every layer must have ``largest_cheaper_rank >= 1``."""
+    limits = [largest_cheaper_rank(m, n) for m, n in shapes]
+    ranks = [max(1, min(limit, max_low_rank(floor_ratio * m * n, m, n))) for (m, n), limit in zip(shapes, limits)]
     dense = [False] * len(shapes)
-    remaining = budget - sum(rank * (m + n) for rank, (m, n) in zip(ranks, shapes))
+    remaining = budget - sum(low_rank_macs(rank, m, n) for rank, (m, n) in zip(ranks, shapes))
     # Gains below this are rounding noise of the curve (relative squared error, float64).
     noise = 1e-12
     heap: list[tuple[float, int, int]] = []
@@ -417,9 +412,9 @@ def _allocate_ranks(
     def push(i: int) -> None:
         (m, n), rank, curve = shapes[i], ranks[i], curves[i]
         if rank < limits[i]:
-            gain, cost = float(curve[rank] - curve[rank + 1]), m + n
+            gain, cost = float(curve[rank] - curve[rank + 1]), low_rank_macs(1, m, n)
         elif not dense[i]:
-            gain, cost = float(curve[rank]), m * n - rank * (m + n)
+            gain, cost = float(curve[rank]), m * n - low_rank_macs(rank, m, n)
         else:
             return
         if gain > noise:
@@ -462,8 +457,8 @@ def _plan(targets: list[_Target], config: GBLRConfig, stats: dict, tied: set[int
         reason = None
         if id(target.module.weight) in tied:
             reason = "weight tied to another module"
-        elif _largest_cheaper_rank(m, n) < 1:
-            reason = f"too small: rank 1 costs m+n={m + n} >= m*n={m * n} MACs"
+        elif largest_cheaper_rank(m, n) < 1:
+            reason = f"too small: rank 1 costs m+n={low_rank_macs(1, m, n)} >= m*n={m * n} MACs"
         if reason is not None:
             plans[target.name] = _Plan(1.0, reason)
             kept_dense_macs += m * n if override is None else 0
@@ -492,7 +487,8 @@ def _plan(targets: list[_Target], config: GBLRConfig, stats: dict, tied: set[int
             plans[target.name] = _Plan(1.0, "allocation: dense is cheaper than the rank it earned")
         else:
             # Half a MAC above rank * (m + n), so that decompose's rank rounding cannot lose the last rank.
-            plans[target.name] = _Plan(rank * (m + n) / (m * n), None, (rank * (m + n) + 0.5) / (m * n))
+            macs = low_rank_macs(rank, m, n)
+            plans[target.name] = _Plan(macs / (m * n), None, (macs + 0.5) / (m * n))
     return plans
 
 
@@ -631,7 +627,7 @@ def _decompose_one(target: _Target, plan: _Plan, config: GBLRConfig, stats: Inpu
     try:
         if config.method == "svd":  # low rank has no partial blocks: at least one full component
             m, n = target.out_features, target.in_features
-            layer = svd_decompose(work, max(ratio, (m + n) / (m * n)), calibration=stats, bias=bias)
+            layer = svd_decompose(work, max(ratio, low_rank_macs(1, m, n) / (m * n)), calibration=stats, bias=bias)
         else:
             layer = decompose(work, ratio, calibration=stats, bias=bias, **config.decompose_options)
     except ValueError as error:
@@ -743,7 +739,7 @@ def _layer_entry(name: str, layer: nn.Module) -> dict:
     if isinstance(layer, GBLRLinear):
         entry.update(components=layer.components, rank=layer.rank, sigma=layer.sigma, dtype=_dtype_name(layer.u.dtype))
     else:
-        entry["dtype"] = _dtype_name(layer._empty.dtype)
+        entry["dtype"] = _dtype_name(layer.dtype)
         entry["blocks"] = [
             {**dataclasses.asdict(support), "rank": None if right is None else left.shape[1]}
             for support, left, right in layer.blocks()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ._validation import check_flops_ratio
+from .flops import low_rank_macs, rank_for_ratio
 from .linear import GBLRLinear
 from .structures import _assemble, _check_matrix, low_rank
 
@@ -111,21 +112,17 @@ def svd_error_curve(weight: torch.Tensor, calibration=None) -> torch.Tensor:
     return curve / curve[0].clamp_min(1e-300)
 
 
-def _rank_for(flops_ratio: float, m: int, n: int) -> int:
-    return min(min(m, n), int(flops_ratio * m * n // (m + n)))
-
-
 def svd_decompose(weight: torch.Tensor, flops_ratio: float, *, calibration=None, bias=None) -> GBLRLinear:
     """The baseline: truncated SVD (of ``W S`` with calibration, i.e. activation-aware SVD) at
     the largest rank ``R`` with ``R (m + n) <= flops_ratio * m * n``, as full-width components."""
     weight = _check_matrix("weight", weight)
     flops_ratio = check_flops_ratio(flops_ratio)
     m, n = weight.shape
-    rank = _rank_for(flops_ratio, m, n)
+    rank = rank_for_ratio(flops_ratio, m, n)
     if rank == 0:
         raise ValueError(
             f"flops_ratio={flops_ratio} buys no full rank-1 component of a {m}x{n} matrix (that needs "
-            f"{(m + n) / (m * n):.4g}); gblr.decompose can still use partial blocks"
+            f"{low_rank_macs(1, m, n) / (m * n):.4g}); gblr.decompose can still use partial blocks"
         )
     W = weight.to(torch.float64)
     whitener = _whitener(_as_stats(calibration, n), weight.device)
@@ -358,7 +355,7 @@ def decompose(
     m, n = weight.shape
     stats = _as_stats(calibration, n)
     budget = flops_ratio * m * n
-    rank = _rank_for(flops_ratio, m, n)
+    rank = rank_for_ratio(flops_ratio, m, n)
     C = None if stats is None else stats.second_moment.to(weight.device)
 
     start = _Search(weight.to(torch.float64), C)

@@ -6,7 +6,8 @@ import dataclasses
 
 from torch import nn
 
-from .linear import FrozenGBLRLinear, GBLRLinear
+from .frozen import FrozenGBLRLinear
+from .linear import GBLRLinear
 
 __all__ = ["Explanation", "LayerPaths", "explain"]
 

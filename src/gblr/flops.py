@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
-__all__ = ["Support", "Structure", "group_macs", "LayerFlops", "FlopsReport", "flops_report"]
+__all__ = [
+    "Support", "Structure", "group_macs", "group_macs_slopes", "low_rank_macs", "max_low_rank", "rank_for_ratio",
+    "largest_cheaper_rank", "square_block_fraction", "LayerFlops", "FlopsReport", "flops_report",
+]
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -75,7 +79,7 @@ class Structure:
             return macs
         count = torch.bincount(group, minlength=first.numel())
         a, b = self.in_widths[first], self.out_widths[first]
-        costs = torch.minimum(count * self.ranks[first] * (a + b), a * b)
+        costs = group_macs(count * self.ranks[first], a, b)
         return macs.index_add_(0, self.layers[first], costs)
 
     def support_groups(self) -> dict[Support, list[int]]:
@@ -101,9 +105,51 @@ def cyclic_indices(start: int, width: int, size: int, device=None) -> torch.Tens
     return torch.remainder(torch.arange(start, start + width, device=device), size)
 
 
-def group_macs(rank: int, in_width: int, out_width: int) -> int:
-    """MACs per input vector of one group: the cheaper of two thin products and a dense block."""
-    return min(rank * (in_width + out_width), in_width * out_width)
+def group_macs(rank, in_width, out_width):
+    """MACs per input vector of one group of components sharing a support ``in_width`` columns
+    and ``out_width`` rows wide, of total rank ``rank``: the cheaper of two thin products,
+    ``rank * (in_width + out_width)``, and one dense block, ``in_width * out_width``. Ints give an
+    int; any tensor argument gives a tensor (elementwise). This is the one cost rule of the package."""
+    thin, dense = rank * (in_width + out_width), in_width * out_width
+    if isinstance(thin, torch.Tensor) or isinstance(dense, torch.Tensor):
+        return torch.minimum(torch.as_tensor(thin), torch.as_tensor(dense))
+    return min(thin, dense)
+
+
+def group_macs_slopes(rank: torch.Tensor, in_width: torch.Tensor, out_width: torch.Tensor):
+    """The slopes of :func:`group_macs` in ``in_width`` and in ``out_width`` (tensors): ``rank``
+    each where the thin products are cheaper, ``out_width`` and ``in_width`` where the dense block is."""
+    dense = in_width * out_width < rank * (in_width + out_width)
+    return torch.where(dense, out_width, rank), torch.where(dense, in_width, rank)
+
+
+def low_rank_macs(rank: int, m: int, n: int) -> int:
+    """MACs per input vector of a rank-``rank`` factorisation of an ``(m, n)`` weight."""
+    return rank * (m + n)
+
+
+def max_low_rank(macs: float, m: int, n: int) -> int:
+    """The largest rank whose factorisation of an ``(m, n)`` weight costs at most ``macs``."""
+    return int(macs // (m + n))
+
+
+def rank_for_ratio(flops_ratio: float, m: int, n: int) -> int:
+    """The largest rank (at most ``min(m, n)``) whose factorisation costs at most ``flops_ratio`` of
+    the dense ``m * n`` MACs."""
+    return min(min(m, n), max_low_rank(flops_ratio * m * n, m, n))
+
+
+def largest_cheaper_rank(m: int, n: int) -> int:
+    """The largest rank whose factorisation is strictly cheaper than the dense weight (0 where
+    even rank 1 is not)."""
+    return max_low_rank(m * n - 1, m, n)
+
+
+def square_block_fraction(macs: float, rank: int, m: int, n: int) -> float:
+    """The fraction ``x`` (at most 1) such that a rank-``rank`` block over ``x n`` columns and ``x m``
+    rows costs ``macs`` (:func:`group_macs`). The cost ``min(r (m + n) x, m n x^2)`` is the smaller
+    of two increasing functions of ``x``, so ``x`` is the larger of their roots."""
+    return min(1.0, max(macs / (rank * (m + n)), math.sqrt(macs / (m * n))))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,7 +14,8 @@ from torch import nn
 
 from ._files import write_atomic
 from .flops import FlopsReport, cyclic_indices
-from .linear import FrozenGBLRLinear, GBLRLinear
+from .frozen import FrozenGBLRLinear
+from .linear import GBLRLinear
 from .masks import boxcar
 
 __all__ = ["coverage", "plot_masks", "plot_budgets"]

@@ -48,7 +48,8 @@ from torch import nn
 
 from .._progress import progress_bar
 from ..learning import gblr_layers, param_groups
-from ..linear import FrozenGBLRLinear, GBLRLinear
+from ..frozen import FrozenGBLRLinear
+from ..linear import GBLRLinear
 from .text import sentence_output
 
 __all__ = ["distill"]

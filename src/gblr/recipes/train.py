@@ -30,7 +30,7 @@ from .._files import write_atomic, write_text_atomic
 from .._progress import progress_bar
 from .._validation import check_flops_ratio, check_share
 from ..learning import SigmaSchedule, StructureLearner, param_groups
-from ..linear import FrozenGBLRLinear, freeze_
+from ..frozen import FrozenGBLRLinear, freeze_
 from .data import ImageData, batches, load_dataset
 from .models import LAYER_KINDS, MODELS, build_model, replaced_flops
 
@@ -256,14 +256,13 @@ def fit(config: TrainConfig) -> tuple[nn.Module, dict]:
             loss_sum += loss.detach() * len(labels)
             correct += (logits.detach().argmax(1) == labels).sum()
             seen += len(labels)
-            if bar is not None:
-                bar.update()
+            bar.update()
+            if not bar.disable:  # loss.item() waits for the device: only when the bar shows it
                 if learner is not None:
                     bar.set_postfix(loss=f"{loss.item():.3f}", flops=f"{learner.last['flops_ratio']:.3f}")
                 else:
                     bar.set_postfix(loss=f"{loss.item():.3f}")
-        if bar is not None:
-            bar.close()
+        bar.close()
         totals = torch.stack([loss_sum, correct, torch.tensor(float(seen))])
         if world > 1:
             dist.all_reduce(totals)

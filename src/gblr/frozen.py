@@ -1,0 +1,264 @@
+"""FrozenGBLRLinear: the deployed form of a GBLR layer, and ``freeze_`` for whole models.
+
+A frozen layer is a list of blocks, each with a cyclic support and either two cropped factors
+or one dense block (whichever is cheaper, :func:`gblr.flops.group_macs`). Its forward pass
+takes one of several paths that compute the same product (:data:`gblr.kernels.choice.KERNELS`):
+the plain reference, tiled GEMMs (:mod:`gblr.kernels.tiled`), the Triton kernel on CUDA
+(:mod:`gblr.kernels.segmented`) or the dense weight; ``kernel="auto"`` times them and keeps the
+fastest (:mod:`gblr.kernels.choice`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._validation import check_input, check_positive_int
+from .flops import Support, cyclic_indices, group_macs
+from .kernels import choice, segmented
+from .kernels.tiled import batch, batched_forward, pack, tiled_forward
+
+__all__ = ["FrozenGBLRLinear", "freeze_", "KERNELS", "COARSE_TILE_FACTOR"]
+
+KERNELS = choice.KERNELS
+COARSE_TILE_FACTOR = 3  # "tiled-coarse": 3x wider tiles, fewer GEMMs (small token counts), more padding
+
+
+def _cyclic_ranges(start: int, width: int, size: int) -> list[tuple[int, int, int]]:
+    """The cyclic range ``start .. start + width`` of ``0 .. size`` as contiguous pieces
+    ``(position, offset_from, offset_to)``: elements ``offset_from:offset_to`` of the range sit
+    at ``position ..`` (one piece, or two when it wraps)."""
+    start %= size
+    first = min(width, size - start)
+    pieces = [(start, 0, first)]
+    if width > first:
+        pieces.append((0, first, width))
+    return pieces
+
+
+class FrozenGBLRLinear(nn.Module):
+    """Inference form of a GBLR layer: a list of blocks, each with a cyclic support.
+
+    A block with support ``s`` applies ``y[rows(s)] += left @ (right @ x[cols(s)])`` with
+    ``left (out_width, R)`` and ``right (R, in_width)``, or one dense ``(out_width, in_width)``
+    matrix when that is cheaper (``R * (a + b) >= a * b``). Build it with
+    :meth:`GBLRLinear.freeze`.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        blocks: list[tuple[Support, torch.Tensor, torch.Tensor]],
+        bias: torch.Tensor | None,
+        *,
+        dtype: torch.dtype | None = None,
+        device=None,
+        kernel: str = "auto",
+        tile: int = 128,
+    ) -> None:
+        super().__init__()
+        self.in_features = check_positive_int("in_features", in_features)
+        self.out_features = check_positive_int("out_features", out_features)
+        self.kernel = kernel
+        self.tile = check_positive_int("tile", tile)
+        self._packed: dict = {}  # path -> ((device, dtype, tile), tiled product or dense weight)
+        self.choices: dict[tuple, tuple[str, dict[str, float]]] = {}  # choice_key -> (path, seconds per path)
+        # Remembers dtype and device (moved by .to()) even when there are no blocks and no bias.
+        self.register_buffer("_like", torch.empty(0, dtype=dtype, device=device), persistent=False)
+        self.supports = [support for support, _, _ in blocks]
+        for index, (support, left, right) in enumerate(blocks):
+            rank = left.shape[1]
+            if left.shape != (support.out_width, rank) or right.shape != (rank, support.in_width):
+                raise ValueError(
+                    f"block factors of shapes {tuple(left.shape)} and {tuple(right.shape)} do not match "
+                    f"support {support}"
+                )
+            if group_macs(rank, support.in_width, support.out_width) == support.in_width * support.out_width:
+                left, right = left @ right, None  # a dense block is cheaper than the two factors
+            self.register_parameter(f"left{index}", nn.Parameter(left))
+            self.register_parameter(f"right{index}", None if right is None else nn.Parameter(right))
+        self.bias = None if bias is None else nn.Parameter(bias)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the layer's factors (kept by ``.to()`` also when it has no blocks)."""
+        return self._like.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the layer's factors (kept by ``.to()`` also when it has no blocks)."""
+        return self._like.device
+
+    def blocks(self):
+        """``(support, left, right)`` per block; ``right`` is None where ``left`` is a dense block."""
+        for index, support in enumerate(self.supports):
+            yield support, getattr(self, f"left{index}"), getattr(self, f"right{index}")
+
+    def block_macs(self):
+        """``(support, MACs)`` per block."""
+        for support, left, right in self.blocks():
+            if right is None:
+                yield support, support.in_width * support.out_width
+            else:
+                yield support, group_macs(left.shape[1], support.in_width, support.out_width)
+
+    def flops(self) -> int:
+        return sum(macs for _, macs in self.block_macs())
+
+    def flops_ratio(self) -> float:
+        return self.flops() / (self.in_features * self.out_features)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense ``(out_features, in_features)`` matrix this layer applies."""
+        weight = self._like.new_zeros(self.out_features, self.in_features)
+        for support, left, right in self.blocks():
+            block = left if right is None else left @ right
+            # a cyclic support is at most two contiguous ranges per side: add through views
+            # (advanced indexing would keep a block-sized index tensor per block for autograd)
+            for out_at, out_from, out_to in _cyclic_ranges(support.out_start, support.out_width, self.out_features):
+                for in_at, in_from, in_to in _cyclic_ranges(support.in_start, support.in_width, self.in_features):
+                    weight[out_at : out_at + out_to - out_from, in_at : in_at + in_to - in_from] += (
+                        block[out_from:out_to, in_from:in_to]
+                    )
+        return weight
+
+    @property
+    def kernel(self) -> str:
+        return self._kernel
+
+    @kernel.setter
+    def kernel(self, value: str) -> None:
+        if value not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {value!r}")
+        if value == "triton" and not segmented.available():
+            raise ValueError("kernel='triton' needs Triton (pip install triton) and a CUDA device; "
+                             "kernel='auto' picks the fastest available path")
+        self._kernel = value
+
+    def packed(self, what: str, x: torch.Tensor):
+        """The tiled product (``what="tiled"`` / ``"tiled-coarse"``), its padded batched form
+        (``"tiled-batched"``) or the dense weight for ``x``'s device and dtype. Built once;
+        :meth:`refresh` drops it (done after every training step through the reference path and
+        on ``load_state_dict``). ``what="triton"`` gives the Triton kernel's packed product."""
+        key = (x.device, x.dtype, self.tile)
+        cached = self._packed.get(what)
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                if what == "dense":
+                    value = self.weight.to(x.device, x.dtype)
+                elif what == "tiled-batched":
+                    value = batch(self.packed("tiled", x), x)
+                elif what == "triton":
+                    value = segmented.pack_triton(self.in_features, self.out_features, list(self.blocks()),
+                                                  device=x.device, dtype=x.dtype)
+                else:
+                    tile = self.tile if what == "tiled" else COARSE_TILE_FACTOR * self.tile
+                    value = pack(self.in_features, self.out_features, list(self.blocks()), tile,
+                                 device=x.device, dtype=x.dtype)
+            self._packed[what] = cached = (key, value)
+        return cached[1]
+
+    def refresh(self) -> None:
+        """Forget the cached tiles and dense weight: call after editing parameters in place
+        outside autograd (training steps and ``load_state_dict`` do it already)."""
+        self._packed.clear()
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.refresh()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def tiled_product(self, coarse: bool = False):
+        """The precomputed tiles of the tiled path (:mod:`gblr.kernels.tiled`) for this layer's
+        device and dtype (``coarse``: the ``tiled-coarse`` path's)."""
+        return self.packed("tiled-coarse" if coarse else "tiled", self._like)
+
+    def run(self, path: str, x: torch.Tensor) -> torch.Tensor:
+        """``x (T, in) -> (T, out)`` without bias by one path of :data:`KERNELS` (but ``"auto"``)."""
+        if path == "tiled-batched":
+            return batched_forward(x, self.packed(path, x))
+        if path == "triton":
+            return segmented.triton_forward(x, self.packed(path, x))
+        if path.startswith("tiled"):
+            return tiled_forward(x, self.packed(path, x))
+        if path == "dense":
+            return F.linear(x, self.packed("dense", x))
+        return self._reference(x)
+
+    def path_for(self, tokens: int, x: torch.Tensor | None = None) -> str:
+        """The path a forward pass over ``tokens`` rows takes. With ``kernel="auto"`` the paths of
+        :func:`gblr.kernels.choice.measured_paths` are timed once per device, dtype and
+        power-of-two bucket of token counts (on ``x``, or on random rows), and the fastest is
+        kept in :attr:`choices`."""
+        if self.kernel != "auto":
+            return self.kernel
+        if x is None:
+            x = torch.randn(tokens, self.in_features, device=self.device, dtype=self.dtype)
+        key = self.choice_key(tokens, x)
+        if key not in self.choices:
+            with torch.no_grad():
+                self.choices[key] = choice.measure(self.run, choice.measured_paths(x), x)
+        return self.choices[key][0]
+
+    def choice_key(self, tokens: int, x: torch.Tensor | None = None) -> tuple:
+        """The key of :attr:`choices` for ``tokens`` rows like ``x`` (default: this layer's
+        device and dtype)."""
+        like = self._like if x is None else x
+        return choice.choice_key(tokens, like.device, like.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.in_features)
+        flat = x.reshape(-1, self.in_features)
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        if needs_grad or torch.compiler.is_compiling():
+            path = "reference"  # differentiable in the parameters; traceable
+            if needs_grad:
+                self.refresh()  # the parameters are about to change: the caches would go stale
+        else:
+            path = self.path_for(flat.shape[0], flat)
+        bias = self.bias
+        if path == "dense" and (bias is None or bias.dtype == flat.dtype):
+            y = F.linear(flat, self.packed("dense", flat), bias)  # one call: at a few tokens calls are the cost
+        else:
+            y = self.run(path, flat)
+            if bias is not None:
+                y = y + bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The plain torch path, one gather and two products per block: the ground truth."""
+        y = x.new_zeros(*x.shape[:-1], self.out_features)
+        for support, left, right in self.blocks():
+            cols = cyclic_indices(support.in_start, support.in_width, self.in_features, x.device)
+            rows = cyclic_indices(support.out_start, support.out_width, self.out_features, x.device)
+            part = x.index_select(-1, cols)
+            if right is not None:
+                part = F.linear(part, right)
+            y.index_add_(-1, rows, F.linear(part, left))
+        return y
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"blocks={len(self.supports)}, flops_ratio={self.flops_ratio():.3f}"
+        )
+
+
+def freeze_(model: nn.Module) -> nn.Module:
+    """Replace every :class:`GBLRLinear` in ``model`` by its frozen form, in place.
+
+    Returns ``model`` (or the frozen layer, if ``model`` itself is a GBLRLinear, since a module
+    cannot replace itself).
+    """
+    from .linear import GBLRLinear  # here, not at the top: gblr.linear imports this module
+
+    if isinstance(model, GBLRLinear):
+        return model.freeze()
+    for name, child in model.named_children():
+        if isinstance(child, GBLRLinear):
+            setattr(model, name, child.freeze())
+        else:
+            freeze_(child)
+    return model
