@@ -1,29 +1,47 @@
-"""Atomic file writes: a temporary file beside the target, then a rename over it, so a reader
-(or a resumed run) never sees a half-written file."""
+"""The package's one way to write a file: atomically, with the user's normal permissions.
+
+Every file gblr writes (checkpoints, reports, logs, pictures, downloads) goes through
+:func:`write_atomic`. The bytes go to a temporary file beside the target, which is renamed over
+the target only once complete, so a reader (or a resumed run) never sees a half-written file
+and an interrupted write leaves any previous version in place.
+
+The temporary file is created with a fresh random name opened in ``"xb"`` mode rather than by
+``tempfile`` (whose files are owner-only, 0600): the finished file then gets the permissions
+the umask gives any new file (0644 under the usual umask 022), so checkpoints, reports and a
+shared dataset cache stay readable as the user expects.
+"""
 
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
-    """Call ``write(handle)`` on a binary temporary file beside ``path``, then rename it to ``path``."""
+    """Call ``write(handle)`` on a new binary file beside ``path``, then rename it to ``path``.
+
+    The parent folder is created when missing. If ``write`` raises (any exception, including
+    KeyboardInterrupt) or the rename fails, the temporary file is removed and ``path`` is left
+    as it was. Returns ``path`` as a :class:`~pathlib.Path`.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("wb", dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
-        try:
+    # Beside the target (same filesystem, so the rename is atomic), hidden, and unique per call.
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.part")
+    handle = open(temporary, "xb")  # "x": never reuse (or truncate) an existing file
+    try:
+        with handle:
             write(handle)
-        except BaseException:
-            handle.close()
-            os.unlink(handle.name)
-            raise
-    os.replace(handle.name, path)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
     return path
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    return write_atomic(path, lambda handle: handle.write(text.encode()))
+    """:func:`write_atomic` for text, encoded as UTF-8."""
+    return write_atomic(path, lambda handle: handle.write(text.encode("utf-8")))
