@@ -11,8 +11,8 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 logs="${OUT:-/tmp}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_triton.py tests/test_segmented.py \
-    tests/test_kernels.py tests/test_linear.py 2>&1 | tail -n 15
+timeout 120 python3 -m pytest -q -p no:cacheprovider tests/kernels tests/test_product.py \
+    tests/test_linear.py tests/test_frozen.py 2>&1 | tail -n 15
 (cd benchmarks && timeout 150 python3 inference_gpu.py --sweep --skip-dense 2>&1 | tee "$logs/sweep.log")
 (cd benchmarks && timeout 240 python3 inference_gpu.py --ratios 0.1 0.25 0.5 --tokens 1 16 256 4096 8192 2>&1 \
     | tee "$logs/table.log" | grep -v '^|')

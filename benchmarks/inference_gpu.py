@@ -97,7 +97,7 @@ def run(args) -> list[dict]:
 def dense_as_segmented(weight: torch.Tensor, out_block: int, block_k: int) -> segmented.SegmentedGEMM:
     """A dense ``x @ weight.T`` as one segmented GEMM (every group one segment of all columns)."""
     out_features, in_features = weight.shape
-    reads = segmented._round_up(in_features, block_k)
+    reads = segmented.round_up(in_features, block_k)
     slabs = [weight[start : start + out_block].T for start in range(0, out_features, out_block)]
     slabs = [F.pad(slab, (0, out_block - slab.shape[1], 0, reads - in_features)) for slab in slabs]
     return segmented._gemm(slabs, out_features, reads, block_k, weight)
@@ -132,7 +132,7 @@ def sweep(args) -> None:
         for launch in launches[:2] if args.skip_dense else launches:
             out = x.new_empty(tokens, m)
             attempt(f"dense-as-segmented N{out_block} K{block_k} {launch}",
-                    lambda: segmented._run(padded, tokens, gemm, out, tokens, **launch), reference)
+                    lambda: segmented.launch(padded, tokens, gemm, out, tokens, **launch), reference)
     torch.manual_seed(0)
     layer = gblr.GBLRLinear(n, m, bias=False, init_flops_ratio=0.25).freeze().to(args.device, dtype)
     with torch.no_grad():
@@ -146,10 +146,10 @@ def sweep(args) -> None:
         launch = launches[0]
         h = x.new_zeros(product.first.columns, tokens)
         attempt(f"{label} stage 1 alone (stage MACs {product.first.macs / (n * m):.3f}) {launch}",
-                lambda: segmented._run(x, tokens, product.first, h.T, tokens, **launch))
+                lambda: segmented.launch(x, tokens, product.first, h.T, tokens, **launch))
         y = x.new_empty(tokens, m)
         attempt(f"{label} stage 2 alone (stage MACs {product.second.macs / (n * m):.3f}) {launch}",
-                lambda: segmented._run(h.T, tokens, product.second, y, tokens, **launch))
+                lambda: segmented.launch(h.T, tokens, product.second, y, tokens, **launch))
 
 
 def render(rows: list[dict], args) -> str:

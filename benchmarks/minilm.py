@@ -37,7 +37,7 @@ import torch
 from common import DOCS, machine, write_outputs
 
 import gblr
-from gblr.cli import linear_targets, target_flops
+from gblr.recipes.compress import linear_targets, target_flops
 from gblr.recipes.text import (
     embed,
     embedding_fidelity,

@@ -1,10 +1,9 @@
-import sys
-from pathlib import Path
+"""Shared fixtures. Helpers that tests import as functions (data writers, frozen layers from block
+lists, structure setters) live in tests/fixtures.py: pytest puts this folder on the import path
+(its default "prepend" import mode), so test files import them with ``from fixtures import ...``."""
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent))  # tests/fixtures.py
 
 
 @pytest.fixture

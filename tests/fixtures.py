@@ -68,3 +68,24 @@ def block_specs(max_side: int, max_blocks: int):
             )
         )
     )
+
+
+def set_structure(layer, in_widths, in_locations, out_widths, out_locations):
+    """Set supports given in elements."""
+    n, m = layer.in_features, layer.out_features
+    with torch.no_grad():
+        layer.in_width.copy_(torch.tensor(in_widths, dtype=layer.in_width.dtype) / n)
+        layer.in_location.copy_(torch.tensor(in_locations, dtype=layer.in_width.dtype) / n)
+        layer.out_width.copy_(torch.tensor(out_widths, dtype=layer.in_width.dtype) / m)
+        layer.out_location.copy_(torch.tensor(out_locations, dtype=layer.in_width.dtype) / m)
+
+
+def random_structure(layer, generator, zero_fraction=0.2):
+    with torch.no_grad():
+        for width, size in ((layer.in_width, layer.in_features), (layer.out_width, layer.out_features)):
+            elements = torch.randint(0, size + 1, width.shape, generator=generator)
+            elements[torch.rand(width.shape, generator=generator) < zero_fraction] = 0
+            elements[torch.rand(width.shape, generator=generator) < 0.15] = 1
+            width.copy_(elements / size)
+        for location in (layer.in_location, layer.out_location):
+            location.uniform_(0, 1, generator=generator)

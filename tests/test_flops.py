@@ -6,6 +6,9 @@ from torch import nn
 
 import gblr
 from gblr import structures
+from gblr.flops import (
+    group_macs, group_macs_slopes, largest_cheaper_rank, low_rank_macs, max_low_rank, rank_for_ratio, square_block_fraction,
+)
 
 
 def test_report_rows_totals_and_weighted_ratio():
@@ -61,3 +64,39 @@ def test_report_includes_baselines_and_optionally_dense_layers():
     everything = gblr.flops_report(model, include_dense=True)
     assert [(layer.name, layer.gblr_macs, layer.dense_macs) for layer in everything] == [("0", 100, 600), ("1", 200, 200)]
     assert everything.ratio == pytest.approx(300 / 800)
+
+
+def test_group_macs_is_one_rule_for_ints_and_tensors():
+    ranks, a, b = torch.tensor([1, 2, 3, 8]), torch.tensor([4, 4, 2, 3]), torch.tensor([5, 1, 9, 3])
+    expected = [min(int(r) * (int(x) + int(y)), int(x) * int(y)) for r, x, y in zip(ranks, a, b)]
+    assert group_macs(ranks, a, b).tolist() == expected
+    assert [group_macs(int(r), int(x), int(y)) for r, x, y in zip(ranks, a, b)] == expected
+    assert expected == [9, 4, 18, 9]
+
+
+def test_group_macs_slopes_are_the_derivatives_of_the_cost():
+    rank = torch.tensor([1.0, 4.0, 2.0], dtype=torch.float64)
+    a = torch.tensor([30.0, 3.0, 10.0], dtype=torch.float64, requires_grad=True)
+    b = torch.tensor([20.0, 5.0, 1.5], dtype=torch.float64, requires_grad=True)
+    group_macs(rank, a, b).sum().backward()
+    slope_a, slope_b = group_macs_slopes(rank, a.detach(), b.detach())
+    torch.testing.assert_close(slope_a, a.grad)
+    torch.testing.assert_close(slope_b, b.grad)
+
+
+def test_rank_arithmetic():
+    m, n = 30, 20
+    assert low_rank_macs(3, m, n) == 150
+    assert max_low_rank(149, m, n) == 2 and max_low_rank(150, m, n) == 3
+    assert rank_for_ratio(0.25, m, n) == 3  # 150 MACs of 600
+    assert rank_for_ratio(1.0, m, n) == 12 and rank_for_ratio(1.0, 3, 1000) == 2
+    assert largest_cheaper_rank(m, n) == 11  # 12 * 50 = 600 is not cheaper than dense
+    assert largest_cheaper_rank(1, 5) == 0  # rank 1 costs 6 > 5
+
+
+@pytest.mark.parametrize("macs, rank, m, n", [(50.0, 1, 64, 32), (100.0, 2, 48, 48), (10.0, 4, 16, 16)])
+def test_square_block_fraction_inverts_the_block_cost(macs, rank, m, n):
+    x = square_block_fraction(macs, rank, m, n)
+    cost = min(rank * (m + n) * x, m * n * x * x)
+    assert cost == pytest.approx(macs)
+    assert square_block_fraction(10 * m * n, rank, m, n) == 1.0

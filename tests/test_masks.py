@@ -18,7 +18,7 @@ def grid_params(n, count, generator, dtype=torch.float64):
 
 
 def closed_form_gradients(width, location, n, sigma, grad_mask):
-    """SPEC section 3's gradient formulas, evaluated in the frequency domain."""
+    """docs/method.md section 3's gradient formulas, evaluated in the frequency domain."""
     k = torch.arange(n // 2 + 1, dtype=torch.float64)
     gauss = torch.ones_like(k) if sigma is None else torch.exp(-(k**2) / (2 * sigma**2))
     w, l = width[:, None], location[:, None]
@@ -236,10 +236,10 @@ def test_masked_factor_equals_multiplying_by_the_mask(mask_dim, rank, n, sigma, 
 @pytest.mark.parametrize("n, sigma", [(768, 10.0), (3072, 30.0)])
 def test_narrow_edge_gradients_equal_closed_forms_in_float32(n, sigma):
     # Once sigma makes the smoothing narrow, float32 edge gradients read only a window around
-    # each edge (masks._kernels' reach); they must equal the full float64 formulas.
-    from gblr.masks import _kernels
+    # each edge (masks.mask_tables' reach); they must equal the full float64 formulas.
+    from gblr.masks import mask_tables
 
-    tables = _kernels(n, sigma, torch.device("cpu"), torch.float32)
+    tables = mask_tables(n, sigma, torch.device("cpu"), torch.float32)
     assert tables.window is not None and 4 * (2 * tables.reach + 1) <= n
     generator = torch.Generator().manual_seed(n)
     width, location = grid_params(n, 40, generator)

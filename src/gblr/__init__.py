@@ -1,14 +1,17 @@
 """gblr: learned generalized block low-rank (Gaudi-GBLR) weights for PyTorch."""
 
 from . import structures
-from .convert import ConversionReport, GBLRConfig, convert_, load_pretrained, save_pretrained
+from .calibration import InputStats
+from .config import GBLRConfig
+from .convert import ConversionReport, convert_
 from .explain import explain
-from .decompose import InputStats, decompose, relative_error, svd_decompose, svd_error_curve
+from .decompose import decompose, relative_error, svd_decompose, svd_error_curve
 from .flops import FlopsReport, LayerFlops, flops_report
 from .learning import SigmaSchedule, StructureLearner, param_groups
 from .frozen import FrozenGBLRLinear, freeze_
 from .linear import GBLRLinear
 from .masks import gaudi_mask
+from .pretrained import load_pretrained, save_pretrained
 from .recipes.distill import distill
 
 __version__ = "0.1.0"

@@ -41,3 +41,15 @@ def check_input(x: torch.Tensor, in_features: int) -> None:
         raise ValueError(
             f"input must have in_features={in_features} in its last dimension, got shape {tuple(x.shape)}"
         )
+
+
+def check_matrix(name: str, value) -> torch.Tensor:
+    """``value`` detached, if it is a non-empty, finite, 2-D floating point tensor."""
+    if not isinstance(value, torch.Tensor) or value.dim() != 2 or not value.is_floating_point():
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ValueError(f"{name} must be a 2-D floating point tensor, got {shape}")
+    if value.numel() == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(value.shape)}")
+    if not torch.isfinite(value).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return value.detach()

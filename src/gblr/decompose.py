@@ -1,4 +1,4 @@
-"""Dense weight -> GBLR: structure search and content fit (SPEC section 6).
+"""Dense weight -> GBLR: structure search and content fit (docs/method.md section 6).
 
     layer = gblr.decompose(linear.weight, 0.5, bias=linear.bias)              # weight error
     stats = gblr.InputStats(linear.in_features); stats.update(activations)
@@ -15,48 +15,13 @@ from __future__ import annotations
 
 import torch
 
-from ._validation import check_flops_ratio
+from ._validation import check_flops_ratio, check_matrix
+from .calibration import InputStats
 from .flops import low_rank_macs, rank_for_ratio
 from .linear import GBLRLinear
-from .structures import _assemble, _check_matrix, low_rank
+from .structures import from_components, low_rank
 
-__all__ = ["InputStats", "decompose", "svd_decompose", "svd_error_curve", "relative_error"]
-
-
-class InputStats:
-    """Running second moment ``C = mean(x x^T)`` of a layer's inputs (float64).
-
-    ``update(x)`` takes activations of shape ``(..., features)``; :meth:`from_second_moment`
-    wraps a precomputed ``(features, features)`` matrix.
-    """
-
-    def __init__(self, features: int, device=None) -> None:
-        self.features = int(features)
-        self.sum = torch.zeros(self.features, self.features, dtype=torch.float64, device=device)
-        self.tokens = 0
-
-    @classmethod
-    def from_second_moment(cls, matrix: torch.Tensor, tokens: int = 1) -> "InputStats":
-        if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
-            raise ValueError(f"a second-moment matrix must be square, got shape {tuple(matrix.shape)}")
-        stats = cls(matrix.shape[0], device=matrix.device)
-        stats.sum = matrix.detach().to(torch.float64) * tokens
-        stats.tokens = int(tokens)
-        return stats
-
-    @torch.no_grad()
-    def update(self, x: torch.Tensor) -> None:
-        if x.shape[-1] != self.features:
-            raise ValueError(f"activations must have {self.features} features in the last dimension, got {tuple(x.shape)}")
-        flat = x.detach().reshape(-1, self.features).to(self.sum.device, torch.float64)
-        self.sum.addmm_(flat.T, flat)
-        self.tokens += flat.shape[0]
-
-    @property
-    def second_moment(self) -> torch.Tensor:
-        if self.tokens == 0:
-            raise ValueError("InputStats has seen no activations; call update() with some inputs first")
-        return self.sum / self.tokens
+__all__ = ["decompose", "svd_decompose", "svd_error_curve", "relative_error"]
 
 
 def _as_stats(calibration, features: int) -> InputStats | None:
@@ -91,7 +56,7 @@ def _whitener(stats: InputStats | None, device) -> tuple[torch.Tensor, torch.Ten
 
 def relative_error(weight: torch.Tensor, approximation: torch.Tensor, calibration=None) -> float:
     """``||(W - W_hat) S||_F / ||W S||_F`` (``S = I`` without calibration)."""
-    weight = _check_matrix("weight", weight).to(torch.float64)
+    weight = check_matrix("weight", weight).to(torch.float64)
     difference = weight - approximation.detach().to(weight.device, torch.float64)
     stats = _as_stats(calibration, weight.shape[1])
     if stats is None:
@@ -103,7 +68,7 @@ def relative_error(weight: torch.Tensor, approximation: torch.Tensor, calibratio
 def svd_error_curve(weight: torch.Tensor, calibration=None) -> torch.Tensor:
     """Relative squared error of the best rank-``R`` approximation (activation-aware with
     calibration) for ``R = 0 .. min(m, n)``: a float64 tensor, 1 at ``R = 0``, 0 at full rank."""
-    weight = _check_matrix("weight", weight).to(torch.float64)
+    weight = check_matrix("weight", weight).to(torch.float64)
     whitener = _whitener(_as_stats(calibration, weight.shape[1]), weight.device)
     target = weight if whitener is None else weight @ whitener[0]
     energy = torch.linalg.svdvals(target).square()
@@ -115,7 +80,7 @@ def svd_error_curve(weight: torch.Tensor, calibration=None) -> torch.Tensor:
 def svd_decompose(weight: torch.Tensor, flops_ratio: float, *, calibration=None, bias=None) -> GBLRLinear:
     """The baseline: truncated SVD (of ``W S`` with calibration, i.e. activation-aware SVD) at
     the largest rank ``R`` with ``R (m + n) <= flops_ratio * m * n``, as full-width components."""
-    weight = _check_matrix("weight", weight)
+    weight = check_matrix("weight", weight)
     flops_ratio = check_flops_ratio(flops_ratio)
     m, n = weight.shape
     rank = rank_for_ratio(flops_ratio, m, n)
@@ -346,7 +311,7 @@ def decompose(
     the weight the gain is the unused remainder of the budget; with it (e.g. per-head blocks)
     the blocks win outright.
     """
-    weight = _check_matrix("weight", weight)
+    weight = check_matrix("weight", weight)
     flops_ratio = check_flops_ratio(flops_ratio)
     if isinstance(trade, bool) or not isinstance(trade, int) or trade < 0:
         raise ValueError(f"trade must be a non-negative int, got {trade!r}")
@@ -385,4 +350,4 @@ def decompose(
         (a.to(weight.dtype), b.to(weight.dtype), out_start, out_width, in_start, in_width)
         for out_start, out_width, in_start, in_width, a, b in best_atoms
     ]
-    return _assemble((m, n), components, weight, None if bias is None else bias.detach())
+    return from_components((m, n), components, weight, None if bias is None else bias.detach())

@@ -14,17 +14,21 @@ __all__ = ["Explanation", "LayerPaths", "explain"]
 
 @dataclasses.dataclass(frozen=True)
 class LayerPaths:
+    """One row of :func:`explain`: a layer, its cost, and the path it takes per token count."""
+
     name: str
     shape: tuple[int, int]  # (out_features, in_features)
     flops_ratio: float
     padded_ratio: float | None  # MACs of the tiled path (tiles padded) / dense MACs; None if not frozen
     gemms: int | None
-    kernel: str  # the layer's setting: auto, reference, tiled, dense; "trainable" for GBLRLinear
+    kernel: str  # the layer's setting, one of gblr.frozen.KERNELS; "trainable" for GBLRLinear
     paths: dict[int, tuple[str, dict[str, float]]]  # tokens -> (path, measured seconds per path)
 
 
 @dataclasses.dataclass(frozen=True)
 class Explanation:
+    """What :func:`explain` returns: one :class:`LayerPaths` per GBLR layer; ``str()`` gives a table."""
+
     layers: list[LayerPaths]
     tokens: tuple[int, ...]
 

@@ -1,4 +1,4 @@
-"""Cost of GBLR layers in multiply-accumulates (MACs) per input vector, SPEC section 2.
+"""Cost of GBLR layers in multiply-accumulates (MACs) per input vector, docs/method.md section 2.
 
 Components with identical (in, out) supports form a group; a group of total rank ``R`` whose
 supports are ``a`` columns and ``b`` rows wide costs ``min(R * (a + b), a * b)`` (two thin
@@ -72,7 +72,7 @@ class Structure:
         return members, group, first
 
     def layer_macs(self) -> torch.Tensor:
-        """MACs per input vector of each layer, ``(num_layers,)`` int64 (SPEC section 2)."""
+        """MACs per input vector of each layer, ``(num_layers,)`` int64 (docs/method.md section 2)."""
         macs = torch.zeros(self.num_layers, dtype=torch.long, device=self.in_widths.device)
         members, group, first = self.groups()
         if members.numel() == 0:

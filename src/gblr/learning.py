@@ -1,4 +1,4 @@
-"""Learning GBLR structures in a plain PyTorch loop (SPEC section 4).
+"""Learning GBLR structures in a plain PyTorch loop (docs/method.md section 4).
 
     optimizer = torch.optim.AdamW(gblr.param_groups(model, lr=1e-3, struct_lr=1e-3))
     learner = gblr.StructureLearner(model, optimizer, flops_target=0.3, total_steps=steps)
@@ -10,9 +10,9 @@
 
 The objective is task loss + lambda * cost, where cost is the MAC count of all GBLR layers as
 a function of the real-valued widths: component ``k`` with ``a = n * in_width_k`` and
-``b = m * out_width_k`` elements costs ``min(r * (a + b), a * b)`` (SPEC section 2: two thin
+``b = m * out_width_k`` elements costs ``min(r * (a + b), a * b)`` (docs/method.md section 2: two thin
 products, or one dense block where that is cheaper). For rank 1 this is the sum of widths of
-SPEC section 4, each weighted by the MACs it buys; for components of higher rank, small blocks
+docs/method.md section 4, each weighted by the MACs it buys; for components of higher rank, small blocks
 cost their area, so learning can choose full-rank blocks as well as low-rank bands. It is
 solved by proximal gradient descent: after the optimizer step on the task loss, every width
 shrinks by ``lr_struct * lambda * weight``, where ``weight`` is the slope of the cost in that
@@ -33,12 +33,11 @@ on a trajectory from the initial ratio to ``flops_target`` (found by bisection o
 element-count estimate of the cost, calibrated against the exact count). Below the trajectory
 lambda is 0 and the optimizer may widen blocks, but not narrow them: each width is kept at
 least where the last structural step left it. Without that floor the ratio drifts under the
-target (a run of 10 epochs ended at 0.28 for a target of 0.3): the task gradient alone narrows
-blocks, steadily. Forcing the ratio back up instead (a negative lambda) was worse: in the
-optimizer's metric the growth goes to the widths with the least gradient information, so
-blocks of untrained content appear (same run: 87.66 % at 0.30, against 88.18 % at 0.28). How
-the budget is split across layers is left to the gradients, so layers that matter less end up
-cheaper.
+target, because the task gradient alone narrows blocks steadily. The floor is preferred to
+forcing the ratio back up with a negative lambda: in the optimizer's metric such growth goes
+to the widths with the least gradient information, so blocks of untrained content would
+appear. How the budget is split across layers is left to the gradients, so layers that
+matter less end up cheaper.
 
 Phases over ``total_steps``:
 1. structure learning (the first ``structure_fraction`` of the steps): sigma rises linearly
@@ -58,6 +57,7 @@ import torch
 from torch import nn
 
 from ._validation import check_flops_ratio, check_share
+from .flops import group_macs, group_macs_slopes
 from .linear import GBLRLinear, structure_of
 
 __all__ = ["param_groups", "StructureLearner", "SigmaSchedule", "gblr_layers"]
@@ -76,7 +76,7 @@ def param_groups(
     weight_decay: float = 0.0,
     struct_betas: tuple[float, float] = (0.0, 0.999),
 ) -> list[dict]:
-    """Optimizer parameter groups with the structural parameters apart (SPEC section 4).
+    """Optimizer parameter groups with the structural parameters apart (docs/method.md section 4).
 
     Returns up to three groups: weights (``weight_decay``), biases and other 1-D parameters (no
     decay), and the widths and locations of every :class:`GBLRLinear` (learning rate
@@ -267,12 +267,8 @@ class StructureLearner:
         at the current widths, in units of ``self._cost_unit``: ``r * n`` and ``r * m`` for a
         low-rank block, ``b * n`` and ``a * m`` for a block cheaper as a dense one."""
         in_size, out_size = self._structure.in_sizes.double(), self._structure.out_sizes.double()
-        rank = self._structure.ranks.double()
-        a, b = in_w * in_size, out_w * out_size
-        dense = a * b < rank * (a + b)
-        in_weight = in_size * torch.where(dense, b, rank) / self._cost_unit
-        out_weight = out_size * torch.where(dense, a, rank) / self._cost_unit
-        return in_weight, out_weight
+        slope_a, slope_b = group_macs_slopes(self._structure.ranks.double(), in_w * in_size, out_w * out_size)
+        return in_size * slope_a / self._cost_unit, out_size * slope_b / self._cost_unit
 
     def _choose_lambda(self, target: float, exact_ratio: float, struct_lr: float) -> tuple[float, torch.Tensor, torch.Tensor]:
         """The smallest lambda >= 0 whose shrink brings the cost estimate down to the target.
@@ -300,8 +296,7 @@ class StructureLearner:
             lams = lams[:, None]
             count_in = torch.round(widths_after(stored_in, in_rate, lams) * in_size)
             count_out = torch.round(widths_after(stored_out, out_rate, lams) * out_size)
-            cost = torch.minimum(rank * (count_in + count_out), count_in * count_out)
-            return cost.sum(1) / self._dense_macs
+            return group_macs(rank, count_in, count_out).sum(1) / self._dense_macs
 
         now = float(estimate(torch.zeros(1, dtype=torch.float64))[0])
         if now <= 0.0:

@@ -1,6 +1,6 @@
 """GBLRLinear: a linear layer whose weight is a sum of learned, overlapping low-rank blocks.
 
-    W = sum_k (mask_out[k] * u[k]) @ (v[k] * mask_in[k])        (SPEC section 1)
+    W = sum_k (mask_out[k] * u[k]) @ (v[k] * mask_in[k])        (docs/method.md section 1)
 
 ``mask_in[k]`` and ``mask_out[k]`` are Gaudi masks (:mod:`gblr.masks`) of the structural
 parameters ``in_width``, ``in_location``, ``out_width``, ``out_location``. The product runs in
@@ -38,7 +38,7 @@ class GBLRLinear(nn.Module):
         components: number of components ``K``; default ``min(in_features, out_features)``.
         rank: rank ``r`` of each component (default 1).
         sigma: Gaussian smoothing of the masks; ``None`` (default) uses exact boxcars.
-            Training from scratch raises it from about 1 to about 100 (SPEC section 4).
+            Training from scratch raises it from about 1 to about 100 (docs/method.md section 4).
         init_flops_ratio: FLOPs ratio of the initial structure, in ``(0, 1]`` (default 0.5).
         init_full_width_share: share of that budget given to full-width components (the top
             singular directions of a standard dense init), in ``[0, 1]`` (default 0.5, the
@@ -111,7 +111,7 @@ class GBLRLinear(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Initialise per SPEC section 4 at ``init_flops_ratio``.
+        """Initialise per docs/method.md section 4 at ``init_flops_ratio``.
 
         A dense ``nn.Linear`` init is split by SVD into ``K`` rank-``r`` components (top
         singular directions first). Full-width components take ``init_full_width_share`` of the
@@ -143,7 +143,7 @@ class GBLRLinear(nn.Module):
             self.bias.uniform_(-bound, bound)
 
     def structural_parameters(self) -> list[nn.Parameter]:
-        """Widths and locations: the parameters of the structure (SPEC section 4)."""
+        """Widths and locations: the parameters of the structure (docs/method.md section 4)."""
         return [self.in_width, self.in_location, self.out_width, self.out_location]
 
     def content_parameters(self) -> list[nn.Parameter]:
@@ -204,7 +204,7 @@ class GBLRLinear(nn.Module):
         For a component whose two widths are both zero the true gradient of either width is zero
         (the block is the product of two empty masks), so the proximal step could never let it
         grow back. The backward pass (:class:`gblr.product.GBLRProduct`) gives each empty mask the gradient
-        it would get if its partner were one element wide at its location (SPEC section 3: a
+        it would get if its partner were one element wide at its location (docs/method.md section 3: a
         pruned block must be able to grow back). The output and the content gradients are
         unchanged.
         """
@@ -215,7 +215,7 @@ class GBLRLinear(nn.Module):
     # -- cost and deployment ----------------------------------------------------------------------
 
     def flops(self) -> int:
-        """MACs per input vector of the current (rounded) structure, SPEC section 2."""
+        """MACs per input vector of the current (rounded) structure, docs/method.md section 2."""
         return int(self.structure().layer_macs()[0])
 
     def flops_ratio(self) -> float:

@@ -1,6 +1,6 @@
 """Gaudi (Gaussian-Dirichlet) masks: differentiable boxcars for block widths and locations.
 
-The definition (SPEC section 3) lives in the frequency domain: for frequencies ``k = 0 .. n//2``
+The definition (docs/method.md section 3) lives in the frequency domain: for frequencies ``k = 0 .. n//2``
 
     M[k] = w sinc(k w) / sinc(k/n) * exp(-i pi k (2 l + w - 1/n)) * exp(-k^2 / (2 sigma^2))
     mask = irfft(M, n, norm="forward")
@@ -13,7 +13,7 @@ values in the time domain, much faster, from two observations:
   only on ``n`` and ``sigma``. A boxcar convolution is a difference of two samples of the
   cumulative sum of ``h``: two contiguous windows of a precomputed table per component.
 * Both gradients are cross-correlations with one more kernel ``q`` (``dM/dw = exp(-2 pi i k w)
-  C[k]`` and ``dM/dl = dM/dw - C[k]`` in the notation of SPEC section 3): ``dmask/dw`` is ``q``
+  C[k]`` and ``dM/dl = dM/dw - C[k]`` in the notation of docs/method.md section 3): ``dmask/dw`` is ``q``
   placed at the block's right edge and ``dmask/dl`` is the same minus ``q`` at its left edge.
   Neither vanishes at ``w = 0``, so a pruned block keeps a width gradient and can grow back.
 """
@@ -28,7 +28,10 @@ import torch
 
 from ._validation import check_sigma
 
-__all__ = ["gaudi_mask", "gaudi_mask_reference", "boxcar", "element_supports", "mask_from_supports", "masked_factor"]
+__all__ = [
+    "gaudi_mask", "gaudi_mask_reference", "boxcar", "element_supports", "mask_from_supports", "masked_factor",
+    "apply_masks", "apply_masks_backward", "MaskTables", "mask_tables",
+]
 
 
 def _check_mask_args(width: torch.Tensor, location: torch.Tensor, n: int, sigma: float | None) -> None:
@@ -109,8 +112,8 @@ def _gaussian(n: int, sigma: float | None, device: torch.device) -> torch.Tensor
     return torch.exp(-(k**2) / (2.0 * sigma**2))
 
 
-class _Tables(NamedTuple):
-    """Precomputed tables for one ``(n, sigma)`` (see :func:`_kernels`)."""
+class MaskTables(NamedTuple):
+    """Precomputed tables for one ``(n, sigma)`` (see :func:`mask_tables`)."""
 
     cumulative: torch.Tensor  # C(j - 2n) for j = 0 .. 3n
     gradient: torch.Tensor  # q((j - 2n) mod n) for j = 0 .. 3n - 1
@@ -124,7 +127,7 @@ class _Tables(NamedTuple):
 
 
 @functools.lru_cache(maxsize=64)
-def _kernels(n: int, sigma: float | None, device: torch.device, dtype: torch.dtype) -> _Tables:
+def mask_tables(n: int, sigma: float | None, device: torch.device, dtype: torch.dtype) -> MaskTables:
     """Tables for one (n, sigma), cached (layers of one width share them; read-only).
 
     ``cumulative[j]`` holds ``C(j - 2n)`` for ``j = 0 .. 3n``, where ``C(i) = sum_{t < i} h[t]``
@@ -156,7 +159,7 @@ def _kernels(n: int, sigma: float | None, device: torch.device, dtype: torch.dty
     q = torch.fft.irfft(spectrum, n=n, norm="forward")
     gradient = q.repeat(3)
     if torch.compiler.is_compiling():  # finding the reach depends on the data: a graph break per call
-        return _Tables(cumulative.to(dtype), gradient.to(dtype), None, n // 2)
+        return MaskTables(cumulative.to(dtype), gradient.to(dtype), None, n // 2)
     offsets = torch.arange(n, device=device)
     distance = torch.minimum(offsets, n - offsets)  # cyclic distance from 0
     significant = q.abs() > 0.1 * torch.finfo(dtype).eps * q.abs().max()
@@ -164,7 +167,7 @@ def _kernels(n: int, sigma: float | None, device: torch.device, dtype: torch.dty
     window = None
     if 4 * (2 * reach + 1) <= n:  # worth it: a quarter of a row or less
         window = q[torch.remainder(torch.arange(-reach, reach + 1, device=device), n)].to(dtype)
-    return _Tables(cumulative.to(dtype), gradient.to(dtype), window, reach)
+    return MaskTables(cumulative.to(dtype), gradient.to(dtype), window, reach)
 
 
 _CHUNK_ELEMENTS = 1 << 18  # rows of scratch work per step
@@ -195,7 +198,7 @@ def _mask_rows(cumulative, w, l, n, out, scratch):
     return out.sub_(_windows(cumulative, 2 * n + 1 - l - w, n, out=scratch))
 
 
-def _edge_gradients(tables: _Tables, w, l, n, padded, scratch, width_out, location_out) -> None:
+def _edge_gradients(tables: MaskTables, w, l, n, padded, scratch, width_out, location_out) -> None:
     """Width and location gradients of mask rows from their gradient, which fills the first ``n``
     columns of ``padded`` (``(rows, n + tables.pad)``; the pad is scratch space).
 
@@ -224,7 +227,7 @@ class _GaudiMask(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, width, location, n, sigma, w, l):  # noqa: D401 - autograd signature
-        tables = _kernels(n, sigma, width.device, width.dtype)
+        tables = mask_tables(n, sigma, width.device, width.dtype)
         mask = tables.cumulative.new_empty(w.shape[0], n)
         for rows, scratch in _chunks(mask.shape[0], n, mask):
             _mask_rows(tables.cumulative, w[rows], l[rows], n, mask[rows], scratch)
@@ -256,7 +259,7 @@ def apply_masks(values, n, sigma, w, l, mask_dim, table_dtype):
     supports ``(w, l)`` along dimension ``mask_dim`` (1 or 2); no gradient. The masks are built
     chunk by chunk in a small buffer and never stored (``table_dtype``: float32 or float64, the
     precision of the mask math)."""
-    cumulative = _kernels(n, sigma, values.device, table_dtype).cumulative
+    cumulative = mask_tables(n, sigma, values.device, table_dtype).cumulative
     out = torch.empty_like(values)
     for rows, mask, scratch in _factor_chunks(values, n, cumulative):
         _mask_rows(cumulative, w[rows], l[rows], n, mask, scratch)
@@ -269,7 +272,7 @@ def apply_masks_backward(grad_out, values, n, sigma, w, l, mask_dim, table_dtype
     """Gradients ``(values, width, location)`` of :func:`apply_masks` given ``grad_out``; the
     masks are rebuilt from the tables. Entries not wanted are None. ``reuse_grad_out``: the
     values' gradient overwrites ``grad_out`` (one buffer of the factor's size fewer)."""
-    tables = _kernels(n, sigma, values.device, table_dtype)
+    tables = mask_tables(n, sigma, values.device, table_dtype)
     grad_values = None
     if want_values:
         grad_values = grad_out if reuse_grad_out else torch.empty_like(values)
@@ -367,7 +370,7 @@ def mask_from_supports(
     :func:`element_supports` (the layer needs them anyway); arguments are not checked again."""
     dtype = torch.promote_types(width.dtype, location.dtype)
     if dtype not in (torch.float32, torch.float64):
-        dtype = torch.float32  # half-precision mask math is not accurate enough; see SPEC section 3
+        dtype = torch.float32  # half-precision mask math is not accurate enough; see docs/method.md section 3
     return _GaudiMask.apply(width.to(dtype), location.to(dtype), n, sigma, w, l)
 
 

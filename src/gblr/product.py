@@ -1,6 +1,6 @@
 """The trainable layer's product: masks and matrix product in one autograd function.
 
-``y = x @ W.T + bias`` with ``W = sum_k (mask_out[k] * u[k]) @ (v[k] * mask_in[k])`` (SPEC
+``y = x @ W.T + bias`` with ``W = sum_k (mask_out[k] * u[k]) @ (v[k] * mask_in[k])`` (docs/method.md
 section 1), computed either by materialising ``W`` or as two thin products through the
 ``(tokens, K*r)`` hidden activations, whichever costs fewer MACs (:func:`materialise_is_cheaper`).
 Nothing of the factors' size is kept for backward: the masked factors are rebuilt from ``u``,

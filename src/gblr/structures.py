@@ -2,7 +2,7 @@
 
 Each function returns a :class:`~gblr.GBLRLinear` (rank-1 components, ``sigma=None``) whose
 ``.weight`` equals the structured input and whose ``.flops()`` equals the native structure's
-cost (SPEC section 2):
+cost (docs/method.md section 2):
 
 * :func:`low_rank` ``P @ Q`` of rank ``R``: ``R`` full-width components, ``R * (m + n)`` MACs;
 * :func:`block_sparse`: each nonzero ``b_o x b_i`` block becomes ``rank(block)`` components
@@ -18,21 +18,11 @@ from __future__ import annotations
 
 import torch
 
+from ._validation import check_matrix
 from .flops import cyclic_indices
 from .linear import GBLRLinear
 
-__all__ = ["low_rank", "block_sparse", "block_low_rank"]
-
-
-def _check_matrix(name: str, value) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor) or value.dim() != 2 or not value.is_floating_point():
-        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-        raise ValueError(f"{name} must be a 2-D floating point tensor, got {shape}")
-    if value.numel() == 0:
-        raise ValueError(f"{name} must not be empty, got shape {tuple(value.shape)}")
-    if not torch.isfinite(value).all():
-        raise ValueError(f"{name} contains NaN or infinite values")
-    return value.detach()
+__all__ = ["low_rank", "block_sparse", "block_low_rank", "from_components"]
 
 
 def _check_pair(name: str, value, bounds: tuple[int, int]) -> tuple[int, int]:
@@ -58,7 +48,7 @@ def _check_offset(offset) -> tuple[int, int]:
     return int(offset[0]), int(offset[1])
 
 
-def _assemble(
+def from_components(
     shape: tuple[int, int],
     components: list[tuple[torch.Tensor, torch.Tensor, int, int, int, int]],
     like: torch.Tensor,
@@ -112,13 +102,13 @@ def _grid_blocks(weight: torch.Tensor, block_shape: tuple[int, int], offset: tup
 def low_rank(p: torch.Tensor, q: torch.Tensor, bias: torch.Tensor | None = None) -> GBLRLinear:
     """``P @ Q`` (``P`` of shape ``(m, R)``, ``Q`` of shape ``(R, n)``) as ``R`` full-width
     components. Its cost is ``min(R * (m + n), m * n)`` MACs."""
-    p = _check_matrix("p", p)
-    q = _check_matrix("q", q)
+    p = check_matrix("p", p)
+    q = check_matrix("q", q)
     if p.shape[1] != q.shape[0]:
         raise ValueError(f"p has {p.shape[1]} columns but q has {q.shape[0]} rows; they must match (the rank R)")
     m, n = p.shape[0], q.shape[1]
     components = [(p[:, k], q[k], 0, m, 0, n) for k in range(p.shape[1])]
-    return _assemble((m, n), components, p, bias)
+    return from_components((m, n), components, p, bias)
 
 
 def block_sparse(
@@ -134,7 +124,7 @@ def block_sparse(
     on it (split by SVD, numerical rank at the usual ``max(b_o, b_i) * eps`` tolerance). The grid
     starts at row ``offset[0]`` and column ``offset[1]`` and wraps around.
     """
-    weight = _check_matrix("weight", weight)
+    weight = check_matrix("weight", weight)
     block_shape = _check_pair("block_shape", block_shape, tuple(weight.shape))
     offset = _check_offset(offset)
     b_out, b_in = block_shape
@@ -147,7 +137,7 @@ def block_sparse(
         keep = int((singular > tolerance * singular[0]).sum())
         left, right = _split_rank_one(block, keep)
         components += [(left[:, k], right[k], out_start, b_out, in_start, b_in) for k in range(keep)]
-    return _assemble(tuple(weight.shape), components, weight, bias)
+    return from_components(tuple(weight.shape), components, weight, bias)
 
 
 def block_low_rank(
@@ -164,7 +154,7 @@ def block_low_rank(
     Exact when every block has rank at most ``rank``; otherwise the blockwise best rank-``rank``
     approximation (a projection: applying it twice changes nothing).
     """
-    weight = _check_matrix("weight", weight)
+    weight = check_matrix("weight", weight)
     m, n = weight.shape
     grid = _check_pair("grid", grid, (m, n))
     block_shape = (m // grid[0], n // grid[1])
@@ -175,4 +165,4 @@ def block_low_rank(
     for out_start, in_start, block in _grid_blocks(weight, block_shape, offset):
         left, right = _split_rank_one(block, rank)
         components += [(left[:, k], right[k], out_start, block_shape[0], in_start, block_shape[1]) for k in range(rank)]
-    return _assemble((m, n), components, weight, bias)
+    return from_components((m, n), components, weight, bias)

@@ -35,7 +35,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .tiled import _stacked
+from .tiled import stack_factors
 
 __all__ = ["available", "SegmentedGEMM", "SegmentedProduct", "pack_triton", "triton_forward"]
 
@@ -96,7 +96,7 @@ class SegmentedProduct:
         return self.first.macs + self.second.macs
 
 
-def _round_up(value: int, multiple: int) -> int:
+def round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
@@ -112,7 +112,7 @@ def _segments(needed: torch.Tensor, reads: int, block_k: int) -> list[tuple[int,
     runs = []
     for first, last in zip(firsts, lasts):
         start = first - first % ALIGN
-        length = _round_up(last + 1 - start, block_k)
+        length = round_up(last + 1 - start, block_k)
         runs.append((min(start, reads - length), length))
     return runs
 
@@ -166,8 +166,8 @@ def pack_triton(in_features: int, out_features: int, blocks, out_block: int = OU
         device = device if device is not None else blocks[0][1].device
         dtype = dtype if dtype is not None else blocks[0][1].dtype
     like = torch.empty(0, device=device, dtype=dtype)
-    right_rows, right_active = _stacked(blocks, in_features, "in", device, dtype)
-    left_rows, left_active = _stacked(blocks, out_features, "out", device, dtype)
+    right_rows, right_active = stack_factors(blocks, in_features, "in", device, dtype)
+    left_rows, left_active = stack_factors(blocks, out_features, "out", device, dtype)
     rank = right_rows.shape[0]
 
     # h's columns: rank rows in the order of their output supports (stage 2 reads runs of them).
@@ -178,10 +178,10 @@ def pack_triton(in_features: int, out_features: int, blocks, out_block: int = OU
     # Stage 1: rank rows sorted by input-support start, `row_block` per group.
     in_order = torch.argsort(_cyclic_starts(right_active) * (in_features + 1) + right_active.sum(1), stable=True)
     groups = -(-rank // row_block)
-    hidden = _round_up(max(groups * row_block, 1), block_k)  # h's width; columns past `rank` stay zero
+    hidden = round_up(max(groups * row_block, 1), block_k)  # h's width; columns past `rank` stay zero
     targets = torch.arange(rank, groups * row_block, device=device)  # padding rows write unused columns
     targets = torch.cat([position[in_order], targets]).to(torch.int32)
-    reads = _round_up(in_features, block_k)
+    reads = round_up(in_features, block_k)
     slabs = []
     for first in range(0, rank, row_block):
         rows = in_order[first : first + row_block]
@@ -247,7 +247,7 @@ def _launch_defaults(tokens: int) -> dict:
     return {"block_t": block_t, "num_warps": 4, "num_stages": 3}
 
 
-def _run(a: torch.Tensor, a_rows: int, gemm: SegmentedGEMM, out: torch.Tensor, out_rows: int, block_t: int,
+def launch(a: torch.Tensor, a_rows: int, gemm: SegmentedGEMM, out: torch.Tensor, out_rows: int, block_t: int,
          num_warps: int, num_stages: int) -> torch.Tensor:
     """``out[t, :] = gemm(a[t, :])``: ``a`` and ``out`` are (tokens, columns) views of any strides;
     rows of ``a`` from ``a_rows`` on read as zeros, rows of ``out`` from ``out_rows`` on are kept."""
@@ -282,11 +282,11 @@ def triton_forward(x: torch.Tensor, product: SegmentedProduct, **config) -> torc
     x = x.contiguous()
     if x.shape[1] != first.reads:  # segments may read up to a whole block_k past the last column
         x = F.pad(x, (0, first.reads - x.shape[1]))
-    padded = _round_up(tokens, config["block_t"])
+    padded = round_up(tokens, config["block_t"])
     h = x.new_empty(first.columns, padded)  # transposed
     written = first.group_count * first.block
     if written < first.columns:
         h[written:].zero_()
-    _run(x, tokens, first, h.T, padded, **config)
+    launch(x, tokens, first, h.T, padded, **config)
     y = x.new_empty(tokens, second.columns)
-    return _run(h.T, padded, second, y, tokens, **config)
+    return launch(h.T, padded, second, y, tokens, **config)

@@ -52,7 +52,7 @@ class TiledProduct:
         return len(self.in_tiles) + len(self.out_tiles)
 
 
-def _stacked(blocks, size: int, side: str, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def stack_factors(blocks, size: int, side: str, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """``(values (R, size), active (R, size) bool)``: every rank row of every block on one side
     (``"in"``: the rows of ``right``; ``"out"``: the columns of ``left``), zero off its support."""
     values, active = [], []
@@ -95,8 +95,8 @@ def pack(in_features: int, out_features: int, blocks, tile: int, device=None, dt
     if blocks:
         device = device if device is not None else blocks[0][1].device
         dtype = dtype if dtype is not None else blocks[0][1].dtype
-    right_rows, right_active = _stacked(blocks, in_features, "in", device, dtype)
-    left_rows, left_active = _stacked(blocks, out_features, "out", device, dtype)
+    right_rows, right_active = stack_factors(blocks, in_features, "in", device, dtype)
+    left_rows, left_active = stack_factors(blocks, out_features, "out", device, dtype)
     out_tiles = _tiles(left_rows, left_active, tile)
     covered = {start for start, *_ in out_tiles}
     uncovered = [(start, min(out_features, start + tile)) for start in range(0, out_features, tile) if start not in covered]

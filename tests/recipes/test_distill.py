@@ -187,7 +187,7 @@ def test_an_error_mid_run_restores_flags_and_modes():
 @pytest.mark.slow
 def test_minilm_at_half_the_flops_keeps_its_embeddings_and_distillation_helps():
     """The real all-MiniLM-L6-v2: 64 calibration sentences, GBLR at 0.5 of the encoder linears."""
-    from gblr.cli import linear_targets
+    from gblr.recipes.compress import linear_targets
     from gblr.recipes.text import load_sentence_encoder, split_sentences
     from test_text import minilm_path
 

@@ -1,19 +1,19 @@
-"""Frozen-layer inference paths: tiled and dense agree with the torch reference."""
-
-import copy
+"""The deployed layer (gblr.frozen): freezing keeps outputs and cost, merges supports, and
+its inference paths agree, cache correctly and train through the reference path."""
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
 import gblr
-from fixtures import block_specs, frozen_layer
-from gblr.kernels.tiled import batch, batched_forward, pack, tiled_forward
+from fixtures import block_specs, frozen_layer, random_structure, set_structure
+from gblr import FrozenGBLRLinear, GBLRLinear
 from gblr.kernels.choice import MEASURED_PATHS
 
 
-def _outputs(layer, x):
+def outputs_by_path(layer, x):
     outputs = {}
     with torch.no_grad():
         for kernel in ("reference", *MEASURED_PATHS):
@@ -23,6 +23,61 @@ def _outputs(layer, x):
     return outputs
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    in_features=st.integers(1, 24),
+    out_features=st.integers(1, 24),
+    components=st.integers(1, 8),
+    rank=st.integers(1, 3),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_freeze_is_equivalent(in_features, out_features, components, rank, bias, seed):
+    generator = torch.Generator().manual_seed(seed)
+    layer = GBLRLinear(in_features, out_features, bias=bias, components=components, rank=rank, dtype=torch.float64)
+    random_structure(layer, generator)
+    if components > 1:  # force one duplicated support so that merging is exercised
+        with torch.no_grad():
+            for parameter in layer.structural_parameters():
+                parameter[1] = parameter[0]
+    frozen = layer.freeze()
+    assert isinstance(frozen, FrozenGBLRLinear)
+    x = torch.randn(5, in_features, dtype=torch.float64, generator=generator)
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(x), layer(x))
+        torch.testing.assert_close(frozen.weight, layer.weight)
+    assert frozen.flops() == layer.flops()
+    stored = sum(p.numel() for p in frozen.parameters()) - (out_features if bias else 0)
+    assert stored <= max(layer.flops(), 0)  # memory follows the cost
+
+
+def test_freeze_uses_sharp_masks_and_merges_supports():
+    torch.manual_seed(0)
+    layer = GBLRLinear(30, 20, components=4, sigma=4.0, dtype=torch.float64)
+    set_structure(layer, [6, 6, 30, 2], [27, 27, 0, 3], [5, 5, 20, 2], [18, 18, 0, 1])
+    frozen = layer.freeze()
+    layer.sigma = None
+    x = torch.randn(3, 30, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(x), layer(x))
+    assert len(frozen.supports) == 3  # components 0 and 1 merged; the 2x2 block stored dense
+    assert any(right is None for _, _, right in frozen.blocks())
+    assert "blocks=3" in repr(frozen)
+
+
+def test_freeze_in_place_on_a_model():
+    model = nn.Sequential(GBLRLinear(8, 8), nn.ReLU(), nn.Sequential(GBLRLinear(8, 4, bias=False)))
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        expected = model(x)
+    returned = gblr.freeze_(model)
+    assert returned is model
+    assert isinstance(model[0], FrozenGBLRLinear) and isinstance(model[2][0], FrozenGBLRLinear)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected)
+    assert isinstance(gblr.freeze_(GBLRLinear(4, 4)), FrozenGBLRLinear)
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.tuples(block_specs(40, 8), st.integers(1, 16)))
 def test_tiled_and_dense_agree_with_reference_on_random_structures(case):
@@ -30,7 +85,7 @@ def test_tiled_and_dense_agree_with_reference_on_random_structures(case):
     (m, n, spec), tile = case
     layer = frozen_layer(m, n, [(o % m, a, i % n, b, r) for o, a, i, b, r in spec], tile=tile)
     x = torch.randn(3, 7, n, dtype=torch.float64)
-    outputs = _outputs(layer, x)
+    outputs = outputs_by_path(layer, x)
     torch.testing.assert_close(outputs["tiled"], outputs["reference"], rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(outputs["dense"], outputs["reference"], rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(outputs["tiled-coarse"], outputs["reference"], rtol=1e-10, atol=1e-10)
@@ -42,68 +97,11 @@ def test_paths_agree_in_lower_precision(dtype, tolerance):
     torch.manual_seed(0)
     layer = gblr.GBLRLinear(96, 160, init_flops_ratio=0.3).to(dtype).freeze()
     x = torch.randn(33, 96).to(dtype)
-    outputs = _outputs(layer, x)
+    outputs = outputs_by_path(layer, x)
     scale = outputs["reference"].float().abs().max()
     for kernel in MEASURED_PATHS:
         assert outputs[kernel].dtype == dtype
         assert (outputs[kernel].float() - outputs["reference"].float()).abs().max() <= tolerance * scale
-
-
-def test_tiled_product_pads_only_partial_tiles():
-    # one rank-2 block on rows 8..23 (wrapping past 31 is not needed) and columns 30..33 of 40 (wraps)
-    layer = frozen_layer(32, 40, [(8, 16, 30, 14, 2)], tile=8, bias=False)
-    product = pack(40, 32, list(layer.blocks()), 8)
-    # columns 30..39 and 0..3: tiles [24,32), [32,40), [0,8) -> 3 tiles x 8 x 2 rows; rows 8..23: 2 tiles x 8 x 2
-    assert product.macs == 3 * 8 * 2 + 2 * 8 * 2
-    assert product.gemms == 5 and product.rank == 2
-    x = torch.randn(4, 40, dtype=torch.float64)
-    torch.testing.assert_close(tiled_forward(x, product), layer._reference(x))
-
-
-def test_batched_tiles_pad_every_tile_to_the_same_rows():
-    # tile 8: block A (rank 2) covers columns 0..15 (tiles 0, 1), block B (rank 1) columns 8..11
-    # (tile 1): the column tiles hold 2 and 3 rows, padded to 3; 24 columns = 3 tiles, the last empty
-    layer = frozen_layer(16, 24, [(0, 16, 0, 16, 2), (4, 4, 8, 4, 1)], tile=8, bias=False)
-    product = pack(24, 16, list(layer.blocks()), 8)
-    batched = batch(product, torch.empty(0, dtype=torch.float64))
-    assert batched.V.shape == (3, 3, 8) and batched.U.shape == (2, 3, 8)
-    assert batched.macs == 3 * 3 * 8 + 2 * 3 * 8
-    assert (batched.in_rows == product.rank).sum() == 9 - 5  # padding rows point at the scratch row
-    for tokens in (1, 5):
-        x = torch.randn(tokens, 24, dtype=torch.float64)
-        torch.testing.assert_close(batched_forward(x, batched), layer._reference(x))
-
-
-def test_auto_measures_once_per_bucket_and_explain_reports_it():
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(gblr.GBLRLinear(64, 96, init_flops_ratio=0.25), torch.nn.ReLU(),
-                                gblr.GBLRLinear(96, 32, init_flops_ratio=0.5))
-    frozen = gblr.freeze_(copy.deepcopy(model))
-    x = torch.randn(5, 64)
-    with torch.no_grad():
-        reference = model(x)
-        y = frozen(x)
-    torch.testing.assert_close(y, reference, rtol=1e-5, atol=1e-5)
-    layer = frozen[0]
-    assert len(layer.choices) == 1
-    ((device, dtype, bucket), (path, seconds)), = layer.choices.items()
-    assert (device, dtype, bucket) == ("cpu", torch.float32, 8) and path in MEASURED_PATHS
-    assert set(seconds) == set(MEASURED_PATHS) and path == min(seconds, key=seconds.get)
-    with torch.no_grad():
-        frozen(torch.randn(7, 64))  # same bucket: no new measurement
-    assert len(layer.choices) == 1
-
-    explanation = gblr.explain(frozen, tokens=(1, 16))
-    assert [row.name for row in explanation.layers] == ["0", "2"]
-    row = explanation.layers[0]
-    assert row.flops_ratio == pytest.approx(layer.flops_ratio())
-    assert row.padded_ratio >= row.flops_ratio and row.gemms == layer.tiled_product().gemms
-    assert set(row.paths) == {1, 16} and all(p in MEASURED_PATHS for p, _ in row.paths.values())
-    text = str(explanation)
-    assert "0" in text and "16 tok" in text and "x" in text
-    assert "training form" in str(gblr.explain(model, tokens=(4,)))
-    with pytest.raises(ValueError, match="no GBLR layers"):
-        gblr.explain(torch.nn.Linear(3, 3))
 
 
 def test_cached_tiles_follow_edits_training_steps_loads_and_dtype_changes():
@@ -156,3 +154,14 @@ def test_gradients_use_the_reference_path():
 def test_bad_kernel_name_is_rejected():
     with pytest.raises(ValueError, match="kernel must be one of"):
         frozen_layer(8, 8, [(0, 4, 0, 4, 1)], kernel="fast")
+
+
+def test_dtype_and_device_follow_module_casts_even_without_blocks():
+    empty = GBLRLinear(6, 4, bias=False)
+    with torch.no_grad():
+        empty.in_width.zero_()
+    frozen = empty.freeze()
+    assert len(frozen.supports) == 0 and frozen.dtype == torch.float32 and frozen.device == torch.device("cpu")
+    frozen = frozen.to(torch.float64)
+    assert frozen.dtype == torch.float64
+    assert frozen.weight.dtype == torch.float64 and torch.equal(frozen.weight, torch.zeros(4, 6, dtype=torch.float64))

@@ -1,0 +1,151 @@
+"""The budget allocation of :func:`gblr.convert_`: which FLOPs ratio each target layer gets.
+
+``allocation="error"`` (the default). The layers share one MACs budget,
+``flops_ratio * sum(m * n)`` over the targets that have no override. The best rank-``r``
+approximation of layer ``l`` leaves a relative squared error ``e_l(r)``
+(:func:`gblr.svd_error_curve`, activation-aware when calibrated); one more rank costs
+``m + n`` MACs (:func:`gblr.flops.low_rank_macs`) and gains ``e_l(r) - e_l(r + 1)``. Every
+layer starts at its floor rank (the largest rank within ``min_layer_ratio``, at least 1); then
+rank steps are taken greedily in decreasing gain per MAC over all layers until the budget is
+spent. Since each ``e_l`` is convex (its steps are the squared singular values, in decreasing
+order), this minimises the sum over layers of the relative squared output errors (up to the one
+step that does not fit at the end of the budget): layers whose error falls slowly with rank give
+up budget to those where it falls fast. The last step of a layer goes from the largest rank
+still cheaper than dense (:func:`gblr.flops.largest_cheaper_rank`) to the dense layer itself
+(error 0); a layer that earns it is kept dense. The ranks set each layer's FLOPs ratio, the
+cost of its rank over ``m * n``; the layer is then decomposed at that ratio by
+:func:`gblr.decompose` (``method="gblr"``, which may spend it on a better GBLR structure than
+low rank) or :func:`gblr.svd_decompose` (``method="svd"``, the baseline).
+``allocation="uniform"``: every layer gets ``flops_ratio``.
+
+Layers kept dense, with the reason in the report: a layer where even rank 1 costs as much as
+dense (``m + n >= m * n``), a ratio of 1 (allocated or overridden), a weight tied to another
+module (an output embedding shared with the input embedding, say). Kept-dense layers count at
+their dense cost in the global ratio.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import warnings
+
+import torch
+
+from .calibration import InputStats
+from .config import GBLRConfig
+from .decompose import svd_error_curve
+from .flops import largest_cheaper_rank, low_rank_macs, max_low_rank
+from .targets import Target, name_matches
+
+__all__ = ["Plan", "allocate_ranks", "plan_targets"]
+
+
+def allocate_ranks(
+    shapes: list[tuple[int, int]], curves: list[torch.Tensor], budget: float, floor_ratio: float
+) -> list[int | None]:
+    """Per layer of shape ``(m, n)``, the rank from greedy error-per-MAC allocation (module
+    docstring) of ``budget`` MACs, or None where the layer should stay dense. ``curves[l][r]`` is
+    layer ``l``'s relative squared error at rank ``r``. Every layer must have
+    ``largest_cheaper_rank(m, n) >= 1``."""
+    limits = [largest_cheaper_rank(m, n) for m, n in shapes]
+    ranks = [max(1, min(limit, max_low_rank(floor_ratio * m * n, m, n))) for (m, n), limit in zip(shapes, limits)]
+    dense = [False] * len(shapes)
+    remaining = budget - sum(low_rank_macs(rank, m, n) for rank, (m, n) in zip(ranks, shapes))
+    # Gains below this are rounding noise of the curve (relative squared error, float64).
+    noise = 1e-12
+    heap: list[tuple[float, int, int]] = []
+
+    def push(i: int) -> None:
+        (m, n), rank, curve = shapes[i], ranks[i], curves[i]
+        if rank < limits[i]:
+            gain, cost = float(curve[rank] - curve[rank + 1]), low_rank_macs(1, m, n)
+        elif not dense[i]:
+            gain, cost = float(curve[rank]), m * n - low_rank_macs(rank, m, n)
+        else:
+            return
+        if gain > noise:
+            heapq.heappush(heap, (-gain / cost, i, cost))
+
+    for i in range(len(shapes)):
+        push(i)
+    while heap:
+        _, i, cost = heapq.heappop(heap)
+        if cost > remaining:
+            continue  # this layer's next step never fits again: the remaining budget only shrinks
+        remaining -= cost
+        if ranks[i] < limits[i]:
+            ranks[i] += 1
+        else:
+            dense[i] = True
+        push(i)
+    return [None if is_dense else rank for rank, is_dense in zip(ranks, dense)]
+
+
+@dataclasses.dataclass
+class Plan:
+    """What one target gets: its FLOPs ratio, or why it stays dense."""
+
+    ratio: float  # allocated FLOPs ratio (1.0 when kept dense by the allocation)
+    skipped: str | None = None
+    decompose_ratio: float | None = None  # what decompose is asked for (a hair above ratio, see plan_targets)
+
+    @property
+    def requested_ratio(self) -> float:
+        """The ratio to ask the decomposition for."""
+        return self.ratio if self.decompose_ratio is None else self.decompose_ratio
+
+
+def plan_targets(
+    targets: list[Target], config: GBLRConfig, stats: dict[str, InputStats], tied: set[int]
+) -> dict[str, Plan]:
+    """A :class:`Plan` per target name: overrides, layers kept dense (too small, weight in
+    ``tied``), then the allocation ``config`` asks for over the rest, with the calibration
+    ``stats`` (by target name) where there are some."""
+    plans: dict[str, Plan] = {}
+    pool: list[Target] = []  # the layers that share the global budget
+    dense_macs = 0  # of the layers without override
+    kept_dense_macs = 0  # of those, kept dense before allocation
+    for target in targets:
+        m, n = target.out_features, target.in_features
+        override = next(
+            (ratio for pattern, ratio in config.overrides.items() if name_matches(target.names, pattern)), None
+        )
+        if override is None:
+            dense_macs += m * n
+        reason = None
+        if id(target.module.weight) in tied:
+            reason = "weight tied to another module"
+        elif largest_cheaper_rank(m, n) < 1:
+            reason = f"too small: rank 1 costs m+n={low_rank_macs(1, m, n)} >= m*n={m * n} MACs"
+        if reason is not None:
+            plans[target.name] = Plan(1.0, reason)
+            kept_dense_macs += m * n if override is None else 0
+        elif override is not None:
+            plans[target.name] = Plan(override, "override ratio 1" if override >= 1 else None)
+        elif config.allocation == "uniform":
+            plans[target.name] = Plan(config.flops_ratio, "flops_ratio 1" if config.flops_ratio >= 1 else None)
+        else:
+            pool.append(target)
+    for pattern in config.overrides:
+        if not any(name_matches(target.names, pattern) for target in targets):
+            warnings.warn(f"overrides pattern {pattern!r} matches no target layer", stacklevel=3)
+    if not pool:
+        return plans
+    shapes = [(target.out_features, target.in_features) for target in pool]
+    curves = []
+    for target in pool:
+        try:
+            curves.append(svd_error_curve(target.float_weight(), stats.get(target.name)))
+        except ValueError as error:
+            raise ValueError(f"layer {target.name!r}: {error}") from error
+    budget = config.flops_ratio * dense_macs - kept_dense_macs
+    ranks = allocate_ranks(shapes, curves, budget, config.floor_ratio)
+    for target, (m, n), rank in zip(pool, shapes, ranks):
+        if rank is None:
+            plans[target.name] = Plan(1.0, "allocation: dense is cheaper than the rank it earned")
+        else:
+            # Half a MAC above the rank's cost, so that decompose's rank rounding cannot lose the last rank.
+            macs = low_rank_macs(rank, m, n)
+            plans[target.name] = Plan(macs / (m * n), None, (macs + 0.5) / (m * n))
+    return plans

@@ -1,0 +1,253 @@
+"""Save and load the GBLR layers of a model: only what :func:`gblr.convert_` (or training) changed.
+
+    gblr.save_pretrained(model, "out/")                          # only the GBLR layers
+    model = gblr.load_pretrained(base_model, "out/")             # a fresh base model + those layers
+
+The format: a folder with ``gblr_config.json`` (format name and version, the gblr version, and
+per layer its name, class, sizes, bias, dtype and structure: components, rank and sigma of a
+:class:`gblr.GBLRLinear`, the blocks of a :class:`gblr.FrozenGBLRLinear`) and
+``gblr_layers.safetensors`` holding only those layers' tensors, named
+``"<layer name>.<tensor name>"``. No pickle: loading runs no code from the files. Everything
+else comes from the base model at load time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ._files import write_atomic, write_text_atomic
+from .flops import Support
+from .frozen import FrozenGBLRLinear
+from .linear import GBLRLinear
+from .targets import is_linear, linear_features, module_device, replace_module
+
+__all__ = ["CONFIG_FILE", "FORMAT", "FORMAT_VERSION", "TENSORS_FILE", "load_pretrained", "save_pretrained"]
+
+CONFIG_FILE = "gblr_config.json"
+TENSORS_FILE = "gblr_layers.safetensors"
+FORMAT = "gblr-layers"
+FORMAT_VERSION = 1
+
+
+def _safetensors():
+    try:
+        import safetensors.torch
+    except ImportError as error:
+        raise ImportError(
+            "gblr.save_pretrained / load_pretrained need the safetensors package: pip install gblr[hf]"
+        ) from error
+    return safetensors
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _dtype_from(name: str, layer: str) -> torch.dtype:
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"layer {layer!r} in {CONFIG_FILE}: dtype must name a float torch dtype, got {name!r}")
+    return dtype
+
+
+def _layer_entry(name: str, layer: nn.Module) -> dict:
+    entry = {
+        "name": name,
+        "class": type(layer).__name__,
+        "in_features": layer.in_features,
+        "out_features": layer.out_features,
+        "bias": layer.bias is not None,
+    }
+    if isinstance(layer, GBLRLinear):
+        entry.update(components=layer.components, rank=layer.rank, sigma=layer.sigma, dtype=_dtype_name(layer.u.dtype))
+    else:
+        entry["dtype"] = _dtype_name(layer.dtype)
+        entry["blocks"] = [
+            {**dataclasses.asdict(support), "rank": None if right is None else left.shape[1]}
+            for support, left, right in layer.blocks()
+        ]
+    return entry
+
+
+def _tensor_key(layer: str, tensor: str) -> str:
+    return f"{layer}.{tensor}" if layer else tensor
+
+
+def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write the GBLR layers of ``model`` (trainable and frozen) to ``directory``.
+
+    ``gblr_config.json`` describes each layer (name, class, sizes, structure, dtype);
+    ``gblr_layers.safetensors`` holds only their tensors, named ``"<layer name>.<tensor name>"``.
+    Everything else comes from the base model at :func:`load_pretrained`. Both files are written
+    atomically (tensors first, the JSON that points to them last). Returns the directory.
+    """
+    safetensors = _safetensors()
+    from . import __version__
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    layers = [
+        (name, module) for name, module in model.named_modules() if isinstance(module, (GBLRLinear, FrozenGBLRLinear))
+    ]
+    if not layers:
+        raise ValueError("the model has no GBLRLinear or FrozenGBLRLinear layer to save; run gblr.convert_ first")
+    tensors = {}
+    for name, layer in layers:
+        for key, value in layer.state_dict().items():
+            if isinstance(value, torch.Tensor):
+                tensors[_tensor_key(name, key)] = value.detach().to("cpu").contiguous()
+    document = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "gblr_version": __version__,
+        "tensors": TENSORS_FILE,
+        "layers": [_layer_entry(name, layer) for name, layer in layers],
+    }
+    directory = Path(directory)
+    data = safetensors.torch.save(tensors, metadata={"format": "pt", "gblr_format": FORMAT})
+    write_atomic(directory / TENSORS_FILE, lambda handle: handle.write(data))
+    write_text_atomic(directory / CONFIG_FILE, json.dumps(document, indent=2) + "\n")
+    return directory
+
+
+def _entry_value(entry: dict, key: str, kind, name: str):
+    if key not in entry or not isinstance(entry[key], kind) or isinstance(entry[key], bool) and kind is int:
+        raise ValueError(f"layer {name!r} in {CONFIG_FILE}: missing or malformed {key!r} (got {entry.get(key)!r})")
+    return entry[key]
+
+
+def _build_layer(entry: dict, name: str, device: torch.device) -> nn.Module:
+    """The layer described by ``entry``, built on the meta device and moved (uninitialised) to ``device``."""
+    in_features = _entry_value(entry, "in_features", int, name)
+    out_features = _entry_value(entry, "out_features", int, name)
+    bias = _entry_value(entry, "bias", bool, name)
+    dtype = _dtype_from(entry.get("dtype"), name)
+    kind = entry.get("class")
+    if kind == "GBLRLinear":
+        layer = GBLRLinear(
+            in_features, out_features, bias=bias, components=_entry_value(entry, "components", int, name),
+            rank=_entry_value(entry, "rank", int, name), sigma=entry.get("sigma"), device="meta", dtype=dtype,
+        )
+    elif kind == "FrozenGBLRLinear":
+        blocks = []
+        for block in _entry_value(entry, "blocks", list, name):
+            support = Support(*(_entry_value(block, key, int, name) for key in ("in_start", "in_width", "out_start",
+                                                                                  "out_width")))
+            # A dense block (rank None) is stored as one (out_width, in_width) matrix; any rank at which
+            # the constructor multiplies the factors out (min of the widths) rebuilds that shape.
+            rank = block.get("rank") or min(support.in_width, support.out_width)
+            left = torch.empty(support.out_width, rank, device="meta", dtype=dtype)
+            right = torch.empty(rank, support.in_width, device="meta", dtype=dtype)
+            blocks.append((support, left, right))
+        bias_tensor = torch.empty(out_features, device="meta", dtype=dtype) if bias else None
+        layer = FrozenGBLRLinear(in_features, out_features, blocks, bias_tensor, dtype=dtype, device="meta")
+    else:
+        raise ValueError(f"layer {name!r} in {CONFIG_FILE}: class must be GBLRLinear or FrozenGBLRLinear, got {kind!r}")
+    return layer.to_empty(device=device)
+
+
+def _read_document(directory: Path) -> list:
+    """The layer entries of ``directory``'s ``gblr_config.json``, after checking the format."""
+    config_path, tensors_path = directory / CONFIG_FILE, directory / TENSORS_FILE
+    for path in (config_path, tensors_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: is {directory} a directory written by gblr.save_pretrained?")
+    try:
+        document = json.loads(config_path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{config_path} is not valid JSON: {error}") from None
+    if not isinstance(document, dict) or document.get("format") != FORMAT:
+        raise ValueError(f"{config_path} is not a gblr layers file (format {FORMAT!r} expected)")
+    if document.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{config_path} has format_version {document.get('format_version')!r}; this gblr reads {FORMAT_VERSION}"
+        )
+    entries = document.get("layers")
+    if not isinstance(entries, list):
+        raise ValueError(f"{config_path}: 'layers' must be a list")
+    return entries
+
+
+def _module_to_replace(base_model: nn.Module, name: str, entry: dict, directory: Path) -> nn.Module:
+    """The module of ``base_model`` that the saved layer ``name`` replaces, checked against ``entry``."""
+    if name:
+        try:
+            base = base_model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"layer {name!r} saved in {directory} has no module of that name in the model") from None
+    else:
+        base = base_model
+    if not (is_linear(base) or isinstance(base, (GBLRLinear, FrozenGBLRLinear))):
+        raise ValueError(
+            f"layer {name!r}: the model's module there is a {type(base).__name__}, not an nn.Linear, Conv1D or "
+            f"GBLR layer"
+        )
+    saved = (entry.get("in_features"), entry.get("out_features"))
+    if linear_features(base) != saved:
+        raise ValueError(
+            f"layer {name!r}: saved with (in_features, out_features) = {saved}, but the model's module has "
+            f"{linear_features(base)}; the checkpoint is for a model of another shape"
+        )
+    return base
+
+
+def load_pretrained(base_model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Put the GBLR layers saved by :func:`save_pretrained` into ``base_model``, in place.
+
+    Each saved layer replaces the module of the same name, which must be an ``nn.Linear``, a
+    ``Conv1D`` or a GBLR layer with the same in / out features. Tensors are loaded exactly, in
+    their saved dtype, on the device of the module they replace. Every layer is checked and
+    loaded before the first is put in, so an error leaves ``base_model`` as it was. Returns
+    ``base_model`` (or the loaded layer, if the saved model was a single layer).
+    """
+    _safetensors()
+    from safetensors import safe_open
+
+    directory = Path(directory)
+    entries = _read_document(directory)
+    tensors_path = directory / TENSORS_FILE
+
+    new_layers = []
+    with safe_open(str(tensors_path), framework="pt", device="cpu") as handle:
+        available = set(handle.keys())
+        used = set()
+        for entry in entries:
+            name = entry.get("name") if isinstance(entry, dict) else None
+            if not isinstance(name, str):
+                raise ValueError(f"{directory / CONFIG_FILE}: every layer needs a 'name' string, got {entry!r}")
+            base = _module_to_replace(base_model, name, entry, directory)
+            layer = _build_layer(entry, name, module_device(base) or torch.device("cpu"))
+            with torch.no_grad():
+                for key, value in layer.state_dict(keep_vars=True).items():
+                    if not isinstance(value, torch.Tensor):
+                        continue
+                    stored_key = _tensor_key(name, key)
+                    if stored_key not in available:
+                        raise ValueError(f"layer {name!r}: tensor {stored_key!r} missing from {tensors_path}")
+                    tensor = handle.get_tensor(stored_key)
+                    if tuple(tensor.shape) != tuple(value.shape):
+                        raise ValueError(
+                            f"layer {name!r}: tensor {stored_key!r} has shape {tuple(tensor.shape)} in {tensors_path}, "
+                            f"the layer described in {CONFIG_FILE} needs {tuple(value.shape)}"
+                        )
+                    if tensor.dtype == value.dtype:
+                        value.copy_(tensor)
+                    else:  # e.g. structural parameters cast with the model: keep what was saved
+                        value.data = tensor.to(value.device)
+                    used.add(stored_key)
+            layer.train(base.training)
+            new_layers.append((name, layer))
+    unexpected = sorted(available - used)
+    if unexpected:
+        raise ValueError(f"{tensors_path} holds tensors {CONFIG_FILE} does not describe: {unexpected[:5]}")
+    for name, layer in new_layers:
+        if not name:  # the saved model was one layer: it cannot replace itself in place
+            return layer
+        replace_module(base_model, name, layer)
+    return base_model

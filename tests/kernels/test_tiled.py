@@ -1,0 +1,40 @@
+"""Frozen-layer inference paths: tiled and dense agree with the torch reference."""
+
+
+import torch
+
+from fixtures import frozen_layer
+from gblr.kernels.tiled import batch, batched_forward, pack, tiled_forward
+
+
+def test_tiled_product_pads_only_partial_tiles():
+    # one rank-2 block on rows 8..23 (wrapping past 31 is not needed) and columns 30..33 of 40 (wraps)
+    layer = frozen_layer(32, 40, [(8, 16, 30, 14, 2)], tile=8, bias=False)
+    product = pack(40, 32, list(layer.blocks()), 8)
+    # columns 30..39 and 0..3: tiles [24,32), [32,40), [0,8) -> 3 tiles x 8 x 2 rows; rows 8..23: 2 tiles x 8 x 2
+    assert product.macs == 3 * 8 * 2 + 2 * 8 * 2
+    assert product.gemms == 5 and product.rank == 2
+    x = torch.randn(4, 40, dtype=torch.float64)
+    torch.testing.assert_close(tiled_forward(x, product), layer.run("reference", x))
+
+
+def test_batched_tiles_pad_every_tile_to_the_same_rows():
+    # tile 8: block A (rank 2) covers columns 0..15 (tiles 0, 1), block B (rank 1) columns 8..11
+    # (tile 1): the column tiles hold 2 and 3 rows, padded to 3; 24 columns = 3 tiles, the last empty
+    layer = frozen_layer(16, 24, [(0, 16, 0, 16, 2), (4, 4, 8, 4, 1)], tile=8, bias=False)
+    product = pack(24, 16, list(layer.blocks()), 8)
+    batched = batch(product, torch.empty(0, dtype=torch.float64))
+    assert batched.V.shape == (3, 3, 8) and batched.U.shape == (2, 3, 8)
+    assert batched.macs == 3 * 3 * 8 + 2 * 3 * 8
+    assert (batched.in_rows == product.rank).sum() == 9 - 5  # padding rows point at the scratch row
+    for tokens in (1, 5):
+        x = torch.randn(tokens, 24, dtype=torch.float64)
+        torch.testing.assert_close(batched_forward(x, batched), layer.run("reference", x))
+
+
+
+
+
+
+
+

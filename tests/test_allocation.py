@@ -1,0 +1,98 @@
+"""The budget allocation: greedy error-per-MAC ranks, uniform ratios, overrides, layers kept dense."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+import gblr
+from conversion import SVD, quiet
+from gblr.allocation import allocate_ranks
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: one thread is fastest
+
+
+def test_greedy_allocation_is_optimal_on_convex_curves():
+    torch.manual_seed(0)
+    shapes = [(6, 6), (8, 4), (10, 5)]
+    curves = []
+    for m, n in shapes:
+        energy = torch.rand(min(m, n), dtype=torch.float64).sort(descending=True).values ** 2
+        tail = energy.flip(0).cumsum(0).flip(0)
+        curves.append(torch.cat([tail, tail.new_zeros(1)]) / tail[0])
+    # Per layer: ranks 1 .. the largest rank cheaper than dense, or dense (None: cost m*n, error 0).
+    options = [[*range(1, (m * n - 1) // (m + n) + 1), None] for m, n in shapes]
+
+    def cost(choice):
+        return sum(m * n if r is None else r * (m + n) for r, (m, n) in zip(choice, shapes))
+
+    def error(choice):
+        return sum(0.0 if r is None else float(curve[r]) for r, curve in zip(choice, curves))
+
+    for budget in (40, 60, 75, 100):
+        ranks = allocate_ranks(shapes, curves, budget, floor_ratio=0.0)
+        best = min(error(choice) for choice in itertools.product(*options) if cost(choice) <= budget)
+        assert cost(ranks) <= budget
+        # Greedy is optimal up to the step left over at the budget edge (no step gains more than 0.5).
+        assert best <= error(ranks) <= best + 0.5
+    assert allocate_ranks(shapes, curves, 1000, floor_ratio=0.0) == [None, None, None]
+    assert allocate_ranks(shapes, curves, 0, floor_ratio=0.0) == [1, 1, 1]  # never below rank 1
+
+
+def test_error_allocation_favours_the_layer_whose_error_falls_fastest():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.randn(32, 2) @ torch.randn(2, 32))  # rank 2
+    report = quiet(model, gblr.GBLRConfig(flops_ratio=0.5, **SVD))
+    low, full = report["0"], report["1"]
+    assert low.ratio < full.ratio
+    assert low.ratio == pytest.approx(2 * 64 / 1024)  # the floor (0.125) is rank 2: exact already
+    assert low.relative_error < 1e-5
+    assert report.flops_ratio <= 0.5
+    assert isinstance(model[0], gblr.GBLRLinear) and isinstance(model[1], gblr.GBLRLinear)
+    assert model[0].flops() == 128 and model[1].flops() == full.flops
+
+
+def test_uniform_allocation_gives_every_layer_the_target():
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 16))
+    report = quiet(model, gblr.GBLRConfig(flops_ratio=0.5, allocation="uniform", **SVD))
+    assert [row.ratio for row in report.layers] == [0.5, 0.5]
+    assert all(row.flops_ratio <= 0.5 for row in report.layers)
+
+
+def test_overrides_fix_a_layer_ratio_outside_the_global_budget():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 32))
+    report = quiet(model, gblr.GBLRConfig(flops_ratio=0.5, overrides={"0": 0.25, "2": 1.0}, **SVD))
+    assert report["0"].ratio == 0.25 and report["0"].flops == 4 * 64  # rank 4
+    assert report["2"].skipped == "override ratio 1" and isinstance(model[2], nn.Linear)
+    assert report["1"].flops <= 0.5 * 1024
+    with pytest.warns(UserWarning, match="matches no target"):
+        quiet(nn.Sequential(nn.Linear(8, 8)), gblr.GBLRConfig(overrides={"nothing": 0.5}, **SVD))
+
+
+def test_too_small_layer_is_kept_dense_with_a_reason():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 16), nn.Linear(16, 16))
+    for allocation in ("error", "uniform"):
+        report = quiet(model, gblr.GBLRConfig(flops_ratio=0.5, allocation=allocation, **SVD))
+        assert report["0"].skipped.startswith("too small") and report["0"].flops == 4
+        assert report["1"].skipped is None or not report["1"].skipped.startswith("too small")
+        assert type(model[0]) is nn.Linear
+        model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 16), nn.Linear(16, 16))
+    text = str(report)
+    assert "too small" in text and "total: 3 layers, 2 converted, 1 kept dense" in text  # uniform: 2 converted
+
+
+def test_tied_weight_is_kept_dense():
+    model = nn.Module()
+    model.embed = nn.Embedding(10, 8)
+    model.out = nn.Linear(8, 10, bias=False)
+    model.out.weight = model.embed.weight
+    model.mid = nn.Linear(8, 8)
+    report = quiet(model, gblr.GBLRConfig(**SVD))
+    assert report.skipped == {"out": "weight tied to another module"}
+    assert report.converted == ["mid"] and model.out.weight is model.embed.weight
