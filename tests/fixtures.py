@@ -1,10 +1,12 @@
 """Shared test helpers: small synthetic datasets written to disk in the real formats (recipe and
 CLI tests), frozen layers built from block lists and a strategy for random block lists (the
-inference-path tests)."""
+inference-path tests), structure setters for trainable layers, and a tiny offline BERT with its
+tokenizer (text, distillation and compression tests)."""
 
 from __future__ import annotations
 
 import gzip
+import re
 import struct
 from pathlib import Path
 
@@ -13,6 +15,7 @@ from hypothesis import strategies as st
 
 from gblr.flops import Support
 from gblr.frozen import FrozenGBLRLinear
+from gblr.recipes.sentences import generated_sentences
 
 
 def write_idx(path: Path, array: torch.Tensor) -> None:
@@ -89,3 +92,40 @@ def random_structure(layer, generator, zero_fraction=0.2):
             width.copy_(elements / size)
         for location in (layer.in_location, layer.out_location):
             location.uniform_(0, 1, generator=generator)
+
+
+def tiny_tokenizer(directory: Path):
+    """A BertTokenizerFast over every word of the generated corpus (plus the special tokens)."""
+    import transformers
+
+    words = sorted({w for s in generated_sentences(3000) for w in re.findall(r"\w+|[^\w\s]", s.lower())})
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = directory / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    # positional: the vocabulary file (``vocab_file=`` in transformers 4, ``vocab=`` in 5)
+    tokenizer = transformers.BertTokenizerFast(str(vocab))
+    assert tokenizer.vocab_size == len(words) + 5
+    return tokenizer
+
+
+def tiny_bert(tokenizer, seed: int = 0, initializer_range: float = 0.3):
+    """A random 2-layer BERT (hidden 32). The large init makes the linear layers matter: with
+    BERT's default 0.02 the embeddings pass through almost unchanged and any compression keeps a
+    cosine of 0.99999."""
+    import transformers
+
+    config = transformers.BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=64, initializer_range=initializer_range,
+    )
+    torch.manual_seed(seed)
+    return transformers.BertModel(config).eval()
+
+
+def save_tiny_bert(directory: Path, seed: int = 0) -> Path:
+    """A Hugging Face model folder (config.json, weights, tokenizer files) of a tiny BERT."""
+    tokenizer = tiny_tokenizer(directory / "vocab")
+    model = tiny_bert(tokenizer, seed)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

@@ -65,9 +65,10 @@ def test_config_names_the_bad_field_and_its_option(changes, option):
 
 def test_compress_a_tiny_bert_folder(tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
-    from test_text import save_tiny_bert
+    from fixtures import save_tiny_bert
 
-    from gblr.recipes.text import embedding_fidelity, split_sentences, token_batches
+    from gblr.recipes.sentences import split_sentences
+    from gblr.recipes.text import embedding_fidelity, token_batches
 
     threads = torch.get_num_threads()
     folder = save_tiny_bert(tmp_path / "tiny")
@@ -119,7 +120,7 @@ def test_compress_a_tiny_bert_folder(tmp_path, capsys):
 
 def test_compress_target_regex_text_file_and_errors(tmp_path, capsys):
     pytest.importorskip("transformers")
-    from test_text import save_tiny_bert
+    from fixtures import save_tiny_bert
 
     threads = torch.get_num_threads()
     folder = save_tiny_bert(tmp_path / "tiny")

@@ -10,7 +10,8 @@ from torch import nn
 
 import gblr
 from gblr.learning import gblr_layers
-from gblr.recipes.text import embedding_fidelity, generated_sentences, token_batches
+from gblr.recipes.sentences import generated_sentences, split_sentences
+from gblr.recipes.text import embedding_fidelity, token_batches
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: one thread is fastest
@@ -122,7 +123,7 @@ def test_frozen_structure_stays_exactly_put():
 def test_distill_a_tiny_bert_on_sentence_embeddings(tmp_path):
     transformers = pytest.importorskip("transformers")
     del transformers
-    from test_text import tiny_bert, tiny_tokenizer
+    from fixtures import tiny_bert, tiny_tokenizer
 
     tokenizer = tiny_tokenizer(tmp_path)
     teacher = tiny_bert(tokenizer)
@@ -188,7 +189,7 @@ def test_an_error_mid_run_restores_flags_and_modes():
 def test_minilm_at_half_the_flops_keeps_its_embeddings_and_distillation_helps():
     """The real all-MiniLM-L6-v2: 64 calibration sentences, GBLR at 0.5 of the encoder linears."""
     from gblr.recipes.compress import linear_targets
-    from gblr.recipes.text import load_sentence_encoder, split_sentences
+    from gblr.recipes.text import load_sentence_encoder
     from test_text import minilm_path
 
     teacher, tokenizer = load_sentence_encoder(minilm_path())

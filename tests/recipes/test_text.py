@@ -1,4 +1,4 @@
-"""Sentences, tokenised batches and sentence embeddings (gblr.recipes.text).
+"""Tokenised batches, sentence embeddings and model loading (gblr.recipes.text).
 
 The Hugging Face parts run on a tiny random BERT with a tokenizer built offline from a vocabulary
 of the generated corpus; the real all-MiniLM-L6-v2 only in slow tests.
@@ -15,15 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from fixtures import save_tiny_bert, tiny_bert, tiny_tokenizer
+from gblr.recipes.sentences import generated_sentences
 from gblr.recipes.text import (
     embed,
     embedding_fidelity,
     encoder_folder,
-    generated_sentences,
     load_sentence_encoder,
     mean_pool,
-    read_sentences,
-    split_sentences,
     token_batches,
     token_output,
 )
@@ -37,39 +36,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: one thread 
 # -- a tiny BERT, built offline (also used by test_distill and test_cli) --------------------------
 
 
-def tiny_tokenizer(directory: Path):
-    """A BertTokenizerFast over every word of the generated corpus (plus the special tokens)."""
-    words = sorted({w for s in generated_sentences(3000) for w in re.findall(r"\w+|[^\w\s]", s.lower())})
-    directory.mkdir(parents=True, exist_ok=True)
-    vocab = directory / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
-    # positional: the vocabulary file (``vocab_file=`` in transformers 4, ``vocab=`` in 5)
-    tokenizer = transformers.BertTokenizerFast(str(vocab))
-    assert tokenizer.vocab_size == len(words) + 5
-    return tokenizer
-
-
-def tiny_bert(tokenizer, seed: int = 0, initializer_range: float = 0.3):
-    """A random 2-layer BERT (hidden 32). The large init makes the linear layers matter: with
-    BERT's default 0.02 the embeddings pass through almost unchanged and any compression keeps a
-    cosine of 0.99999."""
-    config = transformers.BertConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, max_position_embeddings=64, initializer_range=initializer_range,
-    )
-    torch.manual_seed(seed)
-    return transformers.BertModel(config).eval()
-
-
-def save_tiny_bert(directory: Path, seed: int = 0) -> Path:
-    """A Hugging Face model folder (config.json, weights, tokenizer files) of a tiny BERT."""
-    tokenizer = tiny_tokenizer(directory / "vocab")
-    model = tiny_bert(tokenizer, seed)
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
-
-
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     return tiny_tokenizer(tmp_path_factory.mktemp("vocab"))
@@ -78,80 +44,6 @@ def tokenizer(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model(tokenizer):
     return tiny_bert(tokenizer)
-
-
-# -- the generated corpus ---------------------------------------------------------------------------
-
-
-def test_generated_sentences_are_deterministic_varied_and_sized():
-    sentences = generated_sentences(2000)
-    assert sentences == generated_sentences(2000)
-    assert generated_sentences(50) == sentences[:50]  # a prefix of a longer draw
-    assert len(set(sentences)) >= 0.98 * len(sentences)
-    lengths = [len(s.split()) for s in sentences]
-    assert min(lengths) >= 6 and max(lengths) <= 30
-    assert len(set(lengths)) >= 15  # short and long ones
-    assert {s[-1] for s in sentences} == {".", "?", "!"}  # statements, questions, exclamations
-    assert all(s[0].isupper() for s in sentences)
-    text = " ".join(sentences).lower()
-    for word in ("chef", "forecaster", "investor", "doctor", "engineer", "striker", "historian", "telescope"):
-        assert word in text
-    other = generated_sentences(2000, seed=1)
-    assert other != sentences and len(set(other) & set(sentences)) < 100
-    assert generated_sentences(0) == []
-    with pytest.raises(ValueError, match="count"):
-        generated_sentences(-1)
-
-
-def test_split_sentences_is_disjoint_and_sized():
-    train, evaluation = split_sentences(None, 300, 100, seed=3)
-    assert len(train) == 300 and len(evaluation) == 100
-    assert not set(train) & set(evaluation) and len(set(train)) == 300
-    assert (train, evaluation) == split_sentences(None, 300, 100, seed=3)
-    given = [f"Sentence number {i}." for i in range(10)] + ["Sentence number 3."]  # one duplicate
-    train, evaluation = split_sentences(given, 30, 10, seed=0)  # too few: shrink in proportion
-    assert len(train) + len(evaluation) == 10 and len(evaluation) == 2 and not set(train) & set(evaluation)
-    with pytest.raises(ValueError, match="at least 2 distinct"):
-        split_sentences(["Only one."] * 3, 5, 5)
-    with pytest.raises(ValueError, match="evaluation"):
-        split_sentences(None, 5, 0)
-
-
-# -- sentences from a file -------------------------------------------------------------------------
-
-
-def test_read_sentences_lines_and_paragraphs(tmp_path):
-    path = tmp_path / "text.txt"
-    path.write_text(
-        "\ufeffThe first line is one sentence.\n\n   \n"
-        "A paragraph starts here. It has three sentences!  Does it really?\n"
-        "A line   with\tspaces and no full stop\n"
-        "Numbers like 3.5 stay whole. The end.\n",
-        encoding="utf-8",
-    )
-    assert read_sentences(path) == [
-        "The first line is one sentence.",
-        "A paragraph starts here.",
-        "It has three sentences!",
-        "Does it really?",
-        "A line with spaces and no full stop",
-        "Numbers like 3.5 stay whole.",
-        "The end.",
-    ]
-    assert read_sentences(str(path)) == read_sentences(path)
-
-
-def test_read_sentences_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="missing.txt"):
-        read_sentences(tmp_path / "missing.txt")
-    empty = tmp_path / "empty.txt"
-    empty.write_text("\n  \n\t\n")
-    with pytest.raises(ValueError, match="no sentences"):
-        read_sentences(empty)
-    binary = tmp_path / "latin1.txt"
-    binary.write_bytes("caf\xe9 au lait.\n".encode("latin-1"))
-    with pytest.raises(ValueError, match="not UTF-8"):
-        read_sentences(binary)
 
 
 # -- batches and embeddings ---------------------------------------------------------------------------

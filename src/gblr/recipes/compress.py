@@ -34,7 +34,7 @@ from ..convert import convert_
 from ..flops import FlopsReport, flops_report
 from ..pretrained import save_pretrained
 from ..targets import target_names
-from . import text
+from . import sentences, text
 from .distill import distill
 
 __all__ = ["POOLER", "CompressConfig", "compress", "linear_targets", "target_flops"]
@@ -117,8 +117,8 @@ def compress(config: CompressConfig) -> dict:
     if config.threads:
         torch.set_num_threads(config.threads)
     gblr_config = config.gblr_config()
-    given = text.read_sentences(config.text) if config.text else None
-    train_sentences, eval_sentences = text.split_sentences(
+    given = sentences.read_sentences(config.text) if config.text else None
+    train_sentences, eval_sentences = sentences.split_sentences(
         given, config.calibration_sentences, config.eval_sentences, config.seed)
     print(f"loading {config.model_dir}", flush=True)
     teacher, tokenizer = text.load_sentence_encoder(config.model_dir, progress=config.progress)
