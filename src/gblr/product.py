@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .flops import low_rank_macs
 from .masks import apply_masks, apply_masks_backward
 
 __all__ = ["PRODUCTS", "GBLRProduct", "ProductPlan", "materialise_is_cheaper"]
@@ -23,7 +24,7 @@ def materialise_is_cheaper(tokens: int, in_features: int, out_features: int, tot
     """Whether building the ``(out, in)`` weight and one GEMM (``K r m n + T m n`` MACs) costs less
     than two thin products through the hidden activations (``T K r (m + n)``)."""
     m, n, kr = out_features, in_features, total_rank
-    return kr * m * n + tokens * m * n < tokens * kr * (m + n)
+    return kr * m * n + tokens * m * n < tokens * low_rank_macs(kr, m, n)
 
 
 
