@@ -64,3 +64,47 @@ def test_every_config_field_must_have_a_place_among_the_options():
     parser = argparse.ArgumentParser()
     add_config_arguments(parser, Config, {None: {"size": "a size"}}, internal=("forgotten",))
     assert vars(parser.parse_args(["--size", "4"])) == {"size": 4}
+
+
+# -- help ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["train", "compress", "demo"])
+def test_help_shows_every_options_default(command, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")  # no wrapped help texts
+    from gblr.cli import main
+
+    assert main([command, "--help"]) == 0
+    entries = []  # an option's entry: its line, and the next one if a long option put its help there
+    for line in capsys.readouterr().out.splitlines():
+        if line.startswith("  -"):
+            entries.append(line.strip())
+        elif line.startswith("   ") and entries and entries[-1].startswith("--"):
+            entries[-1] += " " + line.strip()
+    lines = [entry for entry in entries if entry.startswith("--")]
+    assert len(lines) == {"train": 34, "compress": 17, "demo": 1}[command]  # every option but -h
+    for line in lines:
+        assert "(default: " in line, line
+    shown = {line.split()[0]: line for line in lines}
+    expected = {
+        "train": {"--batch-size": "(default: 128)", "--lr": "(default: 0.002)", "--out": "(default: runs/gblr)",
+                  "--dataset": "(default: fashion-mnist)", "--limit-train": "(default: all)",
+                  "--resume": "(default: off)", "--no-progress": "(default: off)"},
+        "compress": {"--flops": "(default: 0.5)", "--method": "(default: gblr)", "--distill-minutes": "(default: none)",
+                     "--out": "(default: runs/compress)"},
+        "demo": {"--seed": "(default: 0)"},
+    }[command]
+    for option, default in expected.items():
+        assert shown[option].endswith(default), shown[option]
+
+
+def test_an_option_defaulting_to_none_must_say_what_that_means():
+    @dataclasses.dataclass
+    class Config:
+        limit: int | None = None
+
+    with pytest.raises(RuntimeError, match="--limit"):
+        add_config_arguments(argparse.ArgumentParser(), Config, {None: {"limit": "use only N"}})
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, Config, {None: {"limit": "use only N (default: all)"}})
+    assert parser.parse_args([]).limit is None

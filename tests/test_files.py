@@ -89,3 +89,26 @@ def test_concurrent_writers_never_share_a_temporary_file(tmp_path):
         thread.join()
     assert target.read_text() in payloads  # one whole payload, never a mix
     assert [p.name for p in tmp_path.iterdir()] == ["shared.txt"]
+
+
+def test_writable_folder_is_created_and_left_empty(tmp_path, umask_022):
+    from gblr._files import check_writable_folder
+
+    folder = tmp_path / "a" / "b"
+    assert check_writable_folder(str(folder), "out (--out)") == folder
+    assert folder.is_dir() and list(folder.iterdir()) == []  # the probe file is gone
+    assert folder.stat().st_mode & 0o777 == 0o755
+
+
+def test_a_folder_that_cannot_be_used_is_named_with_the_reason(tmp_path):
+    from gblr._files import check_writable_folder
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(NotADirectoryError, match=f"^out \\(--out\\): {blocker} is a file, not a folder$"):
+        check_writable_folder(blocker, "out (--out)")
+    with pytest.raises(NotADirectoryError, match=f"{blocker / 'run' / 'deeper'} lies below {blocker}, which is a file"):
+        check_writable_folder(blocker / "run" / "deeper", "out (--out)")
+    with pytest.raises(OSError, match="^out: cannot write into .* \\(File name too long\\)$"):
+        check_writable_folder(tmp_path / ("x" * 300), "out")
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]

@@ -45,3 +45,33 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """:func:`write_atomic` for text, encoded as UTF-8."""
     return write_atomic(path, lambda handle: handle.write(text.encode("utf-8")))
+
+
+def check_writable_folder(path: str | os.PathLike, name: str = "folder") -> Path:
+    """Create the folder ``path`` (and its parents) and check that files can be written into it.
+
+    A run calls this before its work, so that an output folder it cannot use fails in a second
+    with a clear message rather than after an epoch of training. The check writes an empty probe
+    file through :func:`write_atomic` (exactly as the run will write) and removes it. Raises an
+    OSError whose one-line message starts with ``name`` (e.g. ``"out (--out)"``) and says what
+    is wrong: the path is a file, lies below a file, or cannot be created or written. Returns
+    ``path`` as a :class:`~pathlib.Path`.
+    """
+    path = Path(path)
+    probe = path / f".gblr-write-check-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        # A file where a folder is wanted (the path itself or one of its parents): say which.
+        for candidate in (path, *path.parents):
+            if candidate.exists() and not candidate.is_dir():
+                where = "is a file" if candidate == path else f"lies below {candidate}, which is a file"
+                raise NotADirectoryError(f"{name}: {path} {where}, not a folder")
+        path.mkdir(parents=True, exist_ok=True)
+        write_atomic(probe, lambda handle: None)
+        probe.unlink()
+    except NotADirectoryError as error:
+        if error.errno is None:  # ours, above
+            raise
+        raise OSError(f"{name}: cannot write into {path} ({error.strerror})") from error
+    except OSError as error:  # no permission, a read-only file system, a name too long, ...
+        raise OSError(f"{name}: cannot write into {path} ({error.strerror or error})") from error
+    return path

@@ -6,13 +6,20 @@ options of ``train`` and ``compress`` are generated from the fields of their con
 (:class:`~gblr.recipes.train.TrainConfig`, :class:`~gblr.recipes.compress.CompressConfig`):
 field ``batch_size`` is option ``--batch-size`` with the field's default, a bool field that
 defaults to True is a ``--no-...`` flag, and a field without default is positional. This module
-adds only the grouping, the help texts and the choices.
+adds only the grouping, the help texts and the choices; every option's help ends with its default.
+
+Bad input ends the command before any work, with exit code 2 and a one-line message naming the
+option: argparse's own errors, the config's ``validate()`` (reported through ``parser.error``)
+and what the recipe finds unusable before it starts (a folder it cannot write, missing data, a
+checkpoint that is not one; printed as ``error: ...``). Ctrl-C ends it with exit code 130 and a
+line saying what was kept (``gblr train``: how to resume).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import sys
 import types
 import typing
@@ -38,7 +45,10 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_type: type, opt
     """Add an option per field of the dataclass ``config_type``, grouped and described by ``options``.
 
     Every field must be in ``options`` or in ``internal`` (fields that are not options), so that a
-    new field cannot be forgotten.
+    new field cannot be forgotten. Each option's help ends with its default: the field's value
+    (``(default: 128)``), ``(default: off)`` for a flag, or the help text's own words where it
+    mentions its default already, which it must where the default is None (``(default: all)``
+    says more than ``None``).
     """
     fields = {field.name: field for field in dataclasses.fields(config_type)}
     hints = typing.get_type_hints(config_type)
@@ -52,9 +62,17 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_type: type, opt
             keywords = {"help": spec} if isinstance(spec, str) or spec is None else dict(spec)
             field, hint = fields[name], hints[name]
             flag = "--" + name.replace("_", "-")
+            text = keywords.get("help") or ""
             if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
                 group.add_argument(name, type=_value_type(hint), **keywords)
-            elif hint is bool and field.default:
+                continue
+            if hint is bool:
+                keywords["help"] = f"{text} (default: off)".strip()
+            elif "default" not in text:
+                if field.default is None:
+                    raise RuntimeError(f"the help of {flag} must say what its default (None) means")
+                keywords["help"] = f"{text} (default: %(default)s)".strip()
+            if hint is bool and field.default:
                 group.add_argument("--no-" + flag[2:], dest=name, action="store_false", **keywords)
             elif hint is bool:
                 group.add_argument(flag, action="store_true", **keywords)
@@ -66,6 +84,24 @@ def config_from(args: argparse.Namespace, config_type: type):
     """The ``config_type`` instance of the parsed ``args`` (the options of its fields)."""
     names = {field.name for field in dataclasses.fields(config_type)}
     return config_type(**{key: value for key, value in vars(args).items() if key in names})
+
+
+def checked_config(args: argparse.Namespace, config_type: type, parser: argparse.ArgumentParser):
+    """:func:`config_from`, validated: a bad value ends the command as an argparse error does
+    (usage, the config's message naming the option, exit code 2) instead of a traceback later."""
+    config = config_from(args, config_type)
+    try:
+        config.validate()
+    except ValueError as error:
+        parser.error(str(error))
+    return config
+
+
+def _check_seed(seed: int, parser: argparse.ArgumentParser) -> None:
+    from .recipes.train import SEED_LIMIT
+
+    if not 0 <= seed < SEED_LIMIT:
+        parser.error(f"seed (--seed) must be an int in [0, 2**32), got {seed}")
 
 
 # -- gblr train ---------------------------------------------------------------------------------------
@@ -80,15 +116,15 @@ def _train_options() -> Options:
             "dataset": {"choices": list(DATASETS)},
             "data_dir": "folder with the dataset files (default: standard places)",
             "download": "download the dataset if it is not found",
-            "image_size": "resize images (required for imagefolder)",
-            "limit_train": "use only the first N training images",
-            "limit_test": "use only the first N test images",
+            "image_size": "resize images to N x N, required for imagefolder (default: the dataset's own size)",
+            "limit_train": "use only the first N training images (default: all)",
+            "limit_test": "use only the first N test images (default: all)",
         },
         "model": {
             "model": {"choices": list(MODELS)},
             "layer": {"choices": list(LAYER_KINDS), "help": "kind of the linear layers inside the blocks"},
             "flops_target": "FLOPs ratio of the replaced layers (GBLR learns to it; baselines are built at it)",
-            "init_flops_ratio": "GBLR starting ratio (default 2x target, at most 1)",
+            "init_flops_ratio": "GBLR starting ratio (default: 2x target, at most 1)",
             "init_full_width_share": "share of the starting budget in full-width GBLR components (the rest: "
                                      "partial blocks)",
             "rank": "rank of each GBLR component (blocks cheaper as dense blocks cost their area)",
@@ -111,23 +147,29 @@ def _train_options() -> Options:
             "seed": None,
         },
         "run": {
-            "out": "output folder (log, checkpoint, report, pictures)",
-            "resume": "continue from OUT/checkpoint.pt",
-            "stop_after": "stop after N epochs (resume later)",
-            "threads": "torch CPU threads",
-            "progress": "no progress bar",
+            "out": "output folder (log, checkpoint, report, pictures); refused if it holds a run, unless "
+                   "--resume or --overwrite",
+            "resume": "continue the run in OUT from OUT/checkpoint.pt (with the same options)",
+            "overwrite": "start afresh in an OUT that holds a run, deleting that run's checkpoint, log, report and "
+                         "pictures",
+            "stop_after": "stop after N epochs, to --resume later (default: none, train all epochs)",
+            "threads": "torch CPU threads (default: torch's choice)",
+            "progress": "hide the progress bar",
             "pictures": "skip the pictures",
         },
     }
 
 
-def train_command(args: argparse.Namespace) -> int:
-    from .recipes.train import TrainConfig, train
+def train_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .recipes.train import TrainConfig, TrainingInterrupted, train
 
-    config = config_from(args, TrainConfig)
+    config = checked_config(args, TrainConfig, parser)
     try:
         report = train(config)
-    except FileNotFoundError as error:
+    except TrainingInterrupted as interrupt:  # Ctrl-C: how many epochs are saved, how to continue
+        print(interrupt, file=sys.stderr)
+        return 130
+    except (OSError, ValueError) as error:  # what the recipe finds before training: folders, data, checkpoint
         print(f"error: {error}", file=sys.stderr)
         return 2
     if not report:
@@ -167,26 +209,26 @@ def _compress_options() -> Options:
         },
         "distillation (after conversion; off by default)": {
             "distill_steps": "steps of distillation towards the original",
-            "distill_minutes": "time limit of the distillation",
+            "distill_minutes": "time limit of the distillation (default: none)",
             "lr": "distillation learning rate",
         },
         "run": {
             "out": "output folder (model/, report.json, masks.png)",
             "seed": None,
-            "threads": "torch CPU threads",
-            "progress": "no progress bars",
+            "threads": "torch CPU threads (default: torch's choice)",
+            "progress": "hide the progress bars",
             "pictures": "skip masks.png",
         },
     }
 
 
-def compress_command(args: argparse.Namespace) -> int:
+def compress_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .recipes.compress import CompressConfig, compress
 
-    config = config_from(args, CompressConfig)
+    config = checked_config(args, CompressConfig, parser)
     try:
         report = compress(config)
-    except (FileNotFoundError, ValueError, ImportError) as error:
+    except (OSError, ValueError, ImportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"saved {report['saved']} (load with gblr.load_pretrained(base_model, {report['saved']!r})); "
@@ -197,9 +239,10 @@ def compress_command(args: argparse.Namespace) -> int:
 # -- gblr demo ----------------------------------------------------------------------------------------
 
 
-def demo_command(args: argparse.Namespace) -> int:
+def demo_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .recipes.demo import demo
 
+    _check_seed(args.seed, parser)
     demo(args.seed)
     return 0
 
@@ -212,24 +255,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gblr {gblr.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     tour = commands.add_parser("demo", help="a short tour of masks, structures, layers and freezing")
-    tour.add_argument("--seed", type=int, default=0)
-    tour.set_defaults(handler=demo_command)
+    tour.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    tour.set_defaults(handler=functools.partial(demo_command, parser=tour))
     trainer = commands.add_parser(
         "train", help="learn GBLR structures from scratch on an image dataset",
         description="Train a small ViT or MLP-Mixer with GBLR (or baseline) layers under a FLOPs budget.",
     )
     add_config_arguments(trainer, TrainConfig, _train_options(), internal=("eval_batch_size",))
-    trainer.set_defaults(handler=train_command)
+    trainer.set_defaults(handler=functools.partial(train_command, parser=trainer))
     compressor = commands.add_parser(
         "compress", help="compress a pretrained text encoder (Hugging Face folder) and measure its fidelity",
         description="Replace the linear layers of a sentence encoder by GBLR layers at a FLOPs ratio (optionally "
                     "distilling towards the original) and report how close its sentence embeddings stay.",
     )
     add_config_arguments(compressor, CompressConfig, _compress_options())
-    compressor.set_defaults(handler=compress_command)
+    compressor.set_defaults(handler=functools.partial(compress_command, parser=compressor))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.handler(args)
+    """Run a command and return its exit code: 0, 2 for bad input (found before any work), 130
+    after Ctrl-C. Never raises SystemExit (argparse's way to end on an error, ``--help`` or
+    ``--version``): its code is returned, so that callers and tests see one kind of outcome."""
+    try:
+        args = build_parser().parse_args(argv)
+        return args.handler(args)
+    except SystemExit as exit:
+        return exit.code if isinstance(exit.code, int) else int(exit.code is not None)
+    except KeyboardInterrupt:  # where no command said more (gblr train says how to resume)
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -150,3 +150,42 @@ def test_compress_target_regex_text_file_and_errors(tmp_path, capsys):
     assert "matches none" in capsys.readouterr().err
     assert main(["compress", str(folder), "--text", str(tmp_path / "missing.txt")]) == 2
     assert "text file not found" in capsys.readouterr().err
+
+
+def test_every_file_of_a_compression_follows_the_umask(tmp_path):
+    pytest.importorskip("transformers")
+    import os
+
+    from fixtures import save_tiny_bert
+
+    folder = save_tiny_bert(tmp_path / "tiny")
+    out = tmp_path / "out"
+    threads = torch.get_num_threads()
+    previous = os.umask(0o022)
+    try:
+        assert main(["compress", str(folder), "--flops", "0.5", "--method", "svd", "--out", str(out),
+                     "--calibration-sentences", "16", "--eval-sentences", "8", "--threads", "1",
+                     "--no-progress"]) == 0
+    finally:
+        os.umask(previous)
+        torch.set_num_threads(threads)
+    files = sorted(str(path.relative_to(out)) for path in out.rglob("*") if path.is_file())
+    assert "report.json" in files and "masks.png" in files and any(name.startswith("model/") for name in files)
+    for path in [out, *out.rglob("*")]:
+        assert path.stat().st_mode & 0o777 == (0o755 if path.is_dir() else 0o644), path
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["--max-length", "1"], "--max-length"),
+    (["--lr", "0"], "--lr"),
+    (["--distill-minutes", "-1"], "--distill-minutes"),
+    (["--distill-minutes", "nan"], "--distill-minutes"),
+    (["--threads", "0"], "--threads"),
+    (["--seed", "-1"], "--seed"),
+])
+def test_bad_options_are_argument_errors_before_any_work(tmp_path, capsys, argv, option):
+    # Before: a traceback (or, for --distill-minutes nan, a run with no time limit).
+    assert main(["compress", str(tmp_path), *argv]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and option in err.strip().splitlines()[-1]
+    assert err.strip().splitlines()[-1].startswith("gblr compress: error:")

@@ -163,3 +163,204 @@ def test_distributed_training_matches_single_process(data_dir, tmp_path):
         # the rounding noise left in it into full-size steps, so only it may drift further.
         tolerance = 1e-4 if key.endswith("attention.key.bias") else 1e-6
         torch.testing.assert_close(ranks[0][key], value, rtol=0, atol=tolerance, msg=f"{key} differs from 1 process")
+
+
+# -- the run's folder, checkpoints, Ctrl-C and the files it writes --------------------------------------
+
+TINY_ARGS = ["--dim", "16", "--depth", "1", "--heads", "2", "--patch-size", "7", "--batch-size", "32",
+             "--threads", "1", "--no-progress"]
+
+
+def cli_train(data_dir, out, *extra):
+    """``gblr train`` on the tiny data, pictures off unless asked for."""
+    return main(["train", "--data-dir", str(data_dir), "--out", str(out), *TINY_ARGS, "--lr", "0.01", *extra])
+
+
+def saved_epoch(out):
+    return torch.load(out / "checkpoint.pt", weights_only=True)["epoch"]
+
+
+def one_line(err):
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_a_new_run_refuses_a_folder_that_holds_a_run(data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli_train(data_dir, out, "--epochs", "2", "--no-pictures") == 0
+    checkpoint = (out / "checkpoint.pt").read_bytes()
+    capsys.readouterr()
+    # Before: the second run replaced epoch 2's checkpoint with its epoch 1. Now it refuses, and
+    # says what to pass instead; the first run's files are untouched.
+    assert cli_train(data_dir, out, "--epochs", "1", "--no-pictures") == 2
+    message = one_line(capsys.readouterr().err)
+    assert message.startswith("error:") and str(out) in message
+    assert "--resume to continue" in message and "--overwrite to start afresh" in message
+    assert (out / "checkpoint.pt").read_bytes() == checkpoint
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        train(config(data_dir, out, epochs=1))
+    # --overwrite starts afresh: none of the first run's files is left beside the new run's
+    # (here stopped after 1 of 2 epochs: no report yet)
+    assert (out / "report.json").exists()
+    assert cli_train(data_dir, out, "--epochs", "2", "--stop-after", "1", "--overwrite") == 0
+    assert saved_epoch(out) == 1 and not (out / "report.json").exists()
+    assert [int(row["epoch"]) for row in csv.DictReader((out / "log.csv").open())] == [1]
+    # --resume continues it; the two together are refused as argument errors
+    assert cli_train(data_dir, out, "--epochs", "2", "--resume", "--no-pictures") == 0
+    assert saved_epoch(out) == 2 and (out / "report.json").exists()
+    capsys.readouterr()
+    assert cli_train(data_dir, out, "--epochs", "2", "--resume", "--overwrite") == 2
+    assert "--overwrite" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_an_overwrite_that_fails_to_start_leaves_the_previous_run(data_dir, tmp_path):
+    out = tmp_path / "run"
+    train(config(data_dir, out, epochs=1, pictures=False))
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    with pytest.raises(ValueError, match="larger than the training set"):
+        train(config(data_dir, out, epochs=1, overwrite=True, batch_size=4096))
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+
+
+def test_checkpoints_hold_plain_data_and_load_with_weights_only(data_dir, tmp_path):
+    train(config(data_dir, tmp_path, epochs=2, stop_after=1))
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)  # no pickled objects in it
+    assert state["epoch"] == 1 and state["config"]["epochs"] == 2 and state["rng"].dtype == torch.uint8
+
+
+class RunsCode:
+    """A pickled object that, when unpickled, runs code: here it creates a file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (str(self.marker),))
+
+
+@pytest.mark.parametrize("content", ["text", "truncated", "empty", "code", "not a checkpoint"])
+def test_resume_names_a_file_that_is_not_a_checkpoint(data_dir, tmp_path, capsys, content):
+    out = tmp_path / "run"
+    train(config(data_dir, out, epochs=2, stop_after=1))
+    path = out / "checkpoint.pt"
+    marker = tmp_path / "code-ran"
+    if content == "text":
+        path.write_text("epoch 1 of 2, loss 0.5\n")
+    elif content == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif content == "empty":
+        path.write_bytes(b"")
+    elif content == "code":  # someone else's checkpoint: loading it must not run its code
+        state = torch.load(path, weights_only=True)
+        state["learner"]["extra"] = RunsCode(marker)
+        torch.save(state, path)
+    else:
+        torch.save({"weights": torch.ones(3)}, path)
+    with pytest.raises(ValueError, match=f"cannot resume \\(--resume\\) from {path}"):
+        train(config(data_dir, out, epochs=2, resume=True))
+    assert cli_train(data_dir, out, "--epochs", "2", "--resume") == 2
+    assert str(path) in one_line(capsys.readouterr().err)
+    assert not marker.exists()
+
+
+def test_resume_without_a_checkpoint_says_it_starts_a_new_run(data_dir, tmp_path, capsys):
+    out = tmp_path / "fresh"
+    assert cli_train(data_dir, out, "--epochs", "1", "--resume", "--no-pictures") == 0
+    assert f"no checkpoint in {out}: starting a new run" in capsys.readouterr().err
+    assert saved_epoch(out) == 1
+
+
+def test_an_output_folder_below_a_file_fails_before_training(data_dir, tmp_path, capsys, monkeypatch):
+    import gblr.recipes.train as recipe
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained")
+
+    monkeypatch.setattr(recipe, "batches", no_training)
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a folder")
+    # Before: an epoch of training, then a traceback when the first checkpoint was written.
+    assert cli_train(data_dir, blocker / "run", "--epochs", "1") == 2
+    message = one_line(capsys.readouterr().err)
+    assert message == f"error: out (--out): {blocker / 'run'} lies below {blocker}, which is a file, not a folder"
+    assert cli_train(data_dir, blocker, "--epochs", "1") == 2
+    assert "is a file" in one_line(capsys.readouterr().err)
+
+
+class Interrupt:
+    """Stands in for the recipe's ``batches``: the real batches, with Ctrl-C (KeyboardInterrupt)
+    after ``after`` batches of epoch ``epoch`` (counted from 0)."""
+
+    def __init__(self, epoch, after):
+        from gblr.recipes.data import batches
+
+        self.batches, self.epoch, self.after, self.calls = batches, epoch, after, 0
+
+    def __call__(self, *args, **kwargs):
+        epoch, self.calls = self.calls, self.calls + 1
+        for index, batch in enumerate(self.batches(*args, **kwargs)):
+            if epoch == self.epoch and index == self.after:
+                raise KeyboardInterrupt
+            yield batch
+
+
+def test_ctrl_c_keeps_the_last_epoch_and_resumes_to_the_same_result(data_dir, tmp_path, capsys, monkeypatch):
+    import gblr.recipes.train as recipe
+
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    assert cli_train(data_dir, straight, "--epochs", "3", "--no-pictures") == 0
+    monkeypatch.setattr(recipe, "batches", Interrupt(epoch=1, after=5))
+    capsys.readouterr()
+    # Before: a traceback. Now: exit code 130 and one line saying what is saved and how to go on.
+    assert cli_train(data_dir, interrupted, "--epochs", "3", "--no-pictures") == 130
+    message = one_line(capsys.readouterr().err)
+    assert message == (f"interrupted; {interrupted / 'checkpoint.pt'} holds 1 of 3 epochs: continue with the "
+                       "same options and --resume")
+    assert saved_epoch(interrupted) == 1
+    assert not [p for p in os.listdir(interrupted) if p.startswith(".")]  # no temporary files left
+    monkeypatch.undo()
+    assert cli_train(data_dir, interrupted, "--epochs", "3", "--no-pictures", "--resume") == 0
+    first = torch.load(straight / "checkpoint.pt", weights_only=True)
+    second = torch.load(interrupted / "checkpoint.pt", weights_only=True)
+    for key, value in first["model"].items():
+        assert torch.equal(value, second["model"][key]) if isinstance(value, torch.Tensor) else \
+            value == second["model"][key], key
+    assert json.loads((straight / "report.json").read_text())["accuracy"] == \
+        json.loads((interrupted / "report.json").read_text())["accuracy"]
+
+
+def test_ctrl_c_in_the_first_epoch_says_nothing_was_saved(data_dir, tmp_path, capsys, monkeypatch):
+    import gblr.recipes.train as recipe
+
+    monkeypatch.setattr(recipe, "batches", Interrupt(epoch=0, after=2))
+    assert cli_train(data_dir, tmp_path / "run", "--epochs", "2") == 130
+    assert "nothing was saved" in one_line(capsys.readouterr().err)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    monkeypatch.setattr(recipe, "batches", Interrupt(epoch=0, after=2))
+    with pytest.raises(KeyboardInterrupt):  # for library callers, still a KeyboardInterrupt
+        train(config(data_dir, tmp_path / "library", epochs=2))
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_every_file_of_a_run_follows_the_umask(data_dir, tmp_path, umask):
+    out = tmp_path / "run"
+    previous = os.umask(umask)
+    try:
+        assert cli_train(data_dir, out, "--epochs", "1") == 0
+    finally:
+        os.umask(previous)
+    names = sorted(path.name for path in out.rglob("*"))
+    assert {"checkpoint.pt", "log.csv", "report.json", "masks.png", "budgets.png"} <= set(names), names
+    for path in [out, *out.rglob("*")]:
+        expected = (0o777 if path.is_dir() else 0o666) & ~umask
+        assert path.stat().st_mode & 0o777 == expected, (path.name, oct(path.stat().st_mode & 0o777))
+
+
+@pytest.mark.parametrize("field, value", [("limit_train", 0), ("limit_test", -1), ("epochs", 0), ("lr", -1.0),
+                                          ("lr", float("nan")), ("threads", 0), ("stop_after", 0), ("seed", -1)])
+def test_config_rejects_values_that_used_to_mean_something_else(field, value):
+    # --limit-train 0 trained on everything (0 read as "no limit"), --lr -1 trained backwards
+    option = "--" + field.replace("_", "-")
+    with pytest.raises(ValueError, match=f"{field} \\({option}\\)"):
+        TrainConfig(**{field: value}).validate()

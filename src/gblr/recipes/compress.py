@@ -21,13 +21,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from .._files import write_text_atomic
+from .._files import check_writable_folder, write_text_atomic
 from .._validation import check_flops_ratio
 from ..config import ALL_LINEAR, METHODS, GBLRConfig
 from ..convert import convert_
@@ -81,8 +81,20 @@ class CompressConfig:
         for name in ("calibration_sentences", "eval_sentences", "batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{_named(name)} must be positive, got {getattr(self, name)}")
-        if self.distill_steps < 0 or (self.distill_minutes is not None and self.distill_minutes <= 0):
-            raise ValueError(f"{_named('distill_steps')} must be >= 0 and {_named('distill_minutes')} > 0")
+        if self.max_length <= 1:  # a sentence needs room for its [CLS] and [SEP] at least
+            raise ValueError(f"{_named('max_length')} must be > 1, got {self.max_length}")
+        if self.distill_steps < 0:
+            raise ValueError(f"{_named('distill_steps')} must be >= 0, got {self.distill_steps}")
+        for name in ("distill_minutes", "lr"):
+            value = getattr(self, name)
+            if name == "distill_minutes" and value is None:  # no time limit
+                continue
+            if not (math.isfinite(value) and value > 0):  # NaN and infinity parse as floats, too
+                raise ValueError(f"{_named(name)} must be a finite number > 0, got {value}")
+        if self.threads is not None and self.threads <= 0:
+            raise ValueError(f"{_named('threads')} must be positive, got {self.threads}")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"{_named('seed')} must be an int in [0, 2**32), got {self.seed}")
         try:
             self.gblr_config()
         except ValueError as error:
@@ -109,21 +121,32 @@ def target_flops(model: nn.Module, names: list[str]) -> FlopsReport:
 def compress(config: CompressConfig) -> dict:
     """Compress, measure, save; returns the report (also written to ``out/report.json``).
 
-    Raises FileNotFoundError (no model folder, no text file), ImportError (transformers or
-    safetensors missing) or ValueError (a bad config, no matching layer) before any work.
+    Raises FileNotFoundError (no model folder, no text file), OSError (an output folder it cannot
+    write into), ImportError (transformers or safetensors missing) or ValueError (a bad config, an
+    unusable text file, no matching layer) before any work.
     """
     config.validate()
     started = time.perf_counter()
     if config.threads:
         torch.set_num_threads(config.threads)
     gblr_config = config.gblr_config()
-    given = sentences.read_sentences(config.text) if config.text else None
+    # The files it needs, checked now rather than after minutes of work; the messages name the option.
+    try:
+        text.encoder_folder(config.model_dir)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"model_dir: {error}") from error
+    try:
+        given = sentences.read_sentences(config.text) if config.text else None
+    except OSError as error:
+        raise type(error)(f"{_named('text')}: {error}") from error
+    except ValueError as error:
+        raise ValueError(f"{_named('text')}: {error}") from error
+    out = check_writable_folder(config.out, _named("out"))
     train_sentences, eval_sentences = sentences.split_sentences(
         given, config.calibration_sentences, config.eval_sentences, config.seed)
     print(f"loading {config.model_dir}", flush=True)
     teacher, tokenizer = text.load_sentence_encoder(config.model_dir, progress=config.progress)
     targets = target_names(teacher, gblr_config)
-    out = Path(config.out)
     torch.manual_seed(config.seed)
     load_seconds = time.perf_counter() - started
     print(f"sentences: {len(train_sentences)} for calibration and distillation, {len(eval_sentences)} held out "

@@ -8,6 +8,13 @@ installed), ``checkpoint.pt`` after every epoch (atomically; ``resume=True`` con
 with the same result as an uninterrupted run), and at the end ``report.json``, ``masks.png``
 and ``budgets.png``. Under ``torchrun`` it trains with DistributedDataParallel: ``batch_size``
 is the global batch, split across ranks, and rank 0 writes the files.
+
+Before any work the run checks what it will need: the config (:meth:`TrainConfig.validate`),
+that ``out`` is a folder it can write into, and that it does not hold another run's checkpoint
+(which a new run would replace; ``resume=True`` continues it, ``overwrite=True`` deletes that
+run's files first). Checkpoints hold tensors and plain data only and are read with
+``torch.load(weights_only=True)``, so a checkpoint from elsewhere cannot run code. Ctrl-C
+raises :class:`TrainingInterrupted`, which says how many epochs the checkpoint holds.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import io
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -26,15 +34,19 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .._files import write_atomic, write_text_atomic
+from .._files import check_writable_folder, write_atomic, write_text_atomic
 from .._progress import progress_bar
 from .._validation import check_flops_ratio, check_share
 from ..learning import SigmaSchedule, StructureLearner, param_groups
 from ..frozen import FrozenGBLRLinear, freeze_
-from .data import ImageData, batches, load_dataset
+from .data import DATASETS, ImageData, batches, load_dataset
 from .models import LAYER_KINDS, MODELS, build_model, replaced_flops
 
-__all__ = ["TrainConfig", "train", "fit", "evaluate"]
+__all__ = ["TrainConfig", "TrainingInterrupted", "train", "fit", "evaluate"]
+
+# Seeds are drawn from [0, SEED_LIMIT): epoch e shuffles with seed * 1_000_003 + e, which must stay
+# a valid torch seed.
+SEED_LIMIT = 2**32
 
 
 @dataclasses.dataclass
@@ -69,21 +81,88 @@ class TrainConfig:
     eval_batch_size: int = 500
     threads: int | None = None
     out: str = "runs/gblr"
-    resume: bool = False
+    resume: bool = False  # continue the run in out from its checkpoint
+    overwrite: bool = False  # start afresh in an out that holds a run: its files are deleted first
     stop_after: int | None = None  # stop after this many epochs (the schedule still spans all of them)
     progress: bool = True
     pictures: bool = True
 
     def validate(self) -> None:
+        """Raise a ValueError naming the field (and its ``gblr train`` option) of the first bad value.
+
+        Checks the values alone, without touching files: the output folder and the data are
+        checked by :func:`fit`, before it trains.
+        """
+        if self.dataset not in DATASETS:
+            raise ValueError(f"dataset must be one of {', '.join(DATASETS)} (--dataset); got {self.dataset!r}")
         if self.layer not in LAYER_KINDS:
-            raise ValueError(f"layer must be one of {', '.join(LAYER_KINDS)}; got {self.layer!r}")
+            raise ValueError(f"layer must be one of {', '.join(LAYER_KINDS)} (--layer); got {self.layer!r}")
         if self.model not in MODELS:
-            raise ValueError(f"model must be one of {', '.join(MODELS)}; got {self.model!r}")
-        check_flops_ratio(self.flops_target, "flops_target")
-        check_share(self.init_full_width_share, "init_full_width_share")
-        for name in ("epochs", "batch_size", "eval_batch_size", "rank"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+            raise ValueError(f"model must be one of {', '.join(MODELS)} (--model); got {self.model!r}")
+        check_flops_ratio(self.flops_target, _named("flops_target"))
+        if self.init_flops_ratio is not None:
+            check_flops_ratio(self.init_flops_ratio, _named("init_flops_ratio"))
+        check_share(self.init_full_width_share, _named("init_full_width_share"))
+        check_share(self.structure_fraction, _named("structure_fraction"))
+        for name in ("epochs", "batch_size", "eval_batch_size", "rank", "dim", "depth", "heads", "patch_size"):
+            _check_positive_int(self, name)
+        for name in ("image_size", "limit_train", "limit_test", "threads", "stop_after"):  # None: not set
+            if getattr(self, name) is not None:
+                _check_positive_int(self, name)
+        for name in ("lr", "mlp_ratio", "sigma_start", "sigma_end", "struct_lr"):
+            if name != "struct_lr" or self.struct_lr is not None:  # struct_lr None: lr
+                _check_number(self, name, positive=True)
+        for name in ("weight_decay", "warmup_epochs"):
+            _check_number(self, name, positive=False)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < SEED_LIMIT:
+            raise ValueError(f"{_named('seed')} must be an int in [0, 2**32), got {self.seed!r}")
+        if self.model == "vit" and self.dim % self.heads:
+            raise ValueError(f"{_named('dim')} must be divisible by {_named('heads')}: {self.dim} by {self.heads}")
+        if self.dataset == "imagefolder":
+            for name, missing in (("data_dir", self.data_dir is None), ("image_size", self.image_size is None)):
+                if missing:
+                    raise ValueError(f"the imagefolder dataset needs {_named(name)}")
+            if self.download:
+                raise ValueError(f"the imagefolder dataset cannot be downloaded ({_named('download')}); point "
+                                 f"{_named('data_dir')} at an existing image tree")
+        if self.resume and self.overwrite:
+            raise ValueError(f"{_named('resume')} and {_named('overwrite')} exclude each other: continue the run "
+                             "in out, or start it afresh")
+
+
+def _named(field: str) -> str:
+    """A field with its ``gblr train`` option, for error messages: ``"batch_size (--batch-size)"``."""
+    return f"{field} (--{field.replace('_', '-')})"
+
+
+def _check_positive_int(config: TrainConfig, name: str) -> None:
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{_named(name)} must be a positive int, got {value!r}")
+
+
+def _check_number(config: TrainConfig, name: str, positive: bool) -> None:
+    """A finite number, > 0 if ``positive`` else >= 0 (NaN and infinity parse as floats, too)."""
+    value = getattr(config, name)
+    number = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if not number or value < 0 or (positive and value == 0):
+        raise ValueError(f"{_named(name)} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped :func:`fit`. ``out/checkpoint.pt`` holds ``epochs_saved`` of ``epochs``
+    epochs (0: none was finished, so there is nothing to resume), and ``resume=True`` with the
+    same settings continues from it, with the same result as an uninterrupted run (the epoch that
+    was interrupted is trained again from its start)."""
+
+    def __init__(self, out: Path, epochs_saved: int, epochs: int) -> None:
+        self.out, self.epochs_saved, self.epochs = Path(out), epochs_saved, epochs
+        if epochs_saved:
+            message = (f"interrupted; {self.out / 'checkpoint.pt'} holds {epochs_saved} of {epochs} epochs: continue "
+                       f"with the same options and --resume")
+        else:
+            message = "interrupted before the first epoch ended; nothing was saved to resume from"
+        super().__init__(message)
 
 
 def _distributed() -> tuple[int, int]:
@@ -121,11 +200,11 @@ def _schedule(total_steps: int, warmup_steps: int):
 
 def _load_data(config: TrainConfig) -> ImageData:
     data = load_dataset(config.dataset, config.data_dir, config.download, config.image_size).normalized()
-    if config.limit_train:
+    if config.limit_train is not None:
         data = dataclasses.replace(
             data, train_images=data.train_images[: config.limit_train], train_labels=data.train_labels[: config.limit_train]
         )
-    if config.limit_test:
+    if config.limit_test is not None:
         data = dataclasses.replace(
             data, test_images=data.test_images[: config.limit_test], test_labels=data.test_labels[: config.limit_test]
         )
@@ -173,18 +252,39 @@ def train(config: TrainConfig) -> dict:
 
 
 def fit(config: TrainConfig) -> tuple[nn.Module, dict]:
-    """:func:`train`, also returning the (frozen, if GBLR) model."""
+    """:func:`train`, also returning the (frozen, if GBLR) model.
+
+    Raises ValueError or OSError (a bad setting, an unusable output folder or data folder, a
+    checkpoint that is not one or belongs to other settings, ``out`` holding a run while neither
+    ``resume`` nor ``overwrite`` is set), FileNotFoundError (no data) before training, and
+    :class:`TrainingInterrupted` on Ctrl-C.
+    """
     config.validate()
     rank, world = _distributed()
     if config.batch_size % world:
-        raise ValueError(f"batch_size={config.batch_size} must be divisible by the number of processes ({world})")
+        raise ValueError(f"batch_size={config.batch_size} (--batch-size) must be divisible by the number of processes "
+                         f"({world})")
     if config.threads:
         torch.set_num_threads(config.threads)
     main = rank == 0
     out = Path(config.out)
     started = time.perf_counter()
 
+    # Everything a run needs from the file system is checked before the data is even loaded.
+    if config.data_dir is not None:
+        folder = Path(config.data_dir)
+        if folder.exists() and not folder.is_dir():
+            raise NotADirectoryError(f"{_named('data_dir')}: {folder} is a file, not a folder")
+        if folder.is_dir() and not os.access(folder, os.R_OK | os.X_OK):
+            raise PermissionError(f"{_named('data_dir')}: cannot read {folder} (permission denied)")
+    check_writable_folder(out, _named("out"))
+    checkpoint_path = out / "checkpoint.pt"
+    state = _previous_run(config, out, checkpoint_path, main)  # None: a new run
+
     data = _load_data(config)
+    if data.image_shape[-1] % config.patch_size or data.image_shape[-2] % config.patch_size:
+        raise ValueError(f"{_named('patch_size')} must divide the image size {data.image_shape[-2]}x"
+                         f"{data.image_shape[-1]}, got {config.patch_size}")
     torch.manual_seed(config.seed)  # the same initial model on every rank
     architecture = {"patch_size": config.patch_size, "dim": config.dim, "depth": config.depth}
     if config.model == "vit":
@@ -198,7 +298,8 @@ def fit(config: TrainConfig) -> tuple[nn.Module, dict]:
 
     steps_per_epoch = len(data.train_images) // config.batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"batch_size={config.batch_size} is larger than the training set ({len(data.train_images)})")
+        raise ValueError(f"batch_size={config.batch_size} is larger than the training set ({len(data.train_images)}; "
+                         "--batch-size, --limit-train)")
     total_steps = steps_per_epoch * config.epochs
     optimizer = torch.optim.AdamW(  # foreach: one call per group instead of one per tensor (also on CPU)
         param_groups(model, lr=config.lr, struct_lr=config.struct_lr, weight_decay=config.weight_decay), foreach=True
@@ -217,10 +318,7 @@ def fit(config: TrainConfig) -> tuple[nn.Module, dict]:
     network = nn.parallel.DistributedDataParallel(model) if world > 1 else model
 
     start_epoch, rows, seconds_so_far = 0, [], 0.0
-    checkpoint_path = out / "checkpoint.pt"
-    if config.resume and checkpoint_path.exists():
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-        _check_same_run(state["config"], config, checkpoint_path)
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -230,86 +328,149 @@ def fit(config: TrainConfig) -> tuple[nn.Module, dict]:
         start_epoch, rows, seconds_so_far = state["epoch"], state["rows"], state["train_seconds"]
         if main:
             print(f"resuming {out} after epoch {start_epoch}")
+    if config.overwrite and main:  # only now: a run that fails to start leaves the previous one alone
+        _delete_run_files(out)
     log = _Log(out, rows, enabled=main)
-
+    epochs_saved = start_epoch  # how many epochs the checkpoint in out holds
     last_epoch = config.epochs if config.stop_after is None else min(config.epochs, config.stop_after)
-    for epoch in range(start_epoch, last_epoch):
-        epoch_start = time.perf_counter()
-        network.train()
-        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
-        bar = progress_bar(steps_per_epoch, f"epoch {epoch + 1}/{config.epochs}", config.progress and main)
-        loss_sum = torch.zeros(())
-        correct = torch.zeros(())
-        seen = 0
-        for images, labels in batches(
-            data.train_images, data.train_labels, config.batch_size, shuffle=True, generator=generator,
-            rank=rank, world_size=world, drop_last=True,
-        ):
-            logits = network(images)
-            loss = F.cross_entropy(logits, labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            if learner is not None:
-                learner.step()
-            loss_sum += loss.detach() * len(labels)
-            correct += (logits.detach().argmax(1) == labels).sum()
-            seen += len(labels)
-            bar.update()
-            if not bar.disable:  # loss.item() waits for the device: only when the bar shows it
-                if learner is not None:
-                    bar.set_postfix(loss=f"{loss.item():.3f}", flops=f"{learner.last['flops_ratio']:.3f}")
-                else:
-                    bar.set_postfix(loss=f"{loss.item():.3f}")
-        bar.close()
-        totals = torch.stack([loss_sum, correct, torch.tensor(float(seen))])
-        if world > 1:
-            dist.all_reduce(totals)
-        train_seconds = time.perf_counter() - epoch_start
-        seconds_so_far += train_seconds
-        test_accuracy = evaluate(model, data.test_images, data.test_labels, config.eval_batch_size)
-        row = {
-            "epoch": epoch + 1,
-            "train_loss": float(totals[0] / totals[2]),
-            "train_accuracy": float(totals[1] / totals[2]),
-            "test_accuracy": test_accuracy,
-            "flops_ratio": replaced_flops(model).ratio,
-            "sigma": (learner.last.get("sigma", float("nan")) if learner is not None else float("nan")),
-            "lr": scheduler.get_last_lr()[0],
-            "epoch_seconds": train_seconds,
-        }
-        log.add(row)
-        if main:
-            print(
-                f"epoch {epoch + 1}/{config.epochs}: loss {row['train_loss']:.4f}, train {row['train_accuracy']:.4f}, "
-                f"test {test_accuracy:.4f}, FLOPs ratio {row['flops_ratio']:.3f}, {train_seconds:.1f} s",
-                flush=True,
-            )
-            state = {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "learner": None if learner is None else learner.state_dict(),
-                "rng": torch.get_rng_state(),
+    try:
+        for epoch in range(start_epoch, last_epoch):
+            epoch_start = time.perf_counter()
+            network.train()
+            generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
+            bar = progress_bar(steps_per_epoch, f"epoch {epoch + 1}/{config.epochs}", config.progress and main)
+            loss_sum = torch.zeros(())
+            correct = torch.zeros(())
+            seen = 0
+            try:
+                for images, labels in batches(
+                    data.train_images, data.train_labels, config.batch_size, shuffle=True, generator=generator,
+                    rank=rank, world_size=world, drop_last=True,
+                ):
+                    logits = network(images)
+                    loss = F.cross_entropy(logits, labels)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    scheduler.step()
+                    if learner is not None:
+                        learner.step()
+                    loss_sum += loss.detach() * len(labels)
+                    correct += (logits.detach().argmax(1) == labels).sum()
+                    seen += len(labels)
+                    bar.update()
+                    if not bar.disable:  # loss.item() waits for the device: only when the bar shows it
+                        if learner is not None:
+                            bar.set_postfix(loss=f"{loss.item():.3f}", flops=f"{learner.last['flops_ratio']:.3f}")
+                        else:
+                            bar.set_postfix(loss=f"{loss.item():.3f}")
+            finally:
+                bar.close()  # also on Ctrl-C, so that a message after it starts on a line of its own
+            totals = torch.stack([loss_sum, correct, torch.tensor(float(seen))])
+            if world > 1:
+                dist.all_reduce(totals)
+            train_seconds = time.perf_counter() - epoch_start
+            seconds_so_far += train_seconds
+            test_accuracy = evaluate(model, data.test_images, data.test_labels, config.eval_batch_size)
+            row = {
                 "epoch": epoch + 1,
-                "rows": log.rows,
-                "train_seconds": seconds_so_far,
-                "config": dataclasses.asdict(config),
+                "train_loss": float(totals[0] / totals[2]),
+                "train_accuracy": float(totals[1] / totals[2]),
+                "test_accuracy": test_accuracy,
+                "flops_ratio": replaced_flops(model).ratio,
+                "sigma": (learner.last.get("sigma", float("nan")) if learner is not None else float("nan")),
+                "lr": scheduler.get_last_lr()[0],
+                "epoch_seconds": train_seconds,
             }
-            write_atomic(checkpoint_path, lambda handle: torch.save(state, handle))
+            log.add(row)
+            if main:
+                print(
+                    f"epoch {epoch + 1}/{config.epochs}: loss {row['train_loss']:.4f}, train "
+                    f"{row['train_accuracy']:.4f}, test {test_accuracy:.4f}, FLOPs ratio {row['flops_ratio']:.3f}, "
+                    f"{train_seconds:.1f} s",
+                    flush=True,
+                )
+                # Tensors and plain data only (no pickled objects): it loads with weights_only=True.
+                state = {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "learner": None if learner is None else learner.state_dict(),
+                    "rng": torch.get_rng_state(),
+                    "epoch": epoch + 1,
+                    "rows": log.rows,
+                    "train_seconds": seconds_so_far,
+                    "config": dataclasses.asdict(config),
+                }
+                write_atomic(checkpoint_path, lambda handle: torch.save(state, handle))
+            epochs_saved = epoch + 1
 
-    finished = last_epoch == config.epochs
-    report = _finish(config, model, learner, data, rows, seconds_so_far, started, main) if finished else {}
-    log.close()
+        finished = last_epoch == config.epochs
+        report = _finish(config, model, learner, data, rows, seconds_so_far, started, main) if finished else {}
+    except KeyboardInterrupt as interrupt:
+        # Ctrl-C: the checkpoint of the last finished epoch is in place (written atomically, so a
+        # Ctrl-C while writing it leaves the previous one); say how much of the run it holds.
+        raise TrainingInterrupted(out, epochs_saved, config.epochs) from interrupt
+    finally:
+        log.close()
     if world > 1:
         dist.barrier()
     return model, report
 
 
 # Settings that may change between a run and its resumption: they do not change the result.
-_RESUMABLE_CHANGES = {"resume", "stop_after", "progress", "pictures", "out", "threads", "data_dir", "download",
-                      "eval_batch_size"}
+_RESUMABLE_CHANGES = {"resume", "overwrite", "stop_after", "progress", "pictures", "out", "threads", "data_dir",
+                      "download", "eval_batch_size"}
+
+# What a checkpoint holds (all of it tensors and plain data).
+_CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "learner", "rng", "epoch", "rows", "train_seconds", "config")
+
+# The files of a run in its folder; overwrite=True deletes them before a new run starts, so that
+# none of the previous run's is left beside (or mistaken for) the new run's.
+_RUN_FILES = ("checkpoint.pt", "log.csv", "report.json", "masks.png", "budgets.png")
+
+
+def _previous_run(config: TrainConfig, out: Path, checkpoint_path: Path, main: bool) -> dict | None:
+    """The state to resume from, or None for a new run; raises if ``out`` holds a run that a new
+    one would replace without being told to (``overwrite``, whose deleting waits for
+    :func:`_delete_run_files`, once the new run is ready to train)."""
+    if config.overwrite:
+        return None
+    if not checkpoint_path.exists():
+        if config.resume and main:
+            print(f"no checkpoint in {out}: starting a new run", file=sys.stderr, flush=True)
+        return None
+    if not config.resume:
+        raise FileExistsError(f"{out} already holds a run ({checkpoint_path.name}): pass --resume to continue it or "
+                              "--overwrite to start afresh")
+    state = _read_checkpoint(checkpoint_path)
+    _check_same_run(state["config"], config, checkpoint_path)
+    return state
+
+
+def _delete_run_files(out: Path) -> None:
+    for name in _RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+    for events in (out / "tensorboard").glob("events.out.tfevents.*"):
+        events.unlink()
+
+
+def _read_checkpoint(path: Path) -> dict:
+    """The state saved in ``path``, loaded with ``weights_only=True`` (tensors and plain data only,
+    so a checkpoint from elsewhere cannot run code); a ValueError naming the file if it is not a
+    checkpoint of this recipe."""
+    with open(path, "rb") as handle:  # a file that cannot be opened: the OSError names it and why
+        try:
+            state = torch.load(handle, map_location="cpu", weights_only=True)
+        except Exception as error:  # torch's messages name neither the file nor the problem plainly
+            if "Weights only load failed" in str(error):
+                reason = "it holds objects other than tensors and plain data, not loaded as they could run code"
+            else:
+                reason = "it is not a file written by torch.save, or a truncated one"
+            raise ValueError(f"cannot resume (--resume) from {path}: {reason}") from error
+    if not isinstance(state, dict) or not set(_CHECKPOINT_KEYS) <= set(state) or not isinstance(state["config"], dict):
+        raise ValueError(f"cannot resume (--resume) from {path}: it is not a checkpoint of gblr train")
+    return state
 
 
 def _check_same_run(saved: dict, config: TrainConfig, path: Path) -> None:
