@@ -91,3 +91,19 @@ def test_calibration_counts_only_real_tokens_of_masked_batches():
     real.update(hidden[mask.bool()])
     expected = gblr.relative_error(original, model.proj.weight.detach(), real)
     assert report["proj"].relative_error == pytest.approx(expected, rel=1e-9)
+
+
+def test_nan_in_a_calibration_batch_names_the_layer_and_the_batch():
+    # It used to fail in an SVD, naming neither.
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    batches = [torch.randn(3, 8) for _ in range(3)]
+    batches[2][1, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"calibration batch 2 \(counting from 0\): the inputs of layer '0': "
+                                         r"activations contain NaN or infinite values"):
+        quiet(model, gblr.GBLRConfig(**SVD), calibration=batches)
+    assert all(type(module) is not gblr.GBLRLinear for module in model)
+    assert all(len(module._forward_pre_hooks) == 0 for module in model.modules())
+    stats = gblr.InputStats(8)
+    with pytest.raises(ValueError, match="activations contain NaN"):
+        stats.update(batches[2])
+    assert stats.tokens == 0

@@ -133,3 +133,21 @@ def test_tiny_bert_converts_with_dict_calibration():
     assert all(0 <= row.relative_error < 1 for row in report.layers)
     output = model(**batches[0]).last_hidden_state
     assert output.shape == (2, 8, 32) and torch.isfinite(output).all()
+
+
+@pytest.mark.parametrize("config", [{"method": "gblr"}, {"method": "svd"}, UNIFORM_SVD])
+def test_a_ratio_below_what_rank_one_reaches_warns(config):
+    # convert_ used to give 0.047 for a requested 1e-6 without a word.
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32))
+    with pytest.warns(UserWarning, match=r"flops_ratio=1e-06 is below the smallest ratio the targeted layers can "
+                                         r"reach, 0.04688 of their dense MACs"):
+        report = quiet(model, gblr.GBLRConfig(flops_ratio=1e-6, **config))
+    assert report.flops_ratio == pytest.approx(0.046875)
+
+
+def test_layers_left_without_any_block_are_named_in_a_warning():
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32))
+    with pytest.warns(UserWarning, match=r"2 layer\(s\) got no block at their ratio and now output only their bias: "
+                                         r"0, 2"):
+        report = quiet(model, gblr.GBLRConfig(flops_ratio=1e-6, allocation="uniform"))
+    assert report.flops_ratio == 0.0

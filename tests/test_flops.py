@@ -50,6 +50,16 @@ def test_a_model_without_gblr_layers_reports_nothing():
     assert len(report) == 0 and report.gblr_macs == 0
 
 
+def test_the_ratio_of_a_model_without_structured_layers_is_an_error_not_nan():
+    # It used to be nan.
+    report = gblr.flops_report(nn.Sequential(nn.Linear(3, 3)))
+    message = r"the model has no structured layers .* gblr.convert_ .* include_dense=True"
+    for read in (lambda: report.ratio, lambda: str(report), report.to_dict):
+        with pytest.raises(ValueError, match=message):
+            read()
+    assert gblr.flops_report(nn.Sequential(nn.Linear(3, 3)), include_dense=True).ratio == 1.0
+
+
 def test_report_needs_a_module():
     with pytest.raises(TypeError, match="nn.Module"):
         gblr.flops_report("model")

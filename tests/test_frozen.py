@@ -1,6 +1,8 @@
 """The deployed layer (gblr.frozen): freezing keeps outputs and cost, merges supports, and
 its inference paths agree, cache correctly and train through the reference path."""
 
+import copy
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -33,6 +35,7 @@ def outputs_by_path(layer, x):
     seed=st.integers(0, 2**16),
 )
 def test_freeze_is_equivalent(in_features, out_features, components, rank, bias, seed):
+    rank = min(rank, in_features, out_features)  # a larger rank is refused (tests/test_bad_inputs.py)
     generator = torch.Generator().manual_seed(seed)
     layer = GBLRLinear(in_features, out_features, bias=bias, components=components, rank=rank, dtype=torch.float64)
     random_structure(layer, generator)
@@ -128,7 +131,7 @@ def test_cached_tiles_follow_edits_training_steps_loads_and_dtype_changes():
         torch.testing.assert_close(trained, layer(x))
     # so does loading a state dict
     layer.kernel = "tiled"
-    state = {key: value * 0.5 for key, value in layer.state_dict().items()}
+    state = {key: value * 0.5 if value.is_floating_point() else value for key, value in layer.state_dict().items()}
     layer.load_state_dict(state)
     with torch.no_grad():
         loaded = layer(x)
@@ -165,3 +168,156 @@ def test_dtype_and_device_follow_module_casts_even_without_blocks():
     frozen = frozen.to(torch.float64)
     assert frozen.dtype == torch.float64
     assert frozen.weight.dtype == torch.float64 and torch.equal(frozen.weight, torch.zeros(4, 6, dtype=torch.float64))
+
+
+# -- bad inputs, supports in the state, casts (the reliability issue) --------------------------------
+
+
+def test_integer_and_other_dtype_inputs_are_refused():
+    # An integer input used to give only the bias; a float64 one computed silently in float64.
+    frozen = GBLRLinear(16, 8).freeze()
+    with pytest.raises(ValueError, match=r"floating point tensor of dtype torch.float32.*got torch.int64"):
+        frozen(torch.randint(-3, 4, (2, 16)))
+    with pytest.raises(ValueError, match=r"input has dtype torch.float64 but FrozenGBLRLinear\(in_features=16, "
+                                         r"out_features=8\) has dtype torch.float32"):
+        frozen(torch.randn(2, 16, dtype=torch.float64))
+    frozen.kernel = "reference"
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():  # autocast decides, as before
+        frozen(torch.randn(2, 16, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("kernel", ["auto", "reference", *MEASURED_PATHS])
+@pytest.mark.parametrize("shape", [(0, 12), (2, 0, 12)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_an_empty_batch_gives_an_empty_output_on_every_path(kernel, shape, bias):
+    # kernel="auto" and "tiled-batched" used to fail with "cannot reshape tensor of 0 elements".
+    layer = frozen_layer(16, 12, [(2, 6, 3, 5, 1), (0, 16, 0, 12, 2)], kernel=kernel, bias=bias)
+    x = torch.randn(shape, dtype=torch.float64)
+    with torch.no_grad():
+        y = layer(x)
+        assert y.shape == (*shape[:-1], 16) == torch.nn.functional.linear(x, layer.weight, layer.bias).shape
+        if kernel != "auto":
+            assert layer.run(kernel, x.reshape(0, 12)).shape == (0, 16)
+    assert layer.choices == {}  # nothing timed on zero rows
+    y = layer(x)  # with autograd: the reference path
+    assert y.shape == (*shape[:-1], 16)
+
+
+def two_frozen_layers_with_other_supports():
+    torch.manual_seed(0)
+    layer = GBLRLinear(16, 8, init_flops_ratio=0.4)
+    other = GBLRLinear(16, 8, init_flops_ratio=0.4)
+    with torch.no_grad():
+        for mine, theirs in zip(other.structural_parameters(), layer.structural_parameters()):
+            mine.copy_(theirs)
+        other.in_location.add_(0.25)  # same block shapes, other places
+    return layer.freeze(), other.freeze()
+
+
+def test_loading_the_state_of_other_supports_is_refused():
+    # It used to report all keys matched and give other outputs (up to 0.54 apart).
+    frozen, other = two_frozen_layers_with_other_supports()
+    assert [(s.in_width, s.out_width) for s in frozen.supports] == [(s.in_width, s.out_width) for s in other.supports]
+    index = next(i for i, (a, b) in enumerate(zip(frozen.supports, other.supports)) if a != b)
+    before = {key: value.clone() for key, value in frozen.state_dict().items()}
+    with pytest.raises(RuntimeError, match=rf"FrozenGBLRLinear\(in_features=16, out_features=8\).*block {index} "
+                                           r"differs: the state dict has Support\("):
+        frozen.load_state_dict(other.state_dict())
+    for key, value in frozen.state_dict().items():  # nothing was loaded
+        assert torch.equal(value, before[key]), key
+    fewer = frozen_layer(8, 16, [(0, 8, 0, 16, 1)], dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="the state dict has 1 blocks, this layer"):
+        frozen.load_state_dict(fewer.state_dict())
+
+
+def test_supports_are_state_and_older_state_dicts_still_load():
+    frozen, _ = two_frozen_layers_with_other_supports()
+    state = frozen.state_dict()
+    rows = [[s.in_start, s.in_width, s.out_start, s.out_width] for s in frozen.supports]
+    assert state["block_supports"].dtype == torch.int64 and state["block_supports"].tolist() == rows
+    x = torch.randn(3, 16)
+    older = frozen_like(frozen)
+    result = older.load_state_dict({key: value for key, value in state.items() if key != "block_supports"})
+    assert not result.missing_keys and not result.unexpected_keys  # written before supports were state
+    with torch.no_grad():
+        assert torch.equal(older(x), frozen(x))
+    # deepcopy, casts and to_empty keep the buffer equal to the supports
+    assert copy.deepcopy(frozen).state_dict()["block_supports"].tolist() == rows
+    assert frozen.double().state_dict()["block_supports"].dtype == torch.int64
+    empty = frozen_like(frozen, device="meta").to_empty(device="cpu")
+    assert empty.state_dict()["block_supports"].tolist() == rows
+    empty.load_state_dict(frozen.float().state_dict())
+
+
+def frozen_like(frozen, device=None):
+    """A fresh frozen layer with ``frozen``'s structure and random factors (a dense block given
+    as factors of full rank, which the constructor multiplies out again)."""
+    blocks = []
+    for support, left, right in frozen.blocks():
+        rank = min(support.in_width, support.out_width) if right is None else left.shape[1]
+        blocks.append((support, torch.randn(support.out_width, rank, device=device),
+                       torch.randn(rank, support.in_width, device=device)))
+    bias = None if frozen.bias is None else torch.zeros(frozen.out_features, device=device)
+    return FrozenGBLRLinear(frozen.in_features, frozen.out_features, blocks, bias, device=device)
+
+
+CAST_STEPS = {
+    "to float16": lambda model, device: model.to(torch.float16),
+    "to bfloat16": lambda model, device: model.to(torch.bfloat16),
+    "to float64": lambda model, device: model.to(torch.float64),
+    "to float32": lambda model, device: model.to(torch.float32),
+    "half": lambda model, device: model.half(),
+    "bfloat16": lambda model, device: model.bfloat16(),
+    "double": lambda model, device: model.double(),
+    "float": lambda model, device: model.float(),
+    "to device": lambda model, device: model.to(device),
+    "to device, float16": lambda model, device: model.to(device, torch.float16),
+    "to device, float64": lambda model, device: model.to(device, torch.float64),
+}
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def block_supports_of(model):
+    return [(layer.supports, layer.block_supports.tolist()) for layer in model if isinstance(layer, FrozenGBLRLinear)]
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    sizes=st.tuples(st.sampled_from([3, 17, 40]), st.sampled_from([3, 40, 3072]), st.sampled_from([3, 17, 40])),
+    casts=st.lists(st.sampled_from(sorted(CAST_STEPS)), min_size=1, max_size=3),
+    device=st.sampled_from(DEVICES),
+    seed=st.integers(0, 2**16),
+)
+def test_casts_keep_supports_and_frozen_state_round_trips_exactly(sizes, casts, device, seed):
+    # Any module-wide dtype or device cast keeps every layer's supports exactly (a cast to half
+    # precision used to move the locations of trainable layers), and a frozen model's state dict
+    # loads into a freshly frozen model of the same structure with exactly the same outputs.
+    a, b, c = sizes
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    trainable = GBLRLinear(a, b, components=min(a, b, 8))
+    random_structure(trainable, generator)
+    frozen = GBLRLinear(b, c, components=min(b, c, 8))
+    random_structure(frozen, generator)
+    model = nn.Sequential(trainable, nn.ReLU(), frozen.freeze())
+    supports = trainable.supports()
+    frozen_supports = trainable.freeze().supports
+    blocks = block_supports_of(model)
+    for cast in casts:
+        CAST_STEPS[cast](model, device)
+    assert all(torch.equal(got, expected.to(got.device)) for got, expected in zip(trainable.supports(), supports))
+    assert trainable.freeze().supports == frozen_supports
+    assert block_supports_of(model) == blocks
+
+    deployed = gblr.freeze_(copy.deepcopy(model))
+    fresh = copy.deepcopy(model)  # the same structure, other values
+    with torch.no_grad():
+        for parameter in [*fresh[0].content_parameters(), *fresh[2].parameters()]:
+            parameter.copy_(torch.randn(parameter.shape))
+    gblr.freeze_(fresh)
+    fresh.load_state_dict(deployed.state_dict())
+    for layer in (deployed[0], deployed[2], fresh[0], fresh[2]):
+        layer.kernel = "reference"
+    x = torch.randn(4, a, generator=generator).to(device, fresh[0].dtype)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), deployed(x))

@@ -240,3 +240,40 @@ def test_lambda_search_is_precise_when_the_reach_is_a_millionfold_larger(answer)
     assert answer <= found <= answer * (1 + 1e-5)
     assert calls == [33] * 5
     assert _first_true(lambda lams: lams >= 2e6, 1e6) == 1e6  # never true: the upper end
+
+
+# -- bad inputs (the reliability issue) ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argument", ["lr", "struct_lr", "weight_decay"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), -1.0, True, "0.1"])
+def test_param_groups_refuse_non_finite_or_negative_rates(argument, value):
+    # lr=inf used to be accepted.
+    kwargs = {"lr": 1e-3, argument: value}
+    with pytest.raises(ValueError, match=rf"^{argument} must be a finite number"):
+        gblr.param_groups(gblr.GBLRLinear(4, 4), **kwargs)
+
+
+def test_a_nan_width_after_the_optimizer_step_is_named_by_the_learner():
+    model = nn.Sequential(gblr.GBLRLinear(8, 8), nn.ReLU(), gblr.GBLRLinear(8, 4))
+    optimizer = torch.optim.SGD(gblr.param_groups(model, lr=0.1), lr=0.1)
+    learner = gblr.StructureLearner(model, optimizer, flops_target=0.5, total_steps=10)
+    x = torch.randn(4, 8)
+    x[0, 0] = float("nan")  # one NaN input: NaN gradients, NaN widths after the step
+    model(x).sum().backward()
+    optimizer.step()
+    with pytest.raises(ValueError, match=r"layer '0' \(GBLRLinear\(in_features=8, out_features=8\)\): in_width, "
+                                         r"in_location, out_width, out_location contain NaN or infinite values after "
+                                         r"the optimizer step \(1 more layer\(s\) affected\); probably from a "
+                                         r"non-finite loss or gradient; lower the learning rate"):
+        learner.step()
+
+
+def test_the_learner_says_when_the_structure_does_not_require_gradients():
+    # It used to blame param_groups.
+    model = nn.Sequential(gblr.GBLRLinear(8, 8))
+    model.requires_grad_(False)
+    model[0].u.requires_grad_(True)
+    optimizer = torch.optim.AdamW(gblr.param_groups(model, lr=1e-3))
+    with pytest.raises(ValueError, match=r"widths and locations of 1 GBLR layer\(s\) \('0'\) have requires_grad=False"):
+        gblr.StructureLearner(model, optimizer, flops_target=0.5, total_steps=10)

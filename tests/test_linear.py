@@ -1,4 +1,5 @@
 import io
+import re
 
 import pytest
 import torch
@@ -93,6 +94,7 @@ def test_dtypes(dtype):
     sigma=st.one_of(st.none(), st.floats(0.5, 200.0)),
 )
 def test_state_dict_round_trip(in_features, out_features, components, rank, bias, sigma):
+    rank = min(rank, in_features, out_features)  # a larger rank is refused (tests/test_bad_inputs.py)
     source = GBLRLinear(in_features, out_features, bias=bias, components=components, rank=rank, sigma=sigma)
     with torch.no_grad():
         for parameter in source.structural_parameters():
@@ -254,3 +256,132 @@ def test_cuda_autocast_matches_float32(dtype):
     layer(x).square().sum().backward()
     for got, expected in zip(low, (x.grad, *(p.grad for p in layer.parameters()))):
         torch.testing.assert_close(got, expected, rtol=0, atol=3e-2 * expected.abs().max().item())
+
+
+# -- bad inputs and casts (the reliability issue) -------------------------------------------------
+
+
+def test_integer_inputs_are_refused_naming_the_expected_dtype():
+    # They used to give int64 zeros (nn.Linear raises).
+    layer = GBLRLinear(16, 8)
+    with pytest.raises(ValueError, match=r"floating point tensor of dtype torch.float32.*got torch.int64"):
+        layer(torch.randint(-3, 4, (2, 16)))
+
+
+def test_an_input_of_another_dtype_is_refused_unless_autocast_is_on():
+    # A float64 input into a float32 layer used to compute silently in float64.
+    layer = GBLRLinear(16, 8)
+    x = torch.randn(2, 16, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"input has dtype torch.float64 but GBLRLinear\(in_features=16, "
+                                         r"out_features=8\) has dtype torch.float32"):
+        layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast chooses the compute dtype, as before
+        assert layer(x).dtype == torch.bfloat16
+    assert layer(x.float()).dtype == torch.float32
+
+
+@pytest.mark.parametrize("shape", [(0, 16), (3, 0, 16)])
+@pytest.mark.parametrize("grad", [True, False])
+def test_an_empty_batch_gives_an_empty_output(shape, grad):
+    layer = GBLRLinear(16, 8, sigma=5.0)
+    with torch.set_grad_enabled(grad):
+        y = layer(torch.randn(shape))
+    assert y.shape == (*shape[:-1], 8)
+    if grad:
+        y.sum().backward()
+        assert torch.equal(layer.u.grad, torch.zeros_like(layer.u))
+
+
+def test_rank_above_the_smaller_side_is_refused():
+    with pytest.raises(ValueError, match=r"rank must be at most min\(in_features, out_features\) = 8, got 1000000"):
+        GBLRLinear(16, 8, rank=10**6)
+    assert GBLRLinear(16, 8, rank=8).rank == 8
+
+
+CASTS = {
+    "half": lambda m: m.half(),
+    "bfloat16": lambda m: m.bfloat16(),
+    "to float16": lambda m: m.to(torch.float16),
+    "to bfloat16": lambda m: m.to(torch.bfloat16),
+    "to cpu, float16": lambda m: m.to("cpu", torch.float16),
+    "to dtype=": lambda m: m.to(dtype=torch.bfloat16),
+    "double then float": lambda m: m.double().float(),
+    "double then half": lambda m: m.double().half(),
+    "type": lambda m: m.type(torch.float16),
+}
+
+
+@pytest.mark.parametrize("conversion", ["set data", "overwrite", "swap"])
+@pytest.mark.parametrize("cast", CASTS.values(), ids=CASTS.keys())
+def test_casts_keep_the_structure(cast, conversion, monkeypatch):
+    # At 3072 outputs float16 cannot hold a location (1/3072): a cast used to move 182 of 768
+    # locations of a 3072x768 layer (544 in bfloat16). The structure keeps float32 instead, with
+    # each of torch.__future__'s ways of converting module parameters.
+    overwrite = conversion == "overwrite"
+    monkeypatch.setattr(torch.__future__, "get_overwrite_module_params_on_conversion", lambda: overwrite)
+    monkeypatch.setattr(torch.__future__, "get_swap_module_params_on_conversion", lambda: conversion == "swap")
+    torch.manual_seed(0)
+    layer = GBLRLinear(16, 3072, components=64, init_flops_ratio=0.1)
+    layer(torch.randn(2, 16)).sum().backward()
+    before = [p.detach().clone() for p in layer.structural_parameters()]
+    supports = layer.supports()
+    frozen = layer.freeze().supports
+    objects = [id(p) for p in layer.structural_parameters()]
+    model = nn.Sequential(layer)
+    cast(model)
+    content = layer.u.dtype
+    assert layer.in_width.dtype == (torch.float64 if content == torch.float64 else torch.float32)
+    for parameter, value in zip(layer.structural_parameters(), before):
+        assert torch.equal(parameter.detach().to(value.dtype), value)  # not rounded through half precision
+        assert parameter.grad is not None and parameter.grad.dtype == parameter.dtype
+    for got, expected in zip(layer.supports(), supports):
+        assert torch.equal(got, expected)
+    assert layer.freeze().supports == frozen
+    if not overwrite:  # optimizers hold the Parameter objects
+        assert [id(p) for p in layer.structural_parameters()] == objects
+    assert list(dict(layer.named_parameters())) == ["in_width", "in_location", "out_width", "out_location", "u", "v",
+                                                     "bias"]
+    assert layer.bias.dtype == content
+
+
+def test_a_cast_to_float64_and_back_and_to_empty_follow_the_content():
+    layer = GBLRLinear(12, 10).double()
+    assert layer.u.dtype == layer.in_width.dtype == torch.float64
+    layer.float()
+    assert layer.u.dtype == layer.in_width.dtype == torch.float32
+    meta = GBLRLinear(12, 10, device="meta", dtype=torch.float16).to_empty(device="cpu")
+    assert meta.in_width.dtype == torch.float32 and meta.in_width.device.type == "cpu"
+
+
+def nan_layer():
+    layer = GBLRLinear(16, 8)
+    with torch.no_grad():
+        layer.in_width[3] = float("nan")
+    return layer
+
+
+@pytest.mark.parametrize("use", ["forward", "flops()", "freeze()", "supports()", "weight"])
+def test_a_nan_width_is_refused_where_it_is_used(use):
+    # It used to give IndexError in the forward pass, flops() == 0 and flops_ratio=0.000.
+    layer = nan_layer()
+    call = {
+        "forward": lambda: layer(torch.randn(2, 16)),
+        "flops()": layer.flops,
+        "freeze()": layer.freeze,
+        "supports()": layer.supports,
+        "weight": lambda: layer.weight,
+    }[use]
+    with pytest.raises(ValueError, match=rf"GBLRLinear\(in_features=16, out_features=8\): in_width contain NaN or "
+                                         rf"infinite values in {re.escape(use)}"):
+        call()
+    assert "flops_ratio=invalid (non-finite widths or locations)" in repr(layer)
+
+
+def test_a_nan_width_in_a_state_dict_is_refused_on_loading():
+    state = nan_layer().state_dict()
+    layer = GBLRLinear(16, 8)
+    before = layer.in_width.detach().clone()
+    with pytest.raises(RuntimeError, match=r"GBLRLinear\(in_features=16, out_features=8\).*in_width in the state "
+                                           r"dict contain NaN"):
+        layer.load_state_dict(state)
+    assert torch.equal(layer.in_width.detach(), before)  # left as it was

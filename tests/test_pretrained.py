@@ -111,3 +111,39 @@ def test_save_and_load_without_safetensors_say_what_to_install(tmp_path, monkeyp
         gblr.save_pretrained(small_model(0), tmp_path)
     with pytest.raises(ImportError, match=r"pip install gblr\[hf\]"):
         gblr.load_pretrained(small_model(0), tmp_path)
+
+
+def test_a_nan_width_in_the_file_is_refused_naming_the_layer_and_the_file(tmp_path):
+    # It used to be accepted, and failed later in the forward pass.
+    safetensors = pytest.importorskip("safetensors.torch")
+    model = small_model(0)
+    quiet(model, gblr.GBLRConfig(flops_ratio=0.5, **UNIFORM_SVD))
+    gblr.save_pretrained(model, tmp_path)
+    path = tmp_path / "gblr_layers.safetensors"
+    tensors = safetensors.load_file(str(path))
+    tensors["2.out_location"][0] = float("nan")
+    safetensors.save_file(tensors, str(path))
+    base = small_model(1)
+    with pytest.raises(ValueError, match=r"layer '2' \(GBLRLinear\(in_features=24, out_features=8\)\): out_location "
+                                         r"contain NaN or infinite values as loaded from .*gblr_layers.safetensors"):
+        gblr.load_pretrained(base, tmp_path)
+    assert type(base[2]) is nn.Linear  # nothing replaced
+
+
+def test_frozen_supports_come_from_the_json_not_the_tensors_file(tmp_path):
+    # The supports buffer of frozen layers is rebuilt from gblr_config.json, so the tensors file
+    # is as before and folders written before the buffer existed load unchanged.
+    safetensors = pytest.importorskip("safetensors.torch")
+    model = small_model(0)
+    quiet(model, gblr.GBLRConfig(flops_ratio=0.5, **UNIFORM_SVD))
+    gblr.freeze_(model)
+    gblr.save_pretrained(model, tmp_path)
+    stored = safetensors.load_file(str(tmp_path / "gblr_layers.safetensors"))
+    assert not any(key.endswith("block_supports") for key in stored)
+    loaded = gblr.load_pretrained(small_model(1), tmp_path)
+    assert loaded[0].block_supports.tolist() == model[0].block_supports.tolist()
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    fresh = gblr.load_pretrained(small_model(2), tmp_path)
+    fresh.load_state_dict(model.state_dict())  # the supports in the state match

@@ -7,12 +7,15 @@ import pytest
 import torch
 
 from gblr._validation import (
+    check_finite_number,
     check_flops_ratio,
     check_input,
+    check_input_dtype,
     check_matrix,
     check_positive_int,
     check_share,
     check_sigma,
+    layer_name,
 )
 
 NAN, INF = float("nan"), float("inf")
@@ -127,3 +130,35 @@ def test_messages_name_the_argument_they_were_given():
                   lambda name: check_flops_ratio(2, name), lambda name: check_matrix(name, torch.zeros(3))):
         with pytest.raises(ValueError, match=r"^my_arg "):
             check("my_arg")
+
+
+def test_check_input_refuses_what_is_not_a_tensor():
+    with pytest.raises(TypeError, match=r"^input must be a torch.Tensor, got list$"):
+        check_input([0.0] * 5, 5)
+
+
+def test_check_input_dtype_refuses_integers_and_other_dtypes_outside_autocast():
+    assert check_input_dtype(torch.zeros(2, 3), torch.float32, "L") is None
+    with pytest.raises(ValueError, match=r"^input must be a floating point tensor of dtype torch.float32 \(the dtype "
+                                         r"of L\), got torch.int32"):
+        check_input_dtype(torch.zeros(2, 3, dtype=torch.int32), torch.float32, "L")
+    with pytest.raises(ValueError, match=r"^input has dtype torch.float16 but L has dtype torch.float32"):
+        check_input_dtype(torch.zeros(2, 3, dtype=torch.float16), torch.float32, "L")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert check_input_dtype(torch.zeros(2, 3, dtype=torch.float16), torch.float32, "L") is None
+
+
+@pytest.mark.parametrize("value", [NAN, INF, -INF, -1.0, True, "1", None])
+def test_check_finite_number_rejects(value):
+    with pytest.raises(ValueError, match=rf"^lr must be a finite number >= 0, got {re.escape(repr(value))}$"):
+        check_finite_number("lr", value)
+
+
+def test_check_finite_number_bounds():
+    assert check_finite_number("lr", 0.0) == 0.0 and check_finite_number("lr", 3) == 3
+    with pytest.raises(ValueError, match=r"^lr must be a finite number > 0, got 0$"):
+        check_finite_number("lr", 0, allow_minimum=False)
+
+
+def test_layer_name_names_class_and_shape():
+    assert layer_name(torch.nn.Linear(3, 2)) == "Linear(in_features=3, out_features=2)"

@@ -106,6 +106,7 @@ def plan_targets(
     pool: list[Target] = []  # the layers that share the global budget
     dense_macs = 0  # of the layers without override
     kept_dense_macs = 0  # of those, kept dense before allocation
+    rank_one_macs = 0  # of those, what rank 1 costs in each of the others
     for target in targets:
         m, n = target.out_features, target.in_features
         override = next(
@@ -123,13 +124,26 @@ def plan_targets(
             kept_dense_macs += m * n if override is None else 0
         elif override is not None:
             plans[target.name] = Plan(override, "override ratio 1" if override >= 1 else None)
-        elif config.allocation == "uniform":
-            plans[target.name] = Plan(config.flops_ratio, "flops_ratio 1" if config.flops_ratio >= 1 else None)
         else:
-            pool.append(target)
+            rank_one_macs += low_rank_macs(1, m, n)
+            if config.allocation == "uniform":
+                plans[target.name] = Plan(config.flops_ratio, "flops_ratio 1" if config.flops_ratio >= 1 else None)
+            else:
+                pool.append(target)
     for pattern in config.overrides:
         if not any(name_matches(target.names, pattern) for target in targets):
             warnings.warn(f"overrides pattern {pattern!r} matches no target layer", stacklevel=3)
+    # Where every layer gets at least rank 1 (the error allocation, or the SVD method), a smaller
+    # ratio cannot be met: say so instead of returning more than was asked for. (Uniform GBLR
+    # spends small ratios on partial blocks; convert_ warns about layers left empty.)
+    reachable = (rank_one_macs + kept_dense_macs) / dense_macs if dense_macs else 0.0
+    if config.flops_ratio < reachable and (config.allocation == "error" or config.method == "svd"):
+        warnings.warn(
+            f"flops_ratio={config.flops_ratio:g} is below the smallest ratio the targeted layers can reach, "
+            f"{reachable:.4g} of their dense MACs (one rank-1 component each; layers kept dense at their dense cost), "
+            "which is about what they get",
+            stacklevel=3,
+        )
     if not pool:
         return plans
     shapes = [(target.out_features, target.in_features) for target in pool]

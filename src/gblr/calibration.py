@@ -50,7 +50,11 @@ class InputStats:
     def update(self, x: torch.Tensor) -> None:
         if x.shape[-1] != self.features:
             raise ValueError(f"activations must have {self.features} features in the last dimension, got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"activations must be a floating point tensor, got {x.dtype}")
         flat = x.detach().reshape(-1, self.features).to(self.sum.device, torch.float64)
+        if not bool(torch.isfinite(flat).all()):  # one NaN would poison C and every SVD built on it
+            raise ValueError("activations contain NaN or infinite values")
         self.sum.addmm_(flat.T, flat)
         self.tokens += flat.shape[0]
 
@@ -97,25 +101,31 @@ def collect_stats(
     }
 
     tokens: dict[str, torch.Tensor | None] = {"mask": None}
+    batches = 0
 
-    def hook_for(layer_stats: InputStats):
+    def hook_for(name: str, layer_stats: InputStats):
         def hook(module, args, kwargs):
             inputs = args[0] if args else next(iter(kwargs.values()), None)
             if isinstance(inputs, torch.Tensor):
                 mask = tokens["mask"]
                 if mask is not None and inputs.shape[:-1] == mask.shape:
                     inputs = inputs[mask]  # real tokens only: padding never reaches the output
-                layer_stats.update(inputs)
+                try:
+                    layer_stats.update(inputs)
+                except ValueError as error:  # say where: which layer, which batch
+                    raise ValueError(f"calibration batch {batches} (counting from 0): the inputs of layer {name!r}: "
+                                     f"{error}") from None
 
         return hook
 
     modes = [(module, module.training) for module in model.modules()]
     device = module_device(model)
     handles = []
-    batches = 0
     try:
         for target in targets:
-            handles.append(target.module.register_forward_pre_hook(hook_for(stats[target.name]), with_kwargs=True))
+            handles.append(
+                target.module.register_forward_pre_hook(hook_for(target.name, stats[target.name]), with_kwargs=True)
+            )
         model.eval()
         try:
             total = len(calibration)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -230,6 +231,13 @@ def convert_(
         if target.name in new_layers:
             for path in target.names:
                 replace_module(model, path, new_layers[target.name])
+    empty = [row.name for row in rows if row.skipped is None and row.flops == 0]
+    if empty:
+        warnings.warn(
+            f"{len(empty)} layer(s) got no block at their ratio and now output only their bias: "
+            f"{', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''} (raise flops_ratio or use allocation='error')",
+            stacklevel=2,
+        )
     report = ConversionReport(
         tuple(rows), config.flops_ratio, config.allocation, config.method, bool(stats), time.perf_counter() - start
     )

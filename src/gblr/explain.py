@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 
 from torch import nn
 
@@ -65,9 +66,14 @@ class Explanation:
 def explain(model: nn.Module, tokens=(1, 16, 256, 4096)) -> Explanation:
     """Measure and report the inference path of every GBLR layer of ``model`` at each token
     count in ``tokens`` (random inputs on the layer's device and dtype)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(tokens, (str, bytes)) or not hasattr(tokens, "__iter__"):
+        raise ValueError(f"tokens must be a sequence of positive ints (token counts), got {tokens!r}")
+    tokens = tuple(tokens)
+    if not tokens or not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) and t > 0 for t in tokens):
+        raise ValueError(f"tokens must be a sequence of positive ints (token counts), got {tokens!r}")
     tokens = tuple(int(t) for t in tokens)
-    if not tokens or any(t <= 0 for t in tokens):
-        raise ValueError(f"tokens must be positive token counts, got {tokens!r}")
     rows = []
     for name, module in model.named_modules():
         if isinstance(module, FrozenGBLRLinear):

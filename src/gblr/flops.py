@@ -180,8 +180,16 @@ class FlopsReport:
 
     @property
     def ratio(self) -> float:
-        """Global FLOPs ratio of the GBLR layers, each weighted by its dense size."""
-        return self.gblr_macs / self.dense_macs if self.layers else float("nan")
+        """Global FLOPs ratio of the GBLR layers, each weighted by its dense size. A report
+        without layers has none: a ValueError (so do ``str()`` and :meth:`to_dict`) instead of
+        NaN; its rows (none) and MAC sums (0) stay readable."""
+        if not self.layers:
+            raise ValueError(
+                "the model has no structured layers (GBLRLinear, FrozenGBLRLinear or a gblr.baselines layer), so "
+                "it has no FLOPs ratio: convert its linear layers with gblr.convert_ or build them as "
+                "gblr.GBLRLinear, or pass include_dense=True to count nn.Linear layers at ratio 1"
+            )
+        return self.gblr_macs / self.dense_macs
 
     def __iter__(self) -> Iterator[LayerFlops]:
         return iter(self.layers)
@@ -247,10 +255,14 @@ def flops_report(model: nn.Module, include_dense: bool = False) -> FlopsReport:
 
     Returns a :class:`FlopsReport`: iterate it for per-layer rows (name, shape, dense and
     structured MACs, ratio), read ``.ratio`` for the global FLOPs ratio, ``.to_dict()`` for
-    data, or ``print()`` it for a table.
+    data, or ``print()`` it for a table. A model without structured layers gives an empty report
+    (no rows, 0 MACs) whose ``.ratio``, ``str()`` and ``.to_dict()`` raise a ValueError saying so:
+    a ratio of nothing is not a number to carry on with.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(include_dense, bool):
+        raise TypeError(f"include_dense must be a bool, got {include_dense!r}")
     layers = []
     for name, module in model.named_modules():
         macs = _structured_macs(module, include_dense)

@@ -14,15 +14,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._validation import check_input, check_positive_int
+from ._validation import check_input, check_input_dtype, check_positive_int, layer_name
 from .flops import Support, cyclic_indices, group_macs
 from .kernels import choice, segmented
 from .kernels.tiled import batch, batched_forward, pack, tiled_forward
 
-__all__ = ["FrozenGBLRLinear", "freeze_", "KERNELS", "COARSE_TILE_FACTOR"]
+__all__ = ["FrozenGBLRLinear", "freeze_", "KERNELS", "COARSE_TILE_FACTOR", "SUPPORTS_KEY"]
 
 KERNELS = choice.KERNELS
 COARSE_TILE_FACTOR = 3  # "tiled-coarse": 3x wider tiles, fewer GEMMs (small token counts), more padding
+SUPPORTS_KEY = "block_supports"  # the state-dict buffer of the block supports, (blocks, 4) int64
 
 
 def _cyclic_ranges(start: int, width: int, size: int) -> list[tuple[int, int, int]]:
@@ -44,6 +45,10 @@ class FrozenGBLRLinear(nn.Module):
     ``left (out_width, R)`` and ``right (R, in_width)``, or one dense ``(out_width, in_width)``
     matrix when that is cheaper (``R * (a + b) >= a * b``). Build it with
     :meth:`GBLRLinear.freeze`.
+
+    The supports are part of the state: the buffer ``block_supports`` (``(blocks, 4)`` int64 rows
+    ``(in_start, in_width, out_start, out_width)``), so ``load_state_dict`` refuses a state of a
+    layer with other supports instead of loading its factors into the wrong blocks.
     """
 
     def __init__(
@@ -68,6 +73,7 @@ class FrozenGBLRLinear(nn.Module):
         # Remembers dtype and device (moved by .to()) even when there are no blocks and no bias.
         self.register_buffer("_like", torch.empty(0, dtype=dtype, device=device), persistent=False)
         self.supports = [support for support, _, _ in blocks]
+        self.register_buffer(SUPPORTS_KEY, self._support_rows(device))
         for index, (support, left, right) in enumerate(blocks):
             rank = left.shape[1]
             if left.shape != (support.out_width, rank) or right.shape != (rank, support.in_width):
@@ -166,9 +172,51 @@ class FrozenGBLRLinear(nn.Module):
         outside autograd (training steps and ``load_state_dict`` do it already)."""
         self._packed.clear()
 
-    def _load_from_state_dict(self, *args, **kwargs):
+    def _support_rows(self, device) -> torch.Tensor:
+        rows = [[s.in_start, s.in_width, s.out_start, s.out_width] for s in self.supports]
+        return torch.tensor(rows, dtype=torch.long, device=device).reshape(len(rows), 4)
+
+    def _apply(self, fn, recurse=True):
+        result = super()._apply(fn, recurse)
+        # The supports buffer mirrors self.supports: rewritten after every conversion, so that
+        # to_empty (used to build layers on the meta device and then load them) leaves no garbage.
+        buffer = getattr(self, SUPPORTS_KEY)
+        if not buffer.is_meta:
+            self._buffers[SUPPORTS_KEY] = self._support_rows(buffer.device)
+        return result
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
         self.refresh()
-        super()._load_from_state_dict(*args, **kwargs)
+        key = prefix + SUPPORTS_KEY
+        if key in state_dict:
+            problem = self._support_mismatch(state_dict[key])
+            if problem is not None:  # nothing of this layer is loaded: its factors belong to other blocks
+                error_msgs.append(
+                    f"{layer_name(self)} at {prefix or '(the root)'!r}: {problem}. A frozen layer loads only the state "
+                    "of a layer with the same block supports: freeze the same trained layer, or rebuild the model "
+                    "with gblr.load_pretrained, which stores the structure"
+                )
+                return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if key not in state_dict and key in missing_keys:
+            # State dicts written before the supports were part of the state have no such key; they
+            # still load (unchecked) so that older checkpoints keep working.
+            missing_keys.remove(key)
+
+    def _support_mismatch(self, value) -> str | None:
+        """Why the supports ``value`` from a state dict differ from this layer's, or None."""
+        if not isinstance(value, torch.Tensor) or value.dim() != 2 or value.shape[1] != 4 or value.is_floating_point():
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            return f"{SUPPORTS_KEY} must be an integer tensor of shape (blocks, 4), got {shape}"
+        theirs = [Support(*row) for row in value.tolist()]
+        if len(theirs) != len(self.supports):
+            return f"the state dict has {len(theirs)} blocks, this layer {len(self.supports)}"
+        for index, (mine, other) in enumerate(zip(self.supports, theirs)):
+            if mine != other:
+                return f"block {index} differs: the state dict has {other}, this layer {mine}"
+        return None
 
     def tiled_product(self, coarse: bool = False):
         """The precomputed tiles of the tiled path (:mod:`gblr.kernels.tiled`) for this layer's
@@ -191,7 +239,11 @@ class FrozenGBLRLinear(nn.Module):
         """The path a forward pass over ``tokens`` rows takes. With ``kernel="auto"`` the paths of
         :func:`gblr.kernels.choice.measured_paths` are timed once per device, dtype and
         power-of-two bucket of token counts (on ``x``, or on random rows), and the fastest is
-        kept in :attr:`choices`."""
+        kept in :attr:`choices`. Zero rows take the reference path (nothing to time)."""
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+            raise ValueError(f"tokens must be a non-negative int, got {tokens!r}")
+        if tokens == 0:
+            return "reference"
         if self.kernel != "auto":
             return self.kernel
         if x is None:
@@ -210,9 +262,12 @@ class FrozenGBLRLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.in_features)
+        check_input_dtype(x, self.dtype, self)
         flat = x.reshape(-1, self.in_features)
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
-        if needs_grad or torch.compiler.is_compiling():
+        if flat.shape[0] == 0:
+            path = self.path_for(0)  # zero rows: the reference path gives the (0, out) zeros
+        elif needs_grad or torch.compiler.is_compiling():
             path = "reference"  # differentiable in the parameters; traceable
             if needs_grad:
                 self.refresh()  # the parameters are about to change: the caches would go stale

@@ -56,9 +56,9 @@ import math
 import torch
 from torch import nn
 
-from ._validation import check_flops_ratio, check_share
+from ._validation import check_finite_number, check_flops_ratio, check_share
 from .flops import group_macs, group_macs_slopes
-from .linear import GBLRLinear, structure_of
+from .linear import GBLRLinear, check_finite_structure, structure_of
 
 __all__ = ["param_groups", "StructureLearner", "SigmaSchedule", "gblr_layers"]
 
@@ -83,10 +83,13 @@ def param_groups(
     ``struct_lr``, default ``lr``; no weight decay; Adam betas ``struct_betas``, by default
     (0, 0.999) as in the paper). Pass them to any torch optimizer, e.g. ``AdamW(groups)``.
     """
-    if not (isinstance(lr, (int, float)) and lr > 0):
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
-    if struct_lr is not None and not (isinstance(struct_lr, (int, float)) and struct_lr >= 0):
-        raise ValueError(f"struct_lr must be a non-negative number or None, got {struct_lr!r}")
+    check_finite_number("lr", lr, 0.0, allow_minimum=False)
+    if struct_lr is not None:
+        check_finite_number("struct_lr", struct_lr)
+    check_finite_number("weight_decay", weight_decay)
+    if not (isinstance(struct_betas, (tuple, list)) and len(struct_betas) == 2 and all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in struct_betas)):
+        raise ValueError(f"struct_betas must be two numbers in [0, 1), got {struct_betas!r}")
     structural_ids = {id(p) for layer in gblr_layers(model) for p in layer.structural_parameters()}
     structural, decay, no_decay = [], [], []
     for parameter in model.parameters():
@@ -179,6 +182,8 @@ class StructureLearner:
         budget_warmup: float = 0.5,
     ) -> None:
         self.layers = gblr_layers(model)
+        names = {id(module): name for name, module in model.named_modules()}
+        self.names = [names[id(layer)] or "(model)" for layer in self.layers]  # for error messages
         if not self.layers:
             raise ValueError("model has no GBLRLinear layers: nothing to learn (see gblr.convert_ or GBLRLinear)")
         self.flops_target = check_flops_ratio(flops_target, "flops_target")
@@ -192,6 +197,8 @@ class StructureLearner:
         self.sigma_schedule = sigma_schedule if sigma_schedule is not None else SigmaSchedule()
         self.budget_warmup = budget_warmup
         self._check_optimizer_holds_structure()
+        check_finite_structure(self.layers, "before the first step", names=self.names,
+                               cause="the model was built or loaded with them; check its checkpoint")
 
         # Per-component constants, flattened over all layers (in the order of structure_of).
         self._group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
@@ -240,6 +247,16 @@ class StructureLearner:
     def _check_optimizer_holds_structure(self) -> None:
         held = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
         missing = [p for layer in self.layers for p in layer.structural_parameters() if id(p) not in held]
+        frozen = [name for name, layer in zip(self.names, self.layers)
+                  if not all(p.requires_grad for p in layer.structural_parameters())]
+        if missing and frozen:  # param_groups leaves out parameters that do not require gradients
+            raise ValueError(
+                f"the widths and locations of {len(frozen)} GBLR layer(s) ({', '.join(map(repr, frozen[:3]))}"
+                f"{', ...' if len(frozen) > 3 else ''}) have requires_grad=False (after model.requires_grad_(False)?), "
+                "so the optimizer cannot hold them and the structure cannot be learned; make them trainable "
+                "(layer.in_width.requires_grad_(True), ... or model.requires_grad_(True)) before building the "
+                "optimizer with gblr.param_groups"
+            )
         if missing:
             raise ValueError(
                 f"optimizer does not hold {len(missing)} structural parameters (widths/locations); "
@@ -321,7 +338,13 @@ class StructureLearner:
     @torch.no_grad()
     def step(self) -> dict[str, float]:
         """Apply the structural step for the optimizer step just taken; returns what it did
-        (``flops_ratio``, ``target``, ``lambda``, ``sigma``)."""
+        (``flops_ratio``, ``target``, ``lambda``, ``sigma``). Non-finite widths or locations
+        (from a non-finite loss or gradient) are refused here, naming the layer: one check for
+        all layers, the one place a training loop on CUDA checks them."""
+        check_finite_structure(
+            self.layers, "after the optimizer step", names=self.names,
+            cause="probably from a non-finite loss or gradient; lower the learning rate or check the data",
+        )
         if self.structure_phase:
             ratio = self.flops_ratio()
             target = self.target_now()

@@ -16,13 +16,23 @@ import math
 import torch
 from torch import nn
 
-from ._validation import check_flops_ratio, check_input, check_positive_int, check_share, check_sigma
+from ._validation import (
+    check_flops_ratio,
+    check_input,
+    check_input_dtype,
+    check_positive_int,
+    check_share,
+    check_sigma,
+    layer_name,
+)
 from .flops import Structure, cyclic_indices, group_macs, square_block_fraction
 from .frozen import FrozenGBLRLinear
 from .masks import element_supports, mask_from_supports, masked_factor
 from .product import PRODUCTS, GBLRProduct, ProductPlan, materialise_is_cheaper
 
-__all__ = ["GBLRLinear", "structure_of"]
+__all__ = ["STRUCTURAL_NAMES", "GBLRLinear", "check_finite_structure", "nonfinite_layers", "structure_of"]
+
+STRUCTURAL_NAMES = ("in_width", "in_location", "out_width", "out_location")
 
 
 def _structure_dtype(dtype: torch.dtype | None) -> torch.dtype:
@@ -49,7 +59,12 @@ class GBLRLinear(nn.Module):
 
     Structural parameters (``in_width``, ``in_location``, ``out_width``, ``out_location``, all
     normalised to ``[0, 1]``) are kept in float32 (float64 for a float64 layer), whatever the
-    layer's dtype; use autocast for half precision.
+    layer's dtype, also through module casts (``.half()``, ``.to(dtype)``, ...); use autocast for
+    half precision. Inputs must have the layer's dtype (or run under autocast), as for
+    ``nn.Linear``. Non-finite widths or locations are refused where they are used: always by
+    ``supports()``, ``flops()`` and ``freeze()``, and by the forward pass on the CPU (on CUDA that
+    check would cost a GPU->CPU synchronisation per call; there :class:`gblr.StructureLearner`
+    checks after each step instead).
     """
 
     def __init__(
@@ -74,6 +89,10 @@ class GBLRLinear(nn.Module):
             components = min(in_features, out_features)
         self.components = check_positive_int("components", components)
         self.rank = check_positive_int("rank", rank)
+        if rank > min(in_features, out_features):  # a block of an (out, in) matrix has at most that rank
+            raise ValueError(
+                f"rank must be at most min(in_features, out_features) = {min(in_features, out_features)}, got {rank}"
+            )
         self.sigma = sigma
         self.init_flops_ratio = check_flops_ratio(init_flops_ratio, "init_flops_ratio")
         self.init_full_width_share = check_share(init_full_width_share, "init_full_width_share")
@@ -152,6 +171,14 @@ class GBLRLinear(nn.Module):
 
     def supports(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Rounded supports in elements: ``(in_width, in_location, out_width, out_location)``."""
+        return self._supports("supports()", always=True)
+
+    def _supports(self, use: str, always: bool):
+        """The rounded supports, after refusing non-finite widths or locations (which would round
+        to garbage indices): ``always``, or only on the CPU outside ``torch.compile``, where the
+        check costs no GPU->CPU synchronisation and no graph break (the forward pass)."""
+        if always or (self.in_width.device.type == "cpu" and not torch.compiler.is_compiling()):
+            check_finite_structure([self], f"in {use}")
         w_in, l_in = element_supports(self.in_width, self.in_location, self.in_features)
         w_out, l_out = element_supports(self.out_width, self.out_location, self.out_features)
         return w_in, l_in, w_out, l_out
@@ -164,7 +191,7 @@ class GBLRLinear(nn.Module):
 
     def masks(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(mask_in (K, in_features), mask_out (K, out_features))`` at the current sigma."""
-        w_in, l_in, w_out, l_out = self.supports()
+        w_in, l_in, w_out, l_out = self._supports("masks()", always=False)
         mask_in = mask_from_supports(self.in_width, self.in_location, self.in_features, self.sigma, w_in, l_in)
         mask_out = mask_from_supports(self.out_width, self.out_location, self.out_features, self.sigma, w_out, l_out)
         return mask_in, mask_out
@@ -175,7 +202,7 @@ class GBLRLinear(nn.Module):
         ``left_t.T @ right`` with the masks applied to ``u`` and ``v`` on the fly
         (:func:`gblr.masks.masked_factor`: no mask tensors, nothing of their size kept for
         backward)."""
-        w_in, l_in, w_out, l_out = self.supports()
+        w_in, l_in, w_out, l_out = self._supports("weight", always=False)
         left = masked_factor(self.u, self.out_width, self.out_location, self.out_features, self.sigma, w_out, l_out, 1)
         right = masked_factor(self.v, self.in_width, self.in_location, self.in_features, self.sigma, w_in, l_in, 2)
         return left.transpose(1, 2).reshape(-1, self.out_features).T @ right.reshape(-1, self.in_features)
@@ -188,7 +215,8 @@ class GBLRLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.in_features)
-        supports = self.supports()
+        check_input_dtype(x, self.u.dtype, self)
+        supports = self._supports("forward", always=False)
         revived = None
         if torch.is_grad_enabled() and self.in_width.requires_grad:
             revived = self.revived_widths(supports)
@@ -216,7 +244,7 @@ class GBLRLinear(nn.Module):
 
     def flops(self) -> int:
         """MACs per input vector of the current (rounded) structure, docs/method.md section 2."""
-        return int(self.structure().layer_macs()[0])
+        return int(structure_of([self], where="in flops()").layer_macs()[0])
 
     def flops_ratio(self) -> float:
         return self.flops() / (self.in_features * self.out_features)
@@ -226,7 +254,7 @@ class GBLRLinear(nn.Module):
         """The deployed form: exact boxcars (``sigma=None``), zero-width components dropped,
         factors cropped to their supports, components with identical supports merged. Its output
         equals this layer's output at ``sigma=None``, and so does its ``flops()``."""
-        groups = self.structure().support_groups()
+        groups = structure_of([self], where="in freeze()").support_groups()
         blocks = []
         for support, members in sorted(groups.items()):
             rows = cyclic_indices(support.out_start, support.out_width, self.out_features, self.u.device)
@@ -241,11 +269,52 @@ class GBLRLinear(nn.Module):
         )
 
     def extra_repr(self) -> str:
+        # a repr must not raise: a non-finite structure is shown, not counted
+        ratio = "invalid (non-finite widths or locations)" if nonfinite_layers([self]) else f"{self.flops_ratio():.3f}"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"components={self.components}, rank={self.rank}, sigma={self.sigma}, "
-            f"flops_ratio={self.flops_ratio():.3f}"
+            f"components={self.components}, rank={self.rank}, sigma={self.sigma}, flops_ratio={ratio}"
         )
+
+    def _apply(self, fn, recurse=True):
+        """Module-wide conversions (``.to``, ``.half()``, ``.double()``, ``.cuda()``, ``to_empty``,
+        ...) move the structural parameters with the content but keep their dtype rule
+        (:func:`_structure_dtype` of the converted content dtype): a cast to half precision would
+        move hundreds of locations of a 3072-wide layer. Where ``fn`` would give a structural
+        tensor (or its gradient) another dtype, it is converted from the original instead, so no
+        value is ever rounded through half precision. Everything else (new Parameter objects or
+        not, ``torch.__future__`` flags, gradients) is nn.Module's own ``_apply``."""
+        # Compared by identity with the tensors themselves (ids alone could be reused meanwhile, as
+        # nn.Module._apply drops the old Parameter objects when it makes new ones).
+        structural = self.structural_parameters()
+        structural += [p.grad for p in structural if p.grad is not None]
+
+        def keep_structure_dtype(tensor):
+            applied = fn(tensor)
+            if any(tensor is other for other in structural) and applied.is_floating_point():
+                wanted = _structure_dtype(applied.dtype)
+                if applied.dtype != wanted:
+                    return tensor.to(device=applied.device, dtype=wanted)
+            return applied
+
+        return super()._apply(keep_structure_dtype, recurse)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # Non-finite widths or locations from a checkpoint are refused on loading, before they are
+        # copied in (the layer is left as it was), rather than failing later in the forward pass.
+        bad = [name for name in STRUCTURAL_NAMES
+               if isinstance(state_dict.get(prefix + name), torch.Tensor) and not state_dict[prefix + name].is_meta
+               and not bool(torch.isfinite(state_dict[prefix + name]).all())]
+        if bad:
+            error_msgs.append(
+                f"{layer_name(self)} at {prefix or '(the root)'!r}: {', '.join(bad)} in the state dict contain NaN or "
+                "infinite values (the checkpoint was saved after a non-finite training step?); nothing was loaded "
+                "into this layer"
+            )
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     # sigma is state: a checkpoint taken mid-schedule must restore it.
     def get_extra_state(self) -> dict:
@@ -255,11 +324,50 @@ class GBLRLinear(nn.Module):
         self.sigma = state["sigma"]
 
 
-def structure_of(layers: list[GBLRLinear]) -> Structure:
+def nonfinite_layers(layers: list[GBLRLinear]) -> list[int]:
+    """Indices of the layers with a NaN or infinite width or location (one GPU->CPU
+    synchronisation where all layers share a device; layers on the meta device hold no values
+    and count as finite)."""
+    values = [torch.cat([p.detach().reshape(-1) for p in layer.structural_parameters()]) for layer in layers]
+    checked = [(i, value) for i, value in enumerate(values) if not value.is_meta]
+    if not checked:
+        return []
+    finite = [torch.isfinite(value).all() for _, value in checked]
+    if len({flag.device for flag in finite}) == 1:
+        flags = torch.stack(finite).tolist()
+    else:
+        flags = [bool(flag) for flag in finite]
+    return [i for (i, _), ok in zip(checked, flags) if not ok]
+
+
+def check_finite_structure(layers: list[GBLRLinear], where: str, names: list[str] | None = None,
+                           cause: str | None = None) -> None:
+    """Raise a ValueError if a width or location of one of ``layers`` is NaN or infinite.
+
+    The message names the first such layer (by its name in ``names`` where known, else by its
+    shape), the parameters affected and ``where`` (e.g. ``"in flops()"``, ``"after the optimizer
+    step"``); ``cause`` says how they probably got there (default: a generic hint)."""
+    bad = nonfinite_layers(layers)
+    if not bad:
+        return
+    layer = layers[bad[0]]
+    label = layer_name(layer) if names is None else f"layer {names[bad[0]]!r} ({layer_name(layer)})"
+    which = [name for name, p in zip(STRUCTURAL_NAMES, layer.structural_parameters())
+             if not bool(torch.isfinite(p.detach()).all())]
+    more = f" ({len(bad) - 1} more layer(s) affected)" if len(bad) > 1 else ""
+    if cause is None:
+        cause = ("they usually come from an optimizer step with a non-finite loss or gradient, or from a loaded "
+                 "checkpoint; the structure they describe is undefined")
+    raise ValueError(f"{label}: {', '.join(which)} contain NaN or infinite values {where}{more}; {cause}")
+
+
+def structure_of(layers: list[GBLRLinear], *, where: str = "in structure_of()") -> Structure:
     """The rounded structures of several layers in one flat :class:`gblr.flops.Structure`, so
-    that their costs come from a handful of tensor operations instead of a loop over layers."""
+    that their costs come from a handful of tensor operations instead of a loop over layers.
+    Non-finite widths or locations are refused (a ValueError naming the layer and ``where``)."""
     if not layers:
         raise ValueError("structure_of needs at least one GBLRLinear")
+    check_finite_structure(layers, where)
     device = layers[0].in_width.device
 
     def per_component(value):

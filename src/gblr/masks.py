@@ -48,6 +48,12 @@ def _check_mask_args(width: torch.Tensor, location: torch.Tensor, n: int, sigma:
     if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
         raise ValueError(f"n (the mask length) must be a positive int, got {n!r}")
     check_sigma(sigma)
+    # Non-finite values would round to garbage indices. Checked on the CPU only: on CUDA the check
+    # would cost a GPU->CPU synchronisation per call (and a graph break under torch.compile).
+    if width.device.type == "cpu" and not torch.compiler.is_compiling():
+        for name, value in (("width", width), ("location", location)):
+            if not bool(torch.isfinite(value.detach()).all()):
+                raise ValueError(f"{name} contains NaN or infinite values")
 
 
 def element_supports(

@@ -23,8 +23,8 @@ from torch import nn
 
 from ._files import write_atomic, write_text_atomic
 from .flops import Support
-from .frozen import FrozenGBLRLinear
-from .linear import GBLRLinear
+from .frozen import SUPPORTS_KEY, FrozenGBLRLinear
+from .linear import STRUCTURAL_NAMES, GBLRLinear, check_finite_structure
 from .targets import is_linear, linear_features, module_device, replace_module
 
 __all__ = ["CONFIG_FILE", "FORMAT", "FORMAT_VERSION", "TENSORS_FILE", "load_pretrained", "save_pretrained"]
@@ -79,6 +79,13 @@ def _tensor_key(layer: str, tensor: str) -> str:
     return f"{layer}.{tensor}" if layer else tensor
 
 
+def _from_config(layer: nn.Module, key: str) -> bool:
+    """State entries that the JSON already describes and loading rebuilds from it: a frozen
+    layer's supports buffer (its blocks are in ``gblr_config.json``). Not written to the tensors
+    file, so folders written before that buffer existed load the same way."""
+    return isinstance(layer, FrozenGBLRLinear) and key == SUPPORTS_KEY
+
+
 def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Write the GBLR layers of ``model`` (trainable and frozen) to ``directory``.
 
@@ -100,7 +107,7 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> Path:
     tensors = {}
     for name, layer in layers:
         for key, value in layer.state_dict().items():
-            if isinstance(value, torch.Tensor):
+            if isinstance(value, torch.Tensor) and not _from_config(layer, key):
                 tensors[_tensor_key(name, key)] = value.detach().to("cpu").contiguous()
     document = {
         "format": FORMAT,
@@ -207,47 +214,70 @@ def load_pretrained(base_model: nn.Module, directory: str | os.PathLike) -> nn.M
     ``base_model`` (or the loaded layer, if the saved model was a single layer).
     """
     _safetensors()
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
+    if not isinstance(base_model, nn.Module):
+        raise TypeError(f"base_model must be an nn.Module, got {type(base_model).__name__}")
     directory = Path(directory)
     entries = _read_document(directory)
     tensors_path = directory / TENSORS_FILE
-
-    new_layers = []
-    with safe_open(str(tensors_path), framework="pt", device="cpu") as handle:
-        available = set(handle.keys())
-        used = set()
-        for entry in entries:
-            name = entry.get("name") if isinstance(entry, dict) else None
-            if not isinstance(name, str):
-                raise ValueError(f"{directory / CONFIG_FILE}: every layer needs a 'name' string, got {entry!r}")
-            base = _module_to_replace(base_model, name, entry, directory)
-            layer = _build_layer(entry, name, module_device(base) or torch.device("cpu"))
-            with torch.no_grad():
-                for key, value in layer.state_dict(keep_vars=True).items():
-                    if not isinstance(value, torch.Tensor):
-                        continue
-                    stored_key = _tensor_key(name, key)
-                    if stored_key not in available:
-                        raise ValueError(f"layer {name!r}: tensor {stored_key!r} missing from {tensors_path}")
-                    tensor = handle.get_tensor(stored_key)
-                    if tuple(tensor.shape) != tuple(value.shape):
-                        raise ValueError(
-                            f"layer {name!r}: tensor {stored_key!r} has shape {tuple(tensor.shape)} in {tensors_path}, "
-                            f"the layer described in {CONFIG_FILE} needs {tuple(value.shape)}"
-                        )
-                    if tensor.dtype == value.dtype:
-                        value.copy_(tensor)
-                    else:  # e.g. structural parameters cast with the model: keep what was saved
-                        value.data = tensor.to(value.device)
-                    used.add(stored_key)
-            layer.train(base.training)
-            new_layers.append((name, layer))
-    unexpected = sorted(available - used)
-    if unexpected:
-        raise ValueError(f"{tensors_path} holds tensors {CONFIG_FILE} does not describe: {unexpected[:5]}")
+    try:
+        with safe_open(str(tensors_path), framework="pt", device="cpu") as handle:
+            new_layers = _load_layers(base_model, entries, handle, directory)
+    except SafetensorError as error:
+        raise ValueError(
+            f"{tensors_path} is not a readable safetensors file ({error}): truncated or overwritten? Save the model "
+            "again with gblr.save_pretrained"
+        ) from None
     for name, layer in new_layers:
         if not name:  # the saved model was one layer: it cannot replace itself in place
             return layer
         replace_module(base_model, name, layer)
     return base_model
+
+
+def _load_layers(base_model: nn.Module, entries: list, handle, directory: Path) -> list[tuple[str, nn.Module]]:
+    """The saved layers, built from ``entries`` and filled from the open tensors file ``handle``,
+    each checked against the module of ``base_model`` it is to replace."""
+    tensors_path = directory / TENSORS_FILE
+    new_layers = []
+    available = set(handle.keys())
+    used = set()
+    for entry in entries:
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if not isinstance(name, str):
+            raise ValueError(f"{directory / CONFIG_FILE}: every layer needs a 'name' string, got {entry!r}")
+        base = _module_to_replace(base_model, name, entry, directory)
+        layer = _build_layer(entry, name, module_device(base) or torch.device("cpu"))
+        with torch.no_grad():
+            for key, value in layer.state_dict(keep_vars=True).items():
+                if not isinstance(value, torch.Tensor) or _from_config(layer, key):
+                    continue
+                stored_key = _tensor_key(name, key)
+                if stored_key not in available:
+                    raise ValueError(f"layer {name!r}: tensor {stored_key!r} missing from {tensors_path}")
+                tensor = handle.get_tensor(stored_key)
+                if tuple(tensor.shape) != tuple(value.shape):
+                    raise ValueError(
+                        f"layer {name!r}: tensor {stored_key!r} has shape {tuple(tensor.shape)} in {tensors_path}, "
+                        f"the layer described in {CONFIG_FILE} needs {tuple(value.shape)}"
+                    )
+                structural = isinstance(layer, GBLRLinear) and key in STRUCTURAL_NAMES
+                if tensor.dtype != value.dtype and not (structural and tensor.is_floating_point()):
+                    raise ValueError(
+                        f"layer {name!r}: tensor {stored_key!r} has dtype {tensor.dtype} in {tensors_path}, the "
+                        f"layer described in {CONFIG_FILE} needs {value.dtype}"
+                    )
+                # Structural parameters saved in another float dtype (files written before casts kept
+                # them float32) are converted to the layer's structure dtype.
+                value.copy_(tensor)
+                used.add(stored_key)
+        if isinstance(layer, GBLRLinear):
+            check_finite_structure([layer], f"as loaded from {tensors_path}", names=[name],
+                                   cause="the file is corrupt or was saved after a non-finite training step")
+        layer.train(base.training)
+        new_layers.append((name, layer))
+    unexpected = sorted(available - used)
+    if unexpected:
+        raise ValueError(f"{tensors_path} holds tensors {CONFIG_FILE} does not describe: {unexpected[:5]}")
+    return new_layers

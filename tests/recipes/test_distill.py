@@ -185,6 +185,21 @@ def test_an_error_mid_run_restores_flags_and_modes():
     assert all(p.requires_grad for name, p in student.named_parameters() if name != "0.in_width")
 
 
+def test_a_non_finite_step_is_refused_naming_the_layer():
+    # A NaN gradient used to reach the widths and fail later in flops() without a name.
+    teacher = mlp_teacher()
+    student = svd_student(teacher, 0.5)
+
+    def nan_loss(student_out, teacher_out):
+        return (student_out * float("nan")).sum()
+
+    with pytest.raises(ValueError, match=r"layer '0' \(GBLRLinear\(in_features=32, out_features=64\)\): .* contain "
+                                         r"NaN or infinite values after the optimizer step of distillation step 0"):
+        gblr.distill(student, teacher, data(1), 3, loss=nan_loss, max_grad_norm=None, progress=False)
+    with pytest.raises(ValueError, match="max_grad_norm must be a finite number > 0"):
+        gblr.distill(student, teacher, data(1), 1, max_grad_norm=float("nan"))
+
+
 @pytest.mark.slow
 def test_minilm_at_half_the_flops_keeps_its_embeddings_and_distillation_helps():
     """The real all-MiniLM-L6-v2: 64 calibration sentences, GBLR at 0.5 of the encoder linears."""

@@ -165,12 +165,14 @@ def batch(product: TiledProduct, like: torch.Tensor) -> BatchedTiles:
 
 def batched_forward(x: torch.Tensor, batched: BatchedTiles) -> torch.Tensor:
     """:func:`tiled_forward` as two batched GEMMs (see :func:`batch`)."""
+    # every shape is spelled out (no -1): with zero tokens a -1 could be any size, and view refuses it
     tokens, tile = x.shape[0], batched.tile
-    x_t = x.new_zeros(batched.V.shape[0] * tile, tokens)  # x transposed, padded to whole tiles
+    (j_in, k_in, _), (j_out, k_out, _) = batched.V.shape, batched.U.shape
+    x_t = x.new_zeros(j_in * tile, tokens)  # x transposed, padded to whole tiles
     x_t[: batched.in_features] = x.T
-    parts = torch.bmm(batched.V, x_t.view(-1, tile, tokens))  # (J_in, K_in, tokens)
+    parts = torch.bmm(batched.V, x_t.view(j_in, tile, tokens))  # (J_in, K_in, tokens)
     h = x.new_zeros(batched.rank + 1, tokens)
-    h.index_add_(0, batched.in_rows, parts.view(-1, tokens))
-    gathered = h.index_select(0, batched.out_rows).view(batched.U.shape[0], -1, tokens)
+    h.index_add_(0, batched.in_rows, parts.view(j_in * k_in, tokens))
+    gathered = h.index_select(0, batched.out_rows).view(j_out, k_out, tokens)
     y = torch.bmm(gathered.transpose(1, 2), batched.U)  # (J_out, tokens, tile)
-    return y.transpose(0, 1).reshape(tokens, -1)[:, : batched.out_features]
+    return y.transpose(0, 1).reshape(tokens, j_out * tile)[:, : batched.out_features]

@@ -47,9 +47,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._progress import progress_bar
+from .._validation import check_finite_number
 from ..learning import gblr_layers, param_groups
 from ..frozen import FrozenGBLRLinear
-from ..linear import GBLRLinear
+from ..linear import GBLRLinear, check_finite_structure
 from .text import sentence_output
 
 __all__ = ["distill"]
@@ -165,6 +166,8 @@ def distill(
         raise ValueError(f"lr must be a positive number, got {lr!r}")
     if max_seconds is not None and not max_seconds > 0:
         raise ValueError(f"max_seconds must be a positive number or None, got {max_seconds!r}")
+    if max_grad_norm is not None:
+        check_finite_number("max_grad_norm", max_grad_norm, 0.0, allow_minimum=False)
     if student is teacher:
         raise ValueError("student and teacher are the same module; distil a copy (copy.deepcopy(teacher))")
     batches = list(batches)
@@ -174,6 +177,7 @@ def distill(
     output_fn = output_fn or sentence_output
 
     layers = gblr_layers(student)
+    module_names = {id(module): name or "(model)" for name, module in student.named_modules()}
     for layer in layers:
         layer.sigma = None
     structural = {id(p) for layer in layers for p in layer.structural_parameters()}
@@ -224,6 +228,11 @@ def distill(
                 torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             bound.remember()
             optimizer.step()
+            check_finite_structure(
+                bound.layers, f"after the optimizer step of distillation step {step}",
+                names=[module_names[id(layer)] for layer in bound.layers],
+                cause="probably from a non-finite loss or gradient; lower lr / struct_lr or check the batches",
+            )
             bound.project()
 
             losses.append(float(value.detach()))
