@@ -98,7 +98,7 @@ def checked_config(args: argparse.Namespace, config_type: type, parser: argparse
 
 
 def _check_seed(seed: int, parser: argparse.ArgumentParser) -> None:
-    from .recipes.train import SEED_LIMIT
+    from .recipes.options import SEED_LIMIT
 
     if not 0 <= seed < SEED_LIMIT:
         parser.error(f"seed (--seed) must be an int in [0, 2**32), got {seed}")

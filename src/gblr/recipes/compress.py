@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 import time
 
 import torch
@@ -36,6 +35,7 @@ from ..pretrained import save_pretrained
 from ..targets import target_names
 from . import sentences, text
 from .distill import distill
+from .options import check_number, check_positive_int, check_seed, option_name
 
 __all__ = ["POOLER", "CompressConfig", "compress", "linear_targets", "target_flops"]
 
@@ -75,34 +75,23 @@ class CompressConfig:
 
     def validate(self) -> None:
         """Raise a ValueError naming the field (and its option) of the first bad value."""
-        check_flops_ratio(self.flops, _named("flops"))
+        check_flops_ratio(self.flops, option_name("flops"))
         if self.method not in METHODS:
-            raise ValueError(f"{_named('method')} must be one of {', '.join(METHODS)}, got {self.method!r}")
+            raise ValueError(f"{option_name('method')} must be one of {', '.join(METHODS)}, got {self.method!r}")
         for name in ("calibration_sentences", "eval_sentences", "batch_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{_named(name)} must be positive, got {getattr(self, name)}")
+            check_positive_int(self, name)
+        check_positive_int(self, "threads", optional=True)
+        check_positive_int(self, "max_length")
         if self.max_length <= 1:  # a sentence needs room for its [CLS] and [SEP] at least
-            raise ValueError(f"{_named('max_length')} must be > 1, got {self.max_length}")
-        if self.distill_steps < 0:
-            raise ValueError(f"{_named('distill_steps')} must be >= 0, got {self.distill_steps}")
-        for name in ("distill_minutes", "lr"):
-            value = getattr(self, name)
-            if name == "distill_minutes" and value is None:  # no time limit
-                continue
-            if not (math.isfinite(value) and value > 0):  # NaN and infinity parse as floats, too
-                raise ValueError(f"{_named(name)} must be a finite number > 0, got {value}")
-        if self.threads is not None and self.threads <= 0:
-            raise ValueError(f"{_named('threads')} must be positive, got {self.threads}")
-        if not 0 <= self.seed < 2**32:
-            raise ValueError(f"{_named('seed')} must be an int in [0, 2**32), got {self.seed}")
+            raise ValueError(f"{option_name('max_length')} must be > 1, got {self.max_length}")
+        check_number(self, "distill_steps", positive=False)
+        check_number(self, "distill_minutes", positive=True, optional=True)  # None: no time limit
+        check_number(self, "lr", positive=True)
+        check_seed(self)
         try:
             self.gblr_config()
         except ValueError as error:
-            raise ValueError(f"{_named('target')} / {_named('exclude')}: {error}") from None
-
-
-def _named(field: str) -> str:
-    return f"{field} (--{field.replace('_', '-')})"
+            raise ValueError(f"{option_name('target')} / {option_name('exclude')}: {error}") from None
 
 
 def linear_targets(model: nn.Module, target: str = ALL_LINEAR, exclude: str | None = POOLER) -> list[str]:
@@ -138,10 +127,10 @@ def compress(config: CompressConfig) -> dict:
     try:
         given = sentences.read_sentences(config.text) if config.text else None
     except OSError as error:
-        raise type(error)(f"{_named('text')}: {error}") from error
+        raise type(error)(f"{option_name('text')}: {error}") from error
     except ValueError as error:
-        raise ValueError(f"{_named('text')}: {error}") from error
-    out = check_writable_folder(config.out, _named("out"))
+        raise ValueError(f"{option_name('text')}: {error}") from error
+    out = check_writable_folder(config.out, option_name("out"))
     train_sentences, eval_sentences = sentences.split_sentences(
         given, config.calibration_sentences, config.eval_sentences, config.seed)
     print(f"loading {config.model_dir}", flush=True)

@@ -13,19 +13,17 @@ Before any work the run checks what it will need: the config (:meth:`TrainConfig
 that ``out`` is a folder it can write into, and that it does not hold another run's checkpoint
 (which a new run would replace; ``resume=True`` continues it, ``overwrite=True`` deletes that
 run's files first). Checkpoints hold tensors and plain data only and are read with
-``torch.load(weights_only=True)``, so a checkpoint from elsewhere cannot run code. Ctrl-C
+``torch.load(weights_only=True)``, so a checkpoint from elsewhere cannot run code
+(:mod:`gblr.recipes.run_files`). Ctrl-C
 raises :class:`TrainingInterrupted`, which says how many epochs the checkpoint holds.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -41,13 +39,10 @@ from ..learning import SigmaSchedule, StructureLearner, param_groups
 from ..frozen import FrozenGBLRLinear, freeze_
 from .data import DATASETS, ImageData, batches, load_dataset
 from .models import LAYER_KINDS, MODELS, build_model, replaced_flops
+from . import run_files
+from .options import check_number, check_positive_int, check_seed, option_name
 
 __all__ = ["TrainConfig", "TrainingInterrupted", "train", "fit", "evaluate"]
-
-# Seeds are drawn from [0, SEED_LIMIT): epoch e shuffles with seed * 1_000_003 + e, which must stay
-# a valid torch seed.
-SEED_LIMIT = 2**32
-
 
 @dataclasses.dataclass
 class TrainConfig:
@@ -99,54 +94,33 @@ class TrainConfig:
             raise ValueError(f"layer must be one of {', '.join(LAYER_KINDS)} (--layer); got {self.layer!r}")
         if self.model not in MODELS:
             raise ValueError(f"model must be one of {', '.join(MODELS)} (--model); got {self.model!r}")
-        check_flops_ratio(self.flops_target, _named("flops_target"))
+        check_flops_ratio(self.flops_target, option_name("flops_target"))
         if self.init_flops_ratio is not None:
-            check_flops_ratio(self.init_flops_ratio, _named("init_flops_ratio"))
-        check_share(self.init_full_width_share, _named("init_full_width_share"))
-        check_share(self.structure_fraction, _named("structure_fraction"))
+            check_flops_ratio(self.init_flops_ratio, option_name("init_flops_ratio"))
+        check_share(self.init_full_width_share, option_name("init_full_width_share"))
+        check_share(self.structure_fraction, option_name("structure_fraction"))
         for name in ("epochs", "batch_size", "eval_batch_size", "rank", "dim", "depth", "heads", "patch_size"):
-            _check_positive_int(self, name)
+            check_positive_int(self, name)
         for name in ("image_size", "limit_train", "limit_test", "threads", "stop_after"):  # None: not set
-            if getattr(self, name) is not None:
-                _check_positive_int(self, name)
-        for name in ("lr", "mlp_ratio", "sigma_start", "sigma_end", "struct_lr"):
-            if name != "struct_lr" or self.struct_lr is not None:  # struct_lr None: lr
-                _check_number(self, name, positive=True)
+            check_positive_int(self, name, optional=True)
+        for name in ("lr", "mlp_ratio", "sigma_start", "sigma_end", "struct_lr"):  # struct_lr None: lr
+            check_number(self, name, positive=True, optional=name == "struct_lr")
         for name in ("weight_decay", "warmup_epochs"):
-            _check_number(self, name, positive=False)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < SEED_LIMIT:
-            raise ValueError(f"{_named('seed')} must be an int in [0, 2**32), got {self.seed!r}")
+            check_number(self, name, positive=False)
+        check_seed(self)
         if self.model == "vit" and self.dim % self.heads:
-            raise ValueError(f"{_named('dim')} must be divisible by {_named('heads')}: {self.dim} by {self.heads}")
+            raise ValueError(f"{option_name('dim')} must be divisible by {option_name('heads')}: "
+                             f"{self.dim} by {self.heads}")
         if self.dataset == "imagefolder":
             for name, missing in (("data_dir", self.data_dir is None), ("image_size", self.image_size is None)):
                 if missing:
-                    raise ValueError(f"the imagefolder dataset needs {_named(name)}")
+                    raise ValueError(f"the imagefolder dataset needs {option_name(name)}")
             if self.download:
-                raise ValueError(f"the imagefolder dataset cannot be downloaded ({_named('download')}); point "
-                                 f"{_named('data_dir')} at an existing image tree")
+                raise ValueError(f"the imagefolder dataset cannot be downloaded ({option_name('download')}); point "
+                                 f"{option_name('data_dir')} at an existing image tree")
         if self.resume and self.overwrite:
-            raise ValueError(f"{_named('resume')} and {_named('overwrite')} exclude each other: continue the run "
-                             "in out, or start it afresh")
-
-
-def _named(field: str) -> str:
-    """A field with its ``gblr train`` option, for error messages: ``"batch_size (--batch-size)"``."""
-    return f"{field} (--{field.replace('_', '-')})"
-
-
-def _check_positive_int(config: TrainConfig, name: str) -> None:
-    value = getattr(config, name)
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{_named(name)} must be a positive int, got {value!r}")
-
-
-def _check_number(config: TrainConfig, name: str, positive: bool) -> None:
-    """A finite number, > 0 if ``positive`` else >= 0 (NaN and infinity parse as floats, too)."""
-    value = getattr(config, name)
-    number = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-    if not number or value < 0 or (positive and value == 0):
-        raise ValueError(f"{_named(name)} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
+            raise ValueError(f"{option_name('resume')} and {option_name('overwrite')} exclude each other: continue "
+                             "the run in out, or start it afresh")
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -201,48 +175,13 @@ def _schedule(total_steps: int, warmup_steps: int):
 def _load_data(config: TrainConfig) -> ImageData:
     data = load_dataset(config.dataset, config.data_dir, config.download, config.image_size).normalized()
     if config.limit_train is not None:
-        data = dataclasses.replace(
-            data, train_images=data.train_images[: config.limit_train], train_labels=data.train_labels[: config.limit_train]
-        )
+        limit = config.limit_train
+        data = dataclasses.replace(data, train_images=data.train_images[:limit], train_labels=data.train_labels[:limit])
     if config.limit_test is not None:
         data = dataclasses.replace(
             data, test_images=data.test_images[: config.limit_test], test_labels=data.test_labels[: config.limit_test]
         )
     return data
-
-
-class _Log:
-    """Epoch rows to ``log.csv`` (rewritten atomically) and, if installed, TensorBoard."""
-
-    def __init__(self, out: Path, rows: list[dict], enabled: bool) -> None:
-        self.path, self.rows, self.enabled = out / "log.csv", rows, enabled
-        self.board = None
-        if enabled:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.board = SummaryWriter(str(out / "tensorboard"))
-            except ImportError:
-                pass
-
-    def add(self, row: dict) -> None:
-        self.rows.append(row)
-        if not self.enabled:
-            return
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=list(row))
-        writer.writeheader()
-        writer.writerows(self.rows)
-        write_text_atomic(self.path, buffer.getvalue())
-        if self.board is not None:
-            for key, value in row.items():
-                if key != "epoch" and isinstance(value, (int, float)):
-                    self.board.add_scalar(key, value, row["epoch"])
-            self.board.flush()
-
-    def close(self) -> None:
-        if self.board is not None:
-            self.board.close()
 
 
 def train(config: TrainConfig) -> dict:
@@ -274,16 +213,16 @@ def fit(config: TrainConfig) -> tuple[nn.Module, dict]:
     if config.data_dir is not None:
         folder = Path(config.data_dir)
         if folder.exists() and not folder.is_dir():
-            raise NotADirectoryError(f"{_named('data_dir')}: {folder} is a file, not a folder")
+            raise NotADirectoryError(f"{option_name('data_dir')}: {folder} is a file, not a folder")
         if folder.is_dir() and not os.access(folder, os.R_OK | os.X_OK):
-            raise PermissionError(f"{_named('data_dir')}: cannot read {folder} (permission denied)")
-    check_writable_folder(out, _named("out"))
+            raise PermissionError(f"{option_name('data_dir')}: cannot read {folder} (permission denied)")
+    check_writable_folder(out, option_name("out"))
     checkpoint_path = out / "checkpoint.pt"
-    state = _previous_run(config, out, checkpoint_path, main)  # None: a new run
+    state = run_files.previous_run(config, out, checkpoint_path, main)  # None: a new run
 
     data = _load_data(config)
     if data.image_shape[-1] % config.patch_size or data.image_shape[-2] % config.patch_size:
-        raise ValueError(f"{_named('patch_size')} must divide the image size {data.image_shape[-2]}x"
+        raise ValueError(f"{option_name('patch_size')} must divide the image size {data.image_shape[-2]}x"
                          f"{data.image_shape[-1]}, got {config.patch_size}")
     torch.manual_seed(config.seed)  # the same initial model on every rank
     architecture = {"patch_size": config.patch_size, "dim": config.dim, "depth": config.depth}
@@ -329,8 +268,8 @@ def fit(config: TrainConfig) -> tuple[nn.Module, dict]:
         if main:
             print(f"resuming {out} after epoch {start_epoch}")
     if config.overwrite and main:  # only now: a run that fails to start leaves the previous one alone
-        _delete_run_files(out)
-    log = _Log(out, rows, enabled=main)
+        run_files.delete_run_files(out)
+    log = run_files.EpochLog(out, rows, enabled=main)
     epochs_saved = start_epoch  # how many epochs the checkpoint in out holds
     last_epoch = config.epochs if config.stop_after is None else min(config.epochs, config.stop_after)
     try:
@@ -416,73 +355,6 @@ def fit(config: TrainConfig) -> tuple[nn.Module, dict]:
     if world > 1:
         dist.barrier()
     return model, report
-
-
-# Settings that may change between a run and its resumption: they do not change the result.
-_RESUMABLE_CHANGES = {"resume", "overwrite", "stop_after", "progress", "pictures", "out", "threads", "data_dir",
-                      "download", "eval_batch_size"}
-
-# What a checkpoint holds (all of it tensors and plain data).
-_CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "learner", "rng", "epoch", "rows", "train_seconds", "config")
-
-# The files of a run in its folder; overwrite=True deletes them before a new run starts, so that
-# none of the previous run's is left beside (or mistaken for) the new run's.
-_RUN_FILES = ("checkpoint.pt", "log.csv", "report.json", "masks.png", "budgets.png")
-
-
-def _previous_run(config: TrainConfig, out: Path, checkpoint_path: Path, main: bool) -> dict | None:
-    """The state to resume from, or None for a new run; raises if ``out`` holds a run that a new
-    one would replace without being told to (``overwrite``, whose deleting waits for
-    :func:`_delete_run_files`, once the new run is ready to train)."""
-    if config.overwrite:
-        return None
-    if not checkpoint_path.exists():
-        if config.resume and main:
-            print(f"no checkpoint in {out}: starting a new run", file=sys.stderr, flush=True)
-        return None
-    if not config.resume:
-        raise FileExistsError(f"{out} already holds a run ({checkpoint_path.name}): pass --resume to continue it or "
-                              "--overwrite to start afresh")
-    state = _read_checkpoint(checkpoint_path)
-    _check_same_run(state["config"], config, checkpoint_path)
-    return state
-
-
-def _delete_run_files(out: Path) -> None:
-    for name in _RUN_FILES:
-        (out / name).unlink(missing_ok=True)
-    for events in (out / "tensorboard").glob("events.out.tfevents.*"):
-        events.unlink()
-
-
-def _read_checkpoint(path: Path) -> dict:
-    """The state saved in ``path``, loaded with ``weights_only=True`` (tensors and plain data only,
-    so a checkpoint from elsewhere cannot run code); a ValueError naming the file if it is not a
-    checkpoint of this recipe."""
-    with open(path, "rb") as handle:  # a file that cannot be opened: the OSError names it and why
-        try:
-            state = torch.load(handle, map_location="cpu", weights_only=True)
-        except Exception as error:  # torch's messages name neither the file nor the problem plainly
-            if "Weights only load failed" in str(error):
-                reason = "it holds objects other than tensors and plain data, not loaded as they could run code"
-            else:
-                reason = "it is not a file written by torch.save, or a truncated one"
-            raise ValueError(f"cannot resume (--resume) from {path}: {reason}") from error
-    if not isinstance(state, dict) or not set(_CHECKPOINT_KEYS) <= set(state) or not isinstance(state["config"], dict):
-        raise ValueError(f"cannot resume (--resume) from {path}: it is not a checkpoint of gblr train")
-    return state
-
-
-def _check_same_run(saved: dict, config: TrainConfig, path: Path) -> None:
-    current = dataclasses.asdict(config)
-    saved = {**dataclasses.asdict(TrainConfig()), **saved}  # a setting added since then had its default there
-    changed = [f"{key}={saved[key]!r} there, {value!r} here" for key, value in current.items()
-               if key not in _RESUMABLE_CHANGES and saved[key] != value]
-    if changed:
-        raise ValueError(
-            f"{path} belongs to a run with other settings ({'; '.join(changed)}); resume with the same settings "
-            "or choose another --out"
-        )
 
 
 def _finish(config, model, learner, data, rows, train_seconds, started, main) -> dict:
