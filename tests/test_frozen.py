@@ -321,3 +321,16 @@ def test_casts_keep_supports_and_frozen_state_round_trips_exactly(sizes, casts, 
     x = torch.randn(4, a, generator=generator).to(device, fresh[0].dtype)
     with torch.no_grad():
         assert torch.equal(fresh(x), deployed(x))
+
+
+@pytest.mark.parametrize("kernel", ["reference", *MEASURED_PATHS, "auto"])
+def test_every_path_computes_in_the_autocast_dtype_like_nn_linear(kernel):
+    torch.manual_seed(0)
+    layer = GBLRLinear(64, 96, init_flops_ratio=0.25).freeze()
+    layer.kernel = kernel
+    x = torch.randn(5, 64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        expected = torch.nn.functional.linear(x, layer.weight, layer.bias)  # autocast's own bf16 product
+    assert y.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), expected.float(), rtol=2e-2, atol=2e-2)

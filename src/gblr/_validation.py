@@ -71,6 +71,14 @@ def check_input_dtype(x: torch.Tensor, dtype: torch.dtype, layer) -> None:
     )
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a layer computes in for input ``x``: the autocast dtype where autocast is on for
+    ``x``'s device, else ``x``'s own (which :func:`check_input_dtype` has matched to the layer's)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
 def check_finite_number(name: str, value, minimum: float = 0.0, allow_minimum: bool = True):
     """``value`` if it is a finite real number at least ``minimum`` (above it with
     ``allow_minimum=False``); a ValueError naming ``name`` otherwise."""

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._validation import check_input, check_input_dtype, check_positive_int, layer_name
+from ._validation import check_input, check_input_dtype, compute_dtype, check_positive_int, layer_name
 from .flops import Support, cyclic_indices, group_macs
 from .kernels import choice, segmented
 from .kernels.tiled import batch, batched_forward, pack, tiled_forward
@@ -263,23 +263,28 @@ class FrozenGBLRLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.in_features)
         check_input_dtype(x, self.dtype, self)
-        flat = x.reshape(-1, self.in_features)
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
-        if flat.shape[0] == 0:
-            path = self.path_for(0)  # zero rows: the reference path gives the (0, out) zeros
-        elif needs_grad or torch.compiler.is_compiling():
-            path = "reference"  # differentiable in the parameters; traceable
-            if needs_grad:
-                self.refresh()  # the parameters are about to change: the caches would go stale
-        else:
-            path = self.path_for(flat.shape[0], flat)
-        bias = self.bias
-        if path == "dense" and (bias is None or bias.dtype == flat.dtype):
-            y = F.linear(flat, self.packed("dense", flat), bias)  # one call: at a few tokens calls are the cost
-        else:
-            y = self.run(path, flat)
-            if bias is not None:
-                y = y + bias
+        dtype = compute_dtype(x)
+        # Under autocast every path computes in the autocast dtype, as nn.Linear does: the input and
+        # the bias are cast to it (the caches are kept per dtype, the paths timed in it) and autocast
+        # is off inside, so that the products and their scatter into the output agree on one dtype.
+        with torch.autocast(x.device.type, enabled=False):
+            flat = x.reshape(-1, self.in_features).to(dtype)
+            if flat.shape[0] == 0:
+                path = self.path_for(0)  # zero rows: the reference path gives the (0, out) zeros
+            elif needs_grad or torch.compiler.is_compiling():
+                path = "reference"  # differentiable in the parameters; traceable
+                if needs_grad:
+                    self.refresh()  # the parameters are about to change: the caches would go stale
+            else:
+                path = self.path_for(flat.shape[0], flat)
+            bias = None if self.bias is None else self.bias.to(dtype)
+            if path == "dense":
+                y = F.linear(flat, self.packed("dense", flat), bias)  # one call: at a few tokens calls are the cost
+            else:
+                y = self.run(path, flat)
+                if bias is not None:
+                    y = y + bias
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def _reference(self, x: torch.Tensor) -> torch.Tensor:
@@ -290,8 +295,8 @@ class FrozenGBLRLinear(nn.Module):
             rows = cyclic_indices(support.out_start, support.out_width, self.out_features, x.device)
             part = x.index_select(-1, cols)
             if right is not None:
-                part = F.linear(part, right)
-            y.index_add_(-1, rows, F.linear(part, left))
+                part = F.linear(part, right.to(x.dtype))
+            y.index_add_(-1, rows, F.linear(part, left.to(x.dtype)))
         return y
 
     def extra_repr(self) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ._validation import compute_dtype
 from .flops import low_rank_macs
 from .masks import apply_masks, apply_masks_backward
 
@@ -26,12 +27,6 @@ def materialise_is_cheaper(tokens: int, in_features: int, out_features: int, tot
     m, n, kr = out_features, in_features, total_rank
     return kr * m * n + tokens * m * n < tokens * low_rank_macs(kr, m, n)
 
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
 
 
 class GBLRProduct(torch.autograd.Function):
@@ -56,7 +51,7 @@ class GBLRProduct(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, u, v, bias, in_width, in_location, out_width, out_location, plan, supports, revived):
-        dtype = _compute_dtype(x)
+        dtype = compute_dtype(x)
         w_in, l_in, w_out, l_out = supports
         revived_in, revived_out = (w_in, w_out) if revived is None else revived
         with torch.autocast(x.device.type, enabled=False):
