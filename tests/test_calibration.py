@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -26,8 +28,9 @@ def test_calibration_collects_inputs_removes_hooks_and_reports_output_error():
             model(batch)
     expected = {index: torch.cat(seen[index]) for index in seen}
 
-    report = quiet(model, gblr.GBLRConfig(flops_ratio=0.5, **SVD), calibration=batches)
-    assert report.calibrated and all(row.calibrated for row in report.layers)
+    # One-shot: every layer's statistics are its inputs in the original model.
+    report = quiet(model, gblr.GBLRConfig(flops_ratio=0.5, calibration="one-shot", **SVD), calibration=batches)
+    assert report.calibrated and all(row.calibrated for row in report.layers) and report.calibration == "one-shot"
     assert model.training and all(module.training for module in model)
     for index, original in originals.items():
         assert len(original._forward_pre_hooks) == 0
@@ -41,10 +44,12 @@ def test_calibration_collects_inputs_removes_hooks_and_reports_output_error():
     assert "output error" in str(report)
 
 
-def test_calibration_hooks_are_removed_when_the_model_fails():
+@pytest.mark.parametrize("mode", ["one-shot", "sequential"])
+def test_calibration_hooks_are_removed_when_the_model_fails(mode):
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)).train()
     with pytest.raises(TypeError, match="bogus"):
-        quiet(model, gblr.GBLRConfig(**SVD), calibration=[torch.randn(2, 8), {"bogus": torch.randn(2, 8)}])
+        quiet(model, gblr.GBLRConfig(calibration=mode, **SVD),
+              calibration=[torch.randn(2, 8), {"bogus": torch.randn(2, 8)}])
     assert all(len(module._forward_pre_hooks) == 0 for module in model.modules())
     assert model.training and all(type(module) is nn.Linear for module in model)
 
@@ -60,10 +65,10 @@ def test_calibration_batch_forms():
 
     batches = [(torch.randn(2, 8), torch.randn(2, 8)), {"x": torch.randn(3, 8), "y": torch.randn(3, 8)}, torch.randn(4, 8)]
     model = TwoInputs()
-    report = quiet(model, gblr.GBLRConfig(**SVD), calibration=batches)
+    report = quiet(model, gblr.GBLRConfig(calibration="one-shot", **SVD), calibration=batches)
     assert report.converted == ["a", "b"] and all(row.calibrated for row in report.layers)
     with pytest.warns(UserWarning, match="saw no input"):
-        report = quiet(TwoInputs(), gblr.GBLRConfig(**SVD), calibration=[torch.randn(4, 8)])
+        report = quiet(TwoInputs(), gblr.GBLRConfig(calibration="one-shot", **SVD), calibration=[torch.randn(4, 8)])
     assert report["a"].calibrated and not report["b"].calibrated
     with pytest.raises(ValueError, match="no batches"):
         quiet(TwoInputs(), gblr.GBLRConfig(**SVD), calibration=[])
@@ -85,7 +90,7 @@ def test_calibration_counts_only_real_tokens_of_masked_batches():
     padded[mask == 0] = 100.0  # padding activations must not reach the statistics
     model = Tokens()
     original = model.proj.weight.detach().clone()
-    report = quiet(model, gblr.GBLRConfig(allocation="uniform", **SVD),
+    report = quiet(model, gblr.GBLRConfig(allocation="uniform", calibration="one-shot", **SVD),
                    calibration=[{"hidden": padded, "attention_mask": mask}])
     real = gblr.InputStats(6)
     real.update(hidden[mask.bool()])
@@ -93,17 +98,46 @@ def test_calibration_counts_only_real_tokens_of_masked_batches():
     assert report["proj"].relative_error == pytest.approx(expected, rel=1e-9)
 
 
-def test_nan_in_a_calibration_batch_names_the_layer_and_the_batch():
+@pytest.mark.parametrize("mode", ["one-shot", "sequential"])
+def test_nan_in_a_calibration_batch_names_the_layer_and_the_batch(mode):
     # It used to fail in an SVD, naming neither.
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
     batches = [torch.randn(3, 8) for _ in range(3)]
     batches[2][1, 5] = float("nan")
     with pytest.raises(ValueError, match=r"calibration batch 2 \(counting from 0\): the inputs of layer '0': "
                                          r"activations contain NaN or infinite values"):
-        quiet(model, gblr.GBLRConfig(**SVD), calibration=batches)
+        quiet(model, gblr.GBLRConfig(calibration=mode, **SVD), calibration=batches)
     assert all(type(module) is not gblr.GBLRLinear for module in model)
     assert all(len(module._forward_pre_hooks) == 0 for module in model.modules())
     stats = gblr.InputStats(8)
     with pytest.raises(ValueError, match="activations contain NaN"):
         stats.update(batches[2])
     assert stats.tokens == 0
+
+
+def test_sequential_errors_are_against_the_original_outputs_and_beat_one_shot_on_held_out_inputs():
+    # Sequential calibration fits the second layer to reproduce the original model's outputs from
+    # the first layer's compressed outputs; its report error is measured exactly that way.
+    torch.manual_seed(3)
+    dense = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 8))
+    scale = torch.linspace(0.05, 3, 16)
+    batches = [torch.randn(40, 16) * scale for _ in range(8)]
+    x, held_out = torch.cat(batches).double(), (torch.randn(2000, 16) * scale).double()
+    config = {"flops_ratio": 0.5, "allocation": "uniform", "method": "svd"}  # the same ranks in both modes
+    models, reports = {}, {}
+    for mode in ("one-shot", "sequential"):
+        models[mode] = copy.deepcopy(dense)
+        reports[mode] = quiet(models[mode], gblr.GBLRConfig(calibration=mode, **config), calibration=batches)
+        models[mode].double()
+    dense.double()
+    report = reports["sequential"]
+    assert report.calibration == "sequential" and report.stages == "the model (3 blocks)"
+    assert all(row.ridge in (1e-3, 1e-2, 1e-1, 1.0) for row in report.layers)  # chosen on held-out tokens
+    assert all(row.ridge is None for row in reports["one-shot"].layers)
+    with torch.no_grad():
+        x0, xc = torch.relu(dense[0](x)), torch.relu(models["sequential"][0](x))
+        W, W_hat = dense[2].weight, models["sequential"][2].weight
+        expected = ((x0 @ W.T - xc @ W_hat.T).norm() / (x0 @ W.T).norm()).item()
+        assert report["2"].relative_error == pytest.approx(expected, rel=1e-6)
+        errors = {mode: (model(held_out) - dense(held_out)).norm().item() for mode, model in models.items()}
+    assert errors["sequential"] < 0.99 * errors["one-shot"]

@@ -27,12 +27,21 @@ def test_compress_options_are_the_config_fields():
         "compress", "m", "--flops", "0.3", "--method", "svd", "--target", "encoder.*", "--exclude", "", "--text", "t.txt",
         "--calibration-sentences", "64", "--eval-sentences", "32", "--batch-size", "8", "--max-length", "64",
         "--distill-steps", "5", "--distill-minutes", "1.5", "--lr", "1e-3", "--out", "o", "--seed", "3",
-        "--threads", "2", "--no-progress", "--no-pictures",
+        "--threads", "2", "--no-progress", "--no-pictures", "--calibration", "one-shot",
     ])
     assert config_from(args, CompressConfig) == CompressConfig(
         "m", flops=0.3, method="svd", target="encoder.*", exclude="", text="t.txt", calibration_sentences=64,
         eval_sentences=32, batch_size=8, max_length=64, distill_steps=5, distill_minutes=1.5, lr=1e-3, out="o", seed=3,
-        threads=2, progress=False, pictures=False,
+        threads=2, progress=False, pictures=False, calibration="one-shot",
+    )
+    # The causal-LM options; --text takes several paths.
+    args = parser.parse_args([
+        "compress", "m.gguf", "--text", "docs/", "*.md", "--eval-fraction", "0.2", "--seq-len", "128",
+        "--calibration-tokens", "4096", "--eval-tokens", "2048", "--generate-tokens", "16", "--decode-repeats", "0",
+    ])
+    assert config_from(args, CompressConfig) == CompressConfig(
+        "m.gguf", text=["docs/", "*.md"], eval_fraction=0.2, seq_len=128, calibration_tokens=4096, eval_tokens=2048,
+        generate_tokens=16, decode_repeats=0,
     )
 
 
@@ -82,7 +91,7 @@ def test_help_shows_every_options_default(command, capsys, monkeypatch):
         elif line.startswith("   ") and entries and entries[-1].startswith("--"):
             entries[-1] += " " + line.strip()
     lines = [entry for entry in entries if entry.startswith("--")]
-    assert len(lines) == {"train": 34, "compress": 17, "demo": 1}[command]  # every option but -h
+    assert len(lines) == {"train": 34, "compress": 24, "demo": 1}[command]  # every option but -h
     for line in lines:
         assert "(default: " in line, line
     shown = {line.split()[0]: line for line in lines}

@@ -26,6 +26,7 @@ import pytest
 from fixtures import write_fashion_mnist
 
 import gblr.recipes.compress
+import gblr.recipes.compress_lm
 import gblr.recipes.demo
 import gblr.recipes.train
 from gblr.cli import main
@@ -86,6 +87,21 @@ CASES = [
     ("compress {model} --text {missing}", "--text"),
     ("compress {model} --text {binary}", "--text"),
     ("compress {model} --out {file}", "--out"),
+    # -- gblr compress on a causal LM: its options, its text
+    ("compress {lm} --seq-len 1", "--seq-len"),
+    ("compress {lm} --calibration greedy", "--calibration"),
+    ("compress {lm} --eval-fraction 1", "--eval-fraction"),
+    ("compress {lm} --eval-fraction 0", "--eval-fraction"),
+    ("compress {lm} --calibration-tokens 100", "--calibration-tokens"),
+    ("compress {lm} --eval-tokens 0", "--eval-tokens"),
+    ("compress {lm} --generate-tokens 0", "--generate-tokens"),
+    ("compress {lm} --decode-repeats -1", "--decode-repeats"),
+    ("compress {lm} --batch-size 0", "--batch-size"),
+    ("compress {lm} --text {missing}", "--text"),
+    ("compress {lm} --text {file}", "--text"),
+    ("compress {lm} --text {tmp}/*.pdf", "--text"),
+    ("compress {lm} --text {tmp}/read_only", "--text"),
+    ("compress {tmp}/missing.gguf", "model_dir"),
     # -- gblr demo
     ("demo --seed abc", "--seed"),
     ("demo --seed -1", "--seed"),
@@ -104,7 +120,7 @@ def paths(tmp_path, data, monkeypatch):
     made = {"tmp": tmp_path, "data": data, "missing": tmp_path / "missing", "file": tmp_path / "file.txt",
             "run": tmp_path / "run", "broken_run": tmp_path / "broken_run", "model": tmp_path / "model",
             "binary": tmp_path / "latin1.txt", "unreadable": tmp_path / "unreadable",
-            "read_only": tmp_path / "read_only"}
+            "read_only": tmp_path / "read_only", "lm": tmp_path / "lm"}
     made["file"].write_text("a file, not a folder\n")
     made["run"].mkdir()
     (made["run"] / "checkpoint.pt").write_bytes(b"another run's checkpoint")
@@ -112,6 +128,8 @@ def paths(tmp_path, data, monkeypatch):
     (made["broken_run"] / "checkpoint.pt").write_text("not a checkpoint\n")
     made["model"].mkdir()
     (made["model"] / "config.json").write_text("{}")
+    made["lm"].mkdir()
+    (made["lm"] / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "model_type": "llama"}')
     made["binary"].write_bytes("caf\xe9 au lait\n".encode("latin-1"))
     made["unreadable"].mkdir(mode=0o000)
     made["read_only"].mkdir(mode=0o555)
@@ -129,6 +147,7 @@ def no_work(monkeypatch):
 
     monkeypatch.setattr(gblr.recipes.train, "batches", refuse)
     monkeypatch.setattr(gblr.recipes.compress.text, "load_sentence_encoder", refuse)
+    monkeypatch.setattr(gblr.recipes.compress_lm, "load_causal_lm", refuse)
     monkeypatch.setattr(gblr.recipes.demo, "demo", refuse)
 
 

@@ -29,6 +29,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: one thread 
         ({"decompose_options": {"bias": None}}, "decompose_options"),
         ({"decompose_options": {"steps": 3}, "method": "svd"}, "decompose_options"),
         ({"filter_fn": "query"}, "filter_fn"),
+        ({"calibration": "two-pass"}, "calibration"),
+        ({"calibration": None}, "calibration"),
     ],
 )
 def test_config_rejects_bad_fields_naming_them(kwargs, field):
@@ -42,3 +44,4 @@ def test_config_defaults():
     assert config.floor_ratio == pytest.approx(0.1)
     assert gblr.GBLRConfig(flops_ratio=0.4, min_layer_ratio=0.0).floor_ratio == 0.0
     assert gblr.GBLRConfig().allocation == "error" and gblr.GBLRConfig().method == "gblr"
+    assert gblr.GBLRConfig().calibration == "one-shot"  # sequential: opt-in until it is fast on real LMs

@@ -124,3 +124,92 @@ def test_clear_errors():
         InputStats(24).second_moment
     with pytest.raises(ValueError, match="trade"):
         gblr.decompose(W, 0.5, trade=-1)
+
+
+# -- whitening that never fails ------------------------------------------------------------------
+
+
+def _hard_activations(kind: str, n: int = 48) -> torch.Tensor:
+    """Calibration activations that break a naive whitener (Cholesky of X^T X)."""
+    generator = torch.Generator().manual_seed(5)
+    X = torch.randn(300, n, generator=generator, dtype=torch.float64) * torch.logspace(-1, 1, n, dtype=torch.float64)
+    if kind == "few tokens":  # rank 6 < n features
+        return X[:6]
+    if kind == "one token":
+        return X[:1]
+    if kind == "duplicated features":
+        X[:, n // 2:] = X[:, : n // 2]
+    elif kind == "zero features":
+        X[:, ::3] = 0
+    elif kind == "scaled 1e-8 .. 1e8":
+        X = X * torch.logspace(-8, 8, n, dtype=torch.float64)
+    elif kind == "one outlier feature":  # as in LLM hidden states, in float32
+        X[:, 5] *= 1e4
+        X = X.float()
+    elif kind == "constant":
+        X = torch.full((50, n), 3.0, dtype=torch.float64)
+    elif kind == "all zero":
+        X = torch.zeros(50, n, dtype=torch.float64)
+    elif kind == "huge (1e170)":  # its second moment overflows float64
+        X = X * 1e170
+    elif kind == "tiny (1e-170)":  # its second moment underflows float64
+        X = X * 1e-170
+    return X
+
+
+HARD = ["few tokens", "one token", "duplicated features", "zero features", "scaled 1e-8 .. 1e8",
+        "one outlier feature", "constant", "all zero", "huge (1e170)", "tiny (1e-170)"]
+
+
+@pytest.mark.parametrize("kind", HARD)
+def test_whitening_never_fails_and_never_loses_to_plain_svd(kind):
+    W = _weight(40, 48, seed=6, decay=0.95)
+    X = _hard_activations(kind)
+    ratio = 0.5
+
+    def squared(layer):  # the output error, squared
+        return gblr.relative_error(W, layer.weight, X) ** 2
+
+    plain = gblr.svd_decompose(W, ratio)
+    aware = gblr.svd_decompose(W, ratio, calibration=X)
+    layer = gblr.decompose(W, ratio, calibration=X)
+    for result in (aware, layer):
+        assert torch.isfinite(result.weight).all()
+        assert result.flops() <= ratio * 40 * 48
+    # In the output metric: activation-aware SVD never loses to plain SVD, GBLR never to either
+    # (up to float64 rounding of squared relative errors).
+    assert squared(aware) <= squared(plain) + 1e-12
+    assert squared(layer) <= squared(aware) + 1e-12
+    if kind not in ("all zero",):  # there every output error is 0
+        assert squared(aware) < 0.9 * squared(plain)  # and the activations make a difference
+    curve = gblr.svd_error_curve(W, X)
+    assert torch.isfinite(curve).all() and curve[0] == 1 and curve[-1] == 0
+    assert bool((curve[1:] <= curve[:-1] + 1e-15).all()) and bool((curve >= 0).all())
+
+
+def test_input_stats_keep_the_shape_of_any_finite_second_moment():
+    X = _activations(12, tokens=60)
+    reference = InputStats(12)
+    reference.update(X)
+    for scale in (1e-170, 1e170):
+        stats = InputStats(12)
+        stats.update(X[:30] * scale)
+        stats.update(X[30:] * scale)
+        torch.testing.assert_close(stats.normalized_second_moment, reference.normalized_second_moment)
+    mixed = InputStats(12)  # tiny activations first, then ones 1e100 times larger: the first are negligible
+    mixed.update(X[:30] * 1e-50)
+    mixed.update(X[30:] * 1e50)
+    only_large = InputStats(12)
+    only_large.update(X[30:])
+    torch.testing.assert_close(mixed.normalized_second_moment, only_large.normalized_second_moment)
+    assert mixed.tokens == 60
+    # A precomputed moment near the float64 limit, rank deficient and with a zero row: no error.
+    C = torch.diag(torch.tensor([1e300, 1e-300, 0.0, 1.0], dtype=torch.float64))
+    stats = InputStats.from_second_moment(C)
+    W = _weight(5, 4)
+    curve = gblr.svd_error_curve(W, stats)
+    assert torch.isfinite(curve).all()
+    layer = gblr.svd_decompose(W, 0.5, calibration=stats)
+    assert torch.isfinite(layer.weight).all() and 0 <= gblr.relative_error(W, layer.weight, stats) < 1
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        InputStats.from_second_moment(torch.full((3, 3), float("inf")))

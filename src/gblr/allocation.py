@@ -29,16 +29,17 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import warnings
+from collections.abc import Mapping
 
 import torch
 
-from .calibration import InputStats
 from .config import GBLRConfig
 from .decompose import svd_error_curve
 from .flops import largest_cheaper_rank, low_rank_macs, max_low_rank
+from .stats import InputStats
 from .targets import Target, name_matches
 
-__all__ = ["Plan", "allocate_ranks", "plan_targets"]
+__all__ = ["Plan", "allocate_ranks", "plan_targets", "shares_budget"]
 
 
 def allocate_ranks(
@@ -82,6 +83,28 @@ def allocate_ranks(
     return [None if is_dense else rank for rank, is_dense in zip(ranks, dense)]
 
 
+def _override(target: Target, config: GBLRConfig) -> float | None:
+    """The ratio of the first ``config.overrides`` pattern matching ``target``, or None."""
+    return next((ratio for pattern, ratio in config.overrides.items() if name_matches(target.names, pattern)), None)
+
+
+def _kept_dense_reason(target: Target, tied: set[int]) -> str | None:
+    """Why ``target`` stays dense whatever the budget (its weight is in ``tied``, or it is too
+    small to gain), or None."""
+    m, n = target.out_features, target.in_features
+    if id(target.module.weight) in tied:
+        return "weight tied to another module"
+    if largest_cheaper_rank(m, n) < 1:
+        return f"too small: rank 1 costs m+n={low_rank_macs(1, m, n)} >= m*n={m * n} MACs"
+    return None
+
+
+def shares_budget(target: Target, config: GBLRConfig, tied: set[int]) -> bool:
+    """Whether ``target`` takes part in the error allocation (so :func:`plan_targets` needs its
+    error curve): ``allocation="error"``, no override, not kept dense for a reason of its own."""
+    return config.allocation == "error" and _override(target, config) is None and _kept_dense_reason(target, tied) is None
+
+
 @dataclasses.dataclass
 class Plan:
     """What one target gets: its FLOPs ratio, or why it stays dense."""
@@ -97,11 +120,18 @@ class Plan:
 
 
 def plan_targets(
-    targets: list[Target], config: GBLRConfig, stats: dict[str, InputStats], tied: set[int]
+    targets: list[Target],
+    config: GBLRConfig,
+    stats: Mapping[str, InputStats],
+    tied: set[int],
+    curves: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, Plan]:
     """A :class:`Plan` per target name: overrides, layers kept dense (too small, weight in
     ``tied``), then the allocation ``config`` asks for over the rest, with the calibration
-    ``stats`` (by target name) where there are some."""
+    ``stats`` (by target name) where there are some. ``curves`` (by target name) are error
+    curves computed beforehand (:func:`gblr.svd_error_curve`; sequential calibration computes
+    them block by block, so that no more than one block's statistics are held at a time); a
+    target without one gets its curve from ``stats``."""
     plans: dict[str, Plan] = {}
     pool: list[Target] = []  # the layers that share the global budget
     dense_macs = 0  # of the layers without override
@@ -109,16 +139,10 @@ def plan_targets(
     rank_one_macs = 0  # of those, what rank 1 costs in each of the others
     for target in targets:
         m, n = target.out_features, target.in_features
-        override = next(
-            (ratio for pattern, ratio in config.overrides.items() if name_matches(target.names, pattern)), None
-        )
+        override = _override(target, config)
         if override is None:
             dense_macs += m * n
-        reason = None
-        if id(target.module.weight) in tied:
-            reason = "weight tied to another module"
-        elif largest_cheaper_rank(m, n) < 1:
-            reason = f"too small: rank 1 costs m+n={low_rank_macs(1, m, n)} >= m*n={m * n} MACs"
+        reason = _kept_dense_reason(target, tied)
         if reason is not None:
             plans[target.name] = Plan(1.0, reason)
             kept_dense_macs += m * n if override is None else 0
@@ -147,8 +171,12 @@ def plan_targets(
     if not pool:
         return plans
     shapes = [(target.out_features, target.in_features) for target in pool]
+    given = {} if curves is None else curves
     curves = []
     for target in pool:
+        if target.name in given:
+            curves.append(given[target.name])
+            continue
         try:
             curves.append(svd_error_curve(target.float_weight(), stats.get(target.name)))
         except ValueError as error:

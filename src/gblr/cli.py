@@ -5,7 +5,8 @@
 options of ``train`` and ``compress`` are generated from the fields of their config dataclasses
 (:class:`~gblr.recipes.train.TrainConfig`, :class:`~gblr.recipes.compress.CompressConfig`):
 field ``batch_size`` is option ``--batch-size`` with the field's default, a bool field that
-defaults to True is a ``--no-...`` flag, and a field without default is positional. This module
+defaults to True is a ``--no-...`` flag, a ``list[...]`` field takes one or more values, and a
+field without default is positional. This module
 adds only the grouping, the help texts and the choices; every option's help ends with its default.
 
 Bad input ends the command before any work, with exit code 2 and a one-line message naming the
@@ -34,10 +35,19 @@ Options = dict[str | None, dict[str, typing.Any]]
 
 
 def _value_type(hint) -> type:
-    """``int`` for ``int``, ``int | None`` or ``Optional[int]``."""
+    """``int`` for ``int``, ``int | None`` or ``Optional[int]``; ``str`` for ``list[str]`` (see :func:`_list_field`)."""
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         (hint,) = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+    if typing.get_origin(hint) is list:
+        (hint,) = typing.get_args(hint)
     return hint
+
+
+def _list_field(hint) -> bool:
+    """Whether a field's type is ``list[...]`` (or ``list[...] | None``): an option taking one or more values."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return any(typing.get_origin(arg) is list for arg in typing.get_args(hint))
+    return typing.get_origin(hint) is list
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, config_type: type, options: Options,
@@ -77,6 +87,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_type: type, opt
             elif hint is bool:
                 group.add_argument(flag, action="store_true", **keywords)
             else:
+                if _list_field(hint):  # a list field takes one or more values: --text a.txt docs/
+                    keywords.setdefault("nargs", "+")
                 group.add_argument(flag, type=_value_type(hint), default=field.default, **keywords)
 
 
@@ -187,34 +199,59 @@ def train_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
 
 
 def _compress_options() -> Options:
-    from .config import METHODS
+    from .config import CALIBRATIONS, METHODS
+    from .recipes.causal_lm import PROMPTS
+    from .recipes.corpus import PYTHON_DOCS
 
     return {
         None: {
-            "model_dir": "a Hugging Face or sentence-transformers model folder (with config.json)",
+            "model_dir": "a Hugging Face or sentence-transformers model folder (with config.json), or a causal LM's "
+                         ".gguf file; causal LMs (config naming ...ForCausalLM / ...LMHeadModel, or a .gguf) are "
+                         "measured by perplexity, encoders by sentence-embedding fidelity",
             "flops": "FLOPs ratio of the compressed layers, in (0, 1]",
             "method": {"choices": list(METHODS),
                        "help": "gblr: structure search per layer; svd: activation-aware truncated SVD"},
-            "target": "layers to compress: 'all-linear' (every nn.Linear and Conv1D but the output embeddings) or "
-                      "a regular expression matching whole module names",
+            "target": "layers to compress: 'all-linear' (every nn.Linear and Conv1D but the output embeddings, "
+                      "so never an LM's lm_head) or a regular expression matching whole module names",
             "exclude": "layers to leave dense, a regular expression matching whole module names (default: the "
                        "pooler, which sentence embeddings do not use; '' for none)",
+            "calibration": {"choices": list(CALIBRATIONS),
+                            "help": "sequential: the model's blocks (a decoder's layers) one at a time, each "
+                                    "calibrated on the compressed blocks before it; one-shot: all layers from one "
+                                    "pass of the original model (faster)"},
         },
-        "sentences": {
-            "text": "UTF-8 text file, one sentence per line (default: a generated English corpus)",
+        "text": {
+            "text": {"metavar": "PATH",
+                     "help": "UTF-8 text files, folders (searched recursively for *.txt, *.rst, *.md) or glob "
+                             "patterns. Encoders: sentences, one per line or in paragraphs (default: a generated "
+                             "English corpus). Causal LMs: split by file into calibration and held-out files "
+                             f"(default: the Python documentation's sources, {PYTHON_DOCS})"},
+            "batch_size": "sentences or token windows per batch (default: 32 sentences for encoders, 4 windows for "
+                          "causal LMs)",
+            "seed": "seed of the sentence draw or of the file split",
+        },
+        "sentence encoders": {
             "calibration_sentences": "sentences for calibration and distillation",
             "eval_sentences": "held-out sentences for the fidelity",
-            "batch_size": None,
             "max_length": "tokens per sentence at most",
         },
+        "causal language models": {
+            "eval_fraction": "share of the text files held out for the perplexity (never used in calibration)",
+            "seq_len": "tokens per window",
+            "calibration_tokens": "tokens for calibration and distillation, in windows of --seq-len",
+            "eval_tokens": "held-out tokens for the perplexity, in windows of --seq-len",
+            "generate_tokens": f"new tokens per greedy generation ({len(PROMPTS)} fixed prompts) and per timed "
+                               "decoding run",
+            "decode_repeats": "timed decoding runs per model, at batch 1 with the KV cache (0: no timing)",
+        },
         "distillation (after conversion; off by default)": {
-            "distill_steps": "steps of distillation towards the original",
+            "distill_steps": "steps of distillation towards the original (causal LMs: on the logits, mean "
+                             "squared error)",
             "distill_minutes": "time limit of the distillation (default: none)",
             "lr": "distillation learning rate",
         },
         "run": {
             "out": "output folder (model/, report.json, masks.png)",
-            "seed": None,
             "threads": "torch CPU threads (default: torch's choice)",
             "progress": "hide the progress bars",
             "pictures": "skip masks.png",
@@ -231,7 +268,13 @@ def compress_command(args: argparse.Namespace, parser: argparse.ArgumentParser) 
     except (OSError, ValueError, ImportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"saved {report['saved']} (load with gblr.load_pretrained(base_model, {report['saved']!r})); "
+    if report.get("kind") == "causal-lm":
+        base = f"gblr.recipes.causal_lm.load_causal_lm({config.model_dir!r})[0]"
+        ppl = report["perplexity"]
+        print("held-out perplexity: " + ", ".join(f"{name} {value:.3f}" for name, value in ppl.items()))
+    else:
+        base = "base_model"
+    print(f"saved {report['saved']} (load with gblr.load_pretrained({base}, {report['saved']!r})); "
           f"report {Path(config.out) / 'report.json'}; {report['timings']['total_seconds']:.0f} s in all")
     return 0
 
@@ -264,9 +307,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(trainer, TrainConfig, _train_options(), internal=("eval_batch_size",))
     trainer.set_defaults(handler=functools.partial(train_command, parser=trainer))
     compressor = commands.add_parser(
-        "compress", help="compress a pretrained text encoder (Hugging Face folder) and measure its fidelity",
-        description="Replace the linear layers of a sentence encoder by GBLR layers at a FLOPs ratio (optionally "
-                    "distilling towards the original) and report how close its sentence embeddings stay.",
+        "compress", help="compress a pretrained sentence encoder or causal LM and measure what it keeps",
+        description="Replace the linear layers of a sentence encoder or a causal language model (a Hugging Face "
+                    "folder or a .gguf file) by GBLR layers at a FLOPs ratio, optionally distilling towards the "
+                    "original, and report how close it stays: sentence-embedding fidelity for encoders; held-out "
+                    "perplexity, greedy generations and decode speed for causal LMs.",
     )
     add_config_arguments(compressor, CompressConfig, _compress_options())
     compressor.set_defaults(handler=functools.partial(compress_command, parser=compressor))

