@@ -14,7 +14,7 @@ TORCH_PIN="torch==2.13.0"  # the CPU build on this platform's local disk; a bare
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c "import gblr, pytest, hypothesis, PIL, tqdm, matplotlib, transformers, safetensors" 2>/dev/null; then
+if ! .venv/bin/python -c "import gblr, pytest, hypothesis, PIL, tqdm, matplotlib, transformers, safetensors, gguf, accelerate" 2>/dev/null; then
   .venv/bin/python -m pip install --quiet --upgrade pip
   .venv/bin/python -m pip install --quiet "$TORCH_PIN"
   .venv/bin/python -m pip install --quiet -e ".[dev]"
