@@ -110,3 +110,12 @@ def test_square_block_fraction_inverts_the_block_cost(macs, rank, m, n):
     cost = min(rank * (m + n) * x, m * n * x * x)
     assert cost == pytest.approx(macs)
     assert square_block_fraction(10 * m * n, rank, m, n) == 1.0
+
+
+def test_include_dense_counts_hugging_face_conv1d_layers():
+    pytorch_utils = pytest.importorskip("transformers.pytorch_utils")
+    model = nn.Sequential(pytorch_utils.Conv1D(12, 5), nn.Linear(12, 3))  # Conv1D(nf=out, nx=in): weight (5, 12)
+    report = gblr.flops_report(model, include_dense=True)
+    assert [(layer.name, layer.shape, layer.dense_macs, layer.gblr_macs) for layer in report] == [
+        ("0", (12, 5), 60, 60), ("1", (3, 12), 36, 36)]
+    assert len(gblr.flops_report(model)) == 0  # without include_dense: no structured layers

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 from collections.abc import Iterator
 
 import torch
@@ -235,23 +236,35 @@ class FlopsReport:
         return "\n".join([line(header), rule, *map(line, rows[:-1]), rule, line(rows[-1])])
 
 
-def _structured_macs(module: nn.Module, include_dense: bool) -> int | None:
-    """MACs of a layer that reports its own cost (GBLR, frozen GBLR, the baselines), or of a
-    dense nn.Linear when asked; None for anything else."""
+def hf_conv1d_type() -> type | None:
+    """transformers' ``Conv1D`` (GPT-2's linear layers, weight ``(in, out)``) if transformers is
+    loaded (a model holding one has loaded it); never imports transformers itself."""
+    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+
+
+def _structured_cost(module: nn.Module, include_dense: bool) -> tuple[int, int, int] | None:
+    """``(out_features, in_features, MACs)`` of a layer that reports its own cost (GBLR, frozen
+    GBLR, the baselines), or of a dense nn.Linear or Hugging Face Conv1D when asked; None for
+    anything else."""
     if isinstance(module, nn.Linear):
-        return module.in_features * module.out_features if include_dense else None
+        dense = module.in_features * module.out_features
+        return (module.out_features, module.in_features, dense) if include_dense else None
+    conv1d = hf_conv1d_type()
+    if conv1d is not None and isinstance(module, conv1d):
+        in_features, out_features = module.weight.shape
+        return (out_features, in_features, in_features * out_features) if include_dense else None
     flops = getattr(module, "flops", None)
     if callable(flops) and isinstance(getattr(module, "in_features", None), int) and isinstance(
         getattr(module, "out_features", None), int
     ):
-        return int(flops())
+        return module.out_features, module.in_features, int(flops())
     return None
 
 
 def flops_report(model: nn.Module, include_dense: bool = False) -> FlopsReport:
     """MACs per input vector of every structured layer in ``model``: GBLR layers (trainable or
     frozen) and any layer with a ``flops()`` method (the :mod:`gblr.baselines`); with
-    ``include_dense``, plain ``nn.Linear`` layers too (ratio 1).
+    ``include_dense``, plain ``nn.Linear`` layers and Hugging Face ``Conv1D`` layers too (ratio 1).
 
     Returns a :class:`FlopsReport`: iterate it for per-layer rows (name, shape, dense and
     structured MACs, ratio), read ``.ratio`` for the global FLOPs ratio, ``.to_dict()`` for
@@ -265,8 +278,8 @@ def flops_report(model: nn.Module, include_dense: bool = False) -> FlopsReport:
         raise TypeError(f"include_dense must be a bool, got {include_dense!r}")
     layers = []
     for name, module in model.named_modules():
-        macs = _structured_macs(module, include_dense)
-        if macs is not None:
-            dense = module.in_features * module.out_features
-            layers.append(LayerFlops(name, (module.out_features, module.in_features), dense, macs))
+        cost = _structured_cost(module, include_dense)
+        if cost is not None:
+            out_features, in_features, macs = cost
+            layers.append(LayerFlops(name, (out_features, in_features), in_features * out_features, macs))
     return FlopsReport(tuple(layers))

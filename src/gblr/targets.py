@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import sys
 
 import torch
 from torch import nn
 
 from .config import ALL_LINEAR, GBLRConfig
+from .flops import hf_conv1d_type
 from .frozen import FrozenGBLRLinear
 from .linear import GBLRLinear
 
@@ -35,15 +35,9 @@ __all__ = [
 ]
 
 
-def _conv1d_type() -> type | None:
-    """transformers' ``Conv1D`` if transformers is loaded (a model holding one has loaded it);
-    never imports transformers itself."""
-    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
-
-
 def is_linear(module: nn.Module) -> bool:
     """Whether ``module`` is an ``nn.Linear`` or a Hugging Face ``Conv1D``."""
-    conv1d = _conv1d_type()
+    conv1d = hf_conv1d_type()
     return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
 
 

@@ -42,9 +42,9 @@ from .._files import check_writable_folder, write_text_atomic
 from .._validation import check_flops_ratio
 from ..config import ALL_LINEAR, CALIBRATIONS, METHODS, GBLRConfig
 from ..convert import convert_
-from ..flops import FlopsReport, LayerFlops
+from ..flops import FlopsReport, flops_report
 from ..pretrained import save_pretrained
-from ..targets import linear_features, target_names
+from ..targets import target_names
 from . import corpus, sentences, text
 from .causal_lm import CAUSAL_LM, ENCODER, model_kind
 from .distill import distill
@@ -157,16 +157,9 @@ def linear_targets(model: nn.Module, target: str = ALL_LINEAR, exclude: str | No
 
 def target_flops(model: nn.Module, names: list[str]) -> FlopsReport:
     """The FLOPs report restricted to the named layers: a GBLR layer's own cost, a layer still
-    dense (nn.Linear, or a Conv1D, which ``flops_report(include_dense=True)`` does not count) at
-    ``in * out`` MACs."""
+    dense (nn.Linear or Conv1D) at ``in * out`` MACs."""
     wanted = set(names)
-    layers = []
-    for name, module in model.named_modules():
-        if name in wanted:
-            n, m = linear_features(module)
-            cost = getattr(module, "flops", None)
-            layers.append(LayerFlops(name, (m, n), m * n, int(cost()) if callable(cost) else m * n))
-    return FlopsReport(tuple(layers))
+    return FlopsReport(tuple(layer for layer in flops_report(model, include_dense=True) if layer.name in wanted))
 
 
 def with_option(error: Exception, field: str) -> Exception:
