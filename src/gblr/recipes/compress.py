@@ -41,7 +41,7 @@ from torch import nn
 from .._files import check_writable_folder, write_text_atomic
 from .._validation import check_flops_ratio
 from ..config import ALL_LINEAR, CALIBRATIONS, METHODS, GBLRConfig
-from ..convert import convert_
+from ..convert import ConversionReport, convert_
 from ..flops import FlopsReport, flops_report
 from ..pretrained import save_pretrained
 from ..targets import target_names
@@ -50,7 +50,8 @@ from .causal_lm import CAUSAL_LM, ENCODER, model_kind
 from .distill import distill
 from .options import check_number, check_positive_int, check_seed, option_name
 
-__all__ = ["POOLER", "CompressConfig", "compress", "linear_targets", "run_distillation", "target_flops", "with_option"]
+__all__ = ["POOLER", "CompressConfig", "compress", "convert_targets", "linear_targets", "run_distillation",
+           "target_flops", "with_option"]
 
 # Every module under a path component named "pooler" ("pooler", "pooler.dense", "bert.pooler.dense").
 POOLER = r"(.*\.)?pooler(\..*)?"
@@ -162,6 +163,19 @@ def target_flops(model: nn.Module, names: list[str]) -> FlopsReport:
     return FlopsReport(tuple(layer for layer in flops_report(model, include_dense=True) if layer.name in wanted))
 
 
+def convert_targets(student: nn.Module, targets: list[str], gblr_config: GBLRConfig, batches: list,
+                    config: CompressConfig) -> tuple[ConversionReport, FlopsReport, float]:
+    """Convert ``student``'s ``targets`` in place with :func:`gblr.convert_`, calibrated on
+    ``batches``, saying what it does; returns the conversion report, the targets' FLOPs after it
+    and the seconds it took. The step both recipes (encoders and causal LMs) share."""
+    dense = target_flops(student, targets)
+    print(f"compressing {len(targets)} linear layers ({dense.dense_macs:,} MACs per token) to {config.flops:g} "
+          f"of their FLOPs with {config.method}", flush=True)
+    start = time.perf_counter()
+    conversion = convert_(student, gblr_config, calibration=batches, progress=config.progress, verbose=False)
+    return conversion, target_flops(student, targets), time.perf_counter() - start
+
+
 def with_option(error: Exception, field: str) -> Exception:
     """``error`` with its message prefixed by the option it concerns (same type, where it allows)."""
     kind = type(error) if isinstance(error, (OSError, ValueError, ImportError)) else ValueError
@@ -249,14 +263,7 @@ def _compress_encoder(config: CompressConfig, gblr_config: GBLRConfig, started: 
     eval_batches = text.token_batches(tokenizer, eval_sentences, batch_size, config.max_length)
     reference = text.embed(teacher, eval_batches)
     student = copy.deepcopy(teacher)
-
-    dense = target_flops(student, targets)
-    print(f"compressing {len(targets)} linear layers ({dense.dense_macs:,} MACs per token) to {config.flops:g} "
-          f"of their FLOPs with {config.method}", flush=True)
-    convert_start = time.perf_counter()
-    conversion = convert_(student, gblr_config, calibration=train_batches, progress=config.progress, verbose=False)
-    convert_seconds = time.perf_counter() - convert_start
-    flops = target_flops(student, targets)
+    conversion, flops, convert_seconds = convert_targets(student, targets, gblr_config, train_batches, config)
     fidelity = {"converted": text.embedding_fidelity(student, reference, eval_batches)}
     print(f"FLOPs ratio {flops.ratio:.3f} ({flops.gblr_macs:,} of {flops.dense_macs:,} MACs per token), "
           f"{convert_seconds:.1f} s")

@@ -37,7 +37,6 @@ from torch import nn
 
 from .._files import check_writable_folder
 from ..config import GBLRConfig
-from ..convert import convert_
 from ..frozen import freeze_
 from ..targets import target_names
 from . import corpus
@@ -53,7 +52,7 @@ from .causal_lm import (
     token_windows,
     window_batches,
 )
-from .compress import CompressConfig, run_distillation, target_flops, with_option
+from .compress import CompressConfig, convert_targets, run_distillation, target_flops, with_option
 from .options import option_name
 
 __all__ = ["compress_causal_lm", "peak_rss_mb"]
@@ -123,13 +122,7 @@ def compress_causal_lm(config: CompressConfig, gblr_config: GBLRConfig, started:
     print(f"held-out perplexity of the original: {ppl['dense']:.3f}", flush=True)
 
     student = copy.deepcopy(teacher)
-    dense = target_flops(student, targets)
-    print(f"compressing {len(targets)} linear layers ({dense.dense_macs:,} MACs per token) to {config.flops:g} "
-          f"of their FLOPs with {config.method}", flush=True)
-    convert_start = time.perf_counter()
-    conversion = convert_(student, gblr_config, calibration=train_batches, progress=config.progress, verbose=False)
-    convert_seconds = time.perf_counter() - convert_start
-    flops = target_flops(student, targets)
+    conversion, flops, convert_seconds = convert_targets(student, targets, gblr_config, train_batches, config)
     ppl["converted"] = perplexity(student, eval_batches)
     print(f"FLOPs ratio {flops.ratio:.3f} ({flops.gblr_macs:,} of {flops.dense_macs:,} MACs per token), "
           f"{convert_seconds:.1f} s; held-out perplexity {ppl['converted']:.3f}", flush=True)
