@@ -377,7 +377,7 @@ CASES = [
     ("load_pretrained unknown dtype", lambda tmp: load(edited_config(tmp, set_entry("dtype", "int64"))), ValueError,
      r"layer '0' in gblr_config.json: dtype must name a float torch dtype, got 'int64'"),
     ("load_pretrained unknown class", lambda tmp: load(edited_config(tmp, set_entry("class", "Linear"))), ValueError,
-     r"layer '0' in gblr_config.json: class must be GBLRLinear or FrozenGBLRLinear"),
+     r"layer '0' in gblr_config.json: class must be one of GBLRLinear, FrozenGBLRLinear, GBLRConv2d"),
     ("load_pretrained missing in_features", lambda tmp: load(edited_config(tmp, lambda d: d["layers"][0].pop(
         "in_features"))), ValueError, r"layer '0': saved with \(in_features, out_features\) = \(None, 24\)"),
     ("load_pretrained bad sigma", lambda tmp: load(edited_config(tmp, set_entry("sigma", -1))), ValueError,

@@ -208,13 +208,15 @@ def test_small_blocks_of_high_rank_shrink_at_the_cost_of_their_area():
     learner = gblr.StructureLearner(layer, optimizer, flops_target=0.25, total_steps=100)
     in_w = torch.tensor([8 / 32, 1.0], dtype=torch.float64)  # 8x8 (dense, 64 < 128) and 32x32 (rank 8)
     out_w = torch.tensor([8 / 32, 1.0], dtype=torch.float64)
-    in_weight, out_weight = learner._shrink_weights(in_w, out_w)
+    ones = torch.ones(2, dtype=torch.float64)  # one layer, weight 1
+    in_weight, out_weight = learner._shrink_weights(in_w, out_w, ones)
     unit = 32.0  # a rank-1 component's mean side
     torch.testing.assert_close(in_weight, torch.tensor([32 * 8 / unit, 32 * 8 / unit], dtype=torch.float64))
     with torch.no_grad():
         layer.in_width.copy_(torch.tensor([1 / 32, 1.0]))
         layer.out_width.copy_(torch.tensor([16 / 32, 1.0]))
-    in_weight, out_weight = learner._shrink_weights(layer.in_width.detach().double(), layer.out_width.detach().double())
+    in_weight, out_weight = learner._shrink_weights(layer.in_width.detach().double(), layer.out_width.detach().double(),
+                                                 ones)
     # 1x16 costs 16 MACs as a dense block: one more input column costs 16, one more output row 1
     assert in_weight[0] == pytest.approx(32 * 16 / unit) and out_weight[0] == pytest.approx(32 * 1 / unit)
     assert in_weight[1] == pytest.approx(32 * 8 / unit) and out_weight[1] == pytest.approx(32 * 8 / unit)

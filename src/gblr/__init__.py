@@ -3,6 +3,7 @@
 from . import structures
 from .calibration import InputStats
 from .config import GBLRConfig
+from .conv import FrozenGBLRConv2d, GBLRConv2d
 from .convert import ConversionReport, convert_
 from .explain import explain
 from .decompose import decompose, relative_error, svd_decompose, svd_error_curve
@@ -30,7 +31,9 @@ __all__ = [
     "relative_error",
     "svd_decompose",
     "svd_error_curve",
+    "FrozenGBLRConv2d",
     "FrozenGBLRLinear",
+    "GBLRConv2d",
     "GBLRLinear",
     "LayerFlops",
     "flops_report",

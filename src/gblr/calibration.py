@@ -20,7 +20,8 @@ from torch import nn
 
 from ._progress import progress_bar
 from .stats import InputStats, PairedStats, SplitPairedStats
-from .targets import Target, module_device
+from .conv import im2col_rows
+from .targets import Target, is_conv, module_device
 
 __all__ = [
     "InputRecorder",
@@ -96,7 +97,9 @@ class InputRecorder:
         def hook(module, args, kwargs):
             inputs = args[0] if args else next(iter(kwargs.values()), None)
             if isinstance(inputs, torch.Tensor):
-                if self.mask is not None and inputs.shape[:-1] == self.mask.shape:
+                if is_conv(module):  # a convolution multiplies its kernel's matrix view by im2col rows
+                    inputs = im2col_rows(module, inputs)
+                elif self.mask is not None and inputs.shape[:-1] == self.mask.shape:
                     inputs = inputs[self.mask]  # real tokens only: padding never reaches the output
                 try:
                     self.record(name, inputs)

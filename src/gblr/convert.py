@@ -34,6 +34,7 @@ from ._progress import progress_bar
 from .allocation import Plan, plan_targets, shares_budget
 from .calibration import check_batches, collect_stats, warn_unseen
 from .config import GBLRConfig
+from .conv import GBLRConv2d
 from .decompose import decompose, relative_error, svd_decompose, svd_error_curve
 from .flops import low_rank_macs, rank_for_ratio
 from .sequential import check_stages, find_stages, run_stages
@@ -188,6 +189,8 @@ def _decompose_one(
         for parameter in layer.content_parameters():
             parameter.data = parameter.data.to(dtype)
     layer.train(target.module.training)
+    if target.is_conv:
+        return GBLRConv2d.from_matrix_layer(layer, target.module)
     return layer
 
 
@@ -218,9 +221,9 @@ def _convert_one(
             flops = layer.flops()
             with torch.no_grad():
                 if paired is not None:
-                    error = paired.relative_error(layer.weight)
+                    error = paired.relative_error(layer.matrix)
                 else:
-                    error = relative_error(target.float_weight(), layer.weight, stats)
+                    error = relative_error(target.float_weight(), layer.matrix, stats)
     row = LayerConversion(target.name, n, m, plan.ratio, flops, error, skipped, stats is not None, ridge)
     return row, layer
 

@@ -7,6 +7,7 @@ import numbers
 
 from torch import nn
 
+from .conv import FrozenGBLRConv2d
 from .frozen import FrozenGBLRLinear
 from .linear import GBLRLinear
 
@@ -76,7 +77,12 @@ def explain(model: nn.Module, tokens=(1, 16, 256, 4096)) -> Explanation:
     tokens = tuple(int(t) for t in tokens)
     rows = []
     for name, module in model.named_modules():
-        if isinstance(module, FrozenGBLRLinear):
+        if isinstance(module, FrozenGBLRConv2d):  # paths depend on image batches: the choices made so far
+            rows.append(LayerPaths(name or "(model)", (module.out_features, module.in_features), module.flops_ratio(),
+                                   None, None, f"conv {module.kernel}: " + ", ".join(
+                                       f"{key[-3:]} batch<={key[2]}: {path}" for key, (path, _) in module.choices.items()
+                                   ) if module.choices else f"conv {module.kernel}", {}))
+        elif isinstance(module, FrozenGBLRLinear):
             paths = {}
             for t in tokens:
                 path = module.path_for(t)  # measured on random rows where not yet known

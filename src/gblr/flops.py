@@ -244,11 +244,16 @@ def hf_conv1d_type() -> type | None:
 
 def _structured_cost(module: nn.Module, include_dense: bool) -> tuple[int, int, int] | None:
     """``(out_features, in_features, MACs)`` of a layer that reports its own cost (GBLR, frozen
-    GBLR, the baselines), or of a dense nn.Linear or Hugging Face Conv1D when asked; None for
-    anything else."""
+    GBLR, the baselines), or of a dense nn.Linear, nn.Conv2d (its ``(out, in * kh * kw /
+    groups)`` matrix) or Hugging Face Conv1D when asked; None for anything else."""
     if isinstance(module, nn.Linear):
         dense = module.in_features * module.out_features
         return (module.out_features, module.in_features, dense) if include_dense else None
+    if isinstance(module, nn.Conv2d):
+        if not include_dense:
+            return None
+        out_channels, fan_in = module.weight.shape[0], int(module.weight[0].numel())
+        return out_channels, fan_in, out_channels * fan_in
     conv1d = hf_conv1d_type()
     if conv1d is not None and isinstance(module, conv1d):
         in_features, out_features = module.weight.shape
@@ -264,7 +269,11 @@ def _structured_cost(module: nn.Module, include_dense: bool) -> tuple[int, int, 
 def flops_report(model: nn.Module, include_dense: bool = False) -> FlopsReport:
     """MACs per input vector of every structured layer in ``model``: GBLR layers (trainable or
     frozen) and any layer with a ``flops()`` method (the :mod:`gblr.baselines`); with
-    ``include_dense``, plain ``nn.Linear`` layers and Hugging Face ``Conv1D`` layers too (ratio 1).
+    ``include_dense``, plain ``nn.Linear``, ``nn.Conv2d`` and Hugging Face ``Conv1D`` layers too
+    (ratio 1). A convolution counts its matrix view's MACs per output pixel times its
+    ``output_pixels`` (the output height times width of its last forward pass, kept by the GBLR
+    convolutions and the convolution baselines; set it on a plain ``nn.Conv2d`` to weigh it the
+    same way), so that layers at different resolutions count by their real cost.
 
     Returns a :class:`FlopsReport`: iterate it for per-layer rows (name, shape, dense and
     structured MACs, ratio), read ``.ratio`` for the global FLOPs ratio, ``.to_dict()`` for
@@ -281,5 +290,7 @@ def flops_report(model: nn.Module, include_dense: bool = False) -> FlopsReport:
         cost = _structured_cost(module, include_dense)
         if cost is not None:
             out_features, in_features, macs = cost
-            layers.append(LayerFlops(name, (out_features, in_features), in_features * out_features, macs))
+            times = getattr(module, "output_pixels", None) or 1  # a convolution that has run
+            layers.append(LayerFlops(name, (out_features, in_features), in_features * out_features * times,
+                                     macs * times))
     return FlopsReport(tuple(layers))

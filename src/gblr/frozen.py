@@ -118,6 +118,11 @@ class FrozenGBLRLinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
+        """The dense ``(out_features, in_features)`` weight, as ``nn.Linear.weight`` (:attr:`matrix`)."""
+        return self.matrix
+
+    @property
+    def matrix(self) -> torch.Tensor:
         """The dense ``(out_features, in_features)`` matrix this layer applies."""
         weight = self._like.new_zeros(self.out_features, self.in_features)
         for support, left, right in self.blocks():
@@ -154,7 +159,7 @@ class FrozenGBLRLinear(nn.Module):
         if cached is None or cached[0] != key:
             with torch.no_grad():
                 if what == "dense":
-                    value = self.weight.to(x.device, x.dtype)
+                    value = self.matrix.to(x.device, x.dtype)
                 elif what == "tiled-batched":
                     value = batch(self.packed("tiled", x), x)
                 elif what == "triton":

@@ -207,7 +207,6 @@ class StructureLearner:
         self._cost_unit = float((self._structure.in_sizes + self._structure.out_sizes).double().mean()) / 2
         self._layer_dense = torch.tensor([layer.in_features * layer.out_features for layer in self.layers],
                                          dtype=torch.float64)
-        self._dense_macs = float(self._layer_dense.sum())
 
         self.step_count = 0
         self.initial_ratio = self.flops_ratio()
@@ -221,9 +220,23 @@ class StructureLearner:
     def _current_structure(self):
         return structure_of(self.layers)
 
+    def layer_weights(self) -> torch.Tensor:
+        """How many times each layer runs per example, relative to the most used one: 1 for
+        linear layers; a convolution's output pixels in its last forward pass (1 before any),
+        so that a 3x3 convolution at 28x28 counts 16 times one at 7x7, as in its real FLOPs."""
+        counts = torch.tensor([float(getattr(layer, "output_pixels", None) or 1) for layer in self.layers],
+                              dtype=torch.float64)
+        return counts / counts.max()
+
+    def _dense_macs(self, weights: torch.Tensor) -> float:
+        return float((self._layer_dense * weights).sum())
+
     def flops_ratio(self) -> float:
-        """Global FLOPs ratio of the GBLR layers now, each weighted by its dense size."""
-        return float(self._current_structure().layer_macs().sum()) / self._dense_macs
+        """Global FLOPs ratio of the GBLR layers now, each weighted by its dense MACs per
+        example (:meth:`layer_weights` times its dense size)."""
+        weights = self.layer_weights()
+        macs = self._current_structure().layer_macs().double().cpu()
+        return float((macs * weights).sum()) / self._dense_macs(weights)
 
     def layer_ratios(self) -> list[float]:
         """Each GBLR layer's FLOPs ratio, in ``self.layers`` order."""
@@ -279,13 +292,16 @@ class StructureLearner:
         second_moment = torch.cat([state["exp_avg_sq"].detach() for state in states]).double()
         return (second_moment / corrections.to(second_moment.device)).sqrt_() + eps.to(second_moment.device)
 
-    def _shrink_weights(self, in_w: torch.Tensor, out_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _shrink_weights(self, in_w: torch.Tensor, out_w: torch.Tensor,
+                        component_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The slopes of each component's cost ``min(r(a + b), ab)`` in its in and out widths,
         at the current widths, in units of ``self._cost_unit``: ``r * n`` and ``r * m`` for a
-        low-rank block, ``b * n`` and ``a * m`` for a block cheaper as a dense one."""
+        low-rank block, ``b * n`` and ``a * m`` for a block cheaper as a dense one; times the
+        component's layer weight (:meth:`layer_weights`)."""
         in_size, out_size = self._structure.in_sizes.double(), self._structure.out_sizes.double()
         slope_a, slope_b = group_macs_slopes(self._structure.ranks.double(), in_w * in_size, out_w * out_size)
-        return in_size * slope_a / self._cost_unit, out_size * slope_b / self._cost_unit
+        scale = component_weights / self._cost_unit
+        return in_size * slope_a * scale, out_size * slope_b * scale
 
     def _choose_lambda(self, target: float, exact_ratio: float, struct_lr: float) -> tuple[float, torch.Tensor, torch.Tensor]:
         """The smallest lambda >= 0 whose shrink brings the cost estimate down to the target.
@@ -300,7 +316,10 @@ class StructureLearner:
         stored_in = torch.cat([w.detach() for w in in_widths])  # in the widths' own dtype
         stored_out = torch.cat([w.detach() for w in out_widths])
         in_w, out_w = stored_in.double(), stored_out.double()
-        in_weight, out_weight = self._shrink_weights(in_w, out_w)
+        weights = self.layer_weights()
+        dense_macs = self._dense_macs(weights)
+        component_weights = weights.to(in_w.device)[self._structure.layers]
+        in_weight, out_weight = self._shrink_weights(in_w, out_w, component_weights)
         in_rate = struct_lr * in_weight / self._preconditioners(in_widths)
         out_rate = struct_lr * out_weight / self._preconditioners(out_widths)
         in_size, out_size = self._structure.in_sizes, self._structure.out_sizes
@@ -313,7 +332,7 @@ class StructureLearner:
             lams = lams[:, None]
             count_in = torch.round(widths_after(stored_in, in_rate, lams) * in_size)
             count_out = torch.round(widths_after(stored_out, out_rate, lams) * out_size)
-            return group_macs(rank, count_in, count_out).sum(1) / self._dense_macs
+            return (group_macs(rank, count_in, count_out) * component_weights).sum(1) / dense_macs
 
         now = float(estimate(torch.zeros(1, dtype=torch.float64))[0])
         if now <= 0.0:

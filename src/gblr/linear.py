@@ -198,6 +198,11 @@ class GBLRLinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
+        """The dense ``(out_features, in_features)`` weight, as ``nn.Linear.weight`` (:attr:`matrix`)."""
+        return self.matrix
+
+    @property
+    def matrix(self) -> torch.Tensor:
         """The dense ``(out_features, in_features)`` matrix this layer applies (differentiable):
         ``left_t.T @ right`` with the masks applied to ``u`` and ``v`` on the fly
         (:func:`gblr.masks.masked_factor`: no mask tensors, nothing of their size kept for
@@ -264,6 +269,10 @@ class GBLRLinear(nn.Module):
             right = self.v[index][:, :, cols].reshape(-1, support.in_width)
             blocks.append((support, left.clone(), right.clone()))
         bias = None if self.bias is None else self.bias.detach().clone()
+        return self._frozen_form(blocks, bias)
+
+    def _frozen_form(self, blocks, bias) -> "FrozenGBLRLinear":
+        """The frozen layer of these cropped blocks (a subclass with another product overrides it)."""
         return FrozenGBLRLinear(
             self.in_features, self.out_features, blocks, bias, dtype=self.u.dtype, device=self.u.device
         )

@@ -23,6 +23,7 @@ from torch import nn
 
 from ._files import write_atomic, write_text_atomic
 from .flops import Support
+from .conv import ConvGeometry, FrozenGBLRConv2d, GBLRConv2d
 from .frozen import SUPPORTS_KEY, FrozenGBLRLinear
 from .linear import STRUCTURAL_NAMES, GBLRLinear, check_finite_structure
 from .targets import is_linear, linear_features, module_device, replace_module
@@ -64,6 +65,8 @@ def _layer_entry(name: str, layer: nn.Module) -> dict:
         "out_features": layer.out_features,
         "bias": layer.bias is not None,
     }
+    if isinstance(layer, ConvGeometry):
+        entry["conv"] = layer.geometry_config()
     if isinstance(layer, GBLRLinear):
         entry.update(components=layer.components, rank=layer.rank, sigma=layer.sigma, dtype=_dtype_name(layer.u.dtype))
     else:
@@ -136,12 +139,13 @@ def _build_layer(entry: dict, name: str, device: torch.device) -> nn.Module:
     bias = _entry_value(entry, "bias", bool, name)
     dtype = _dtype_from(entry.get("dtype"), name)
     kind = entry.get("class")
-    if kind == "GBLRLinear":
-        layer = GBLRLinear(
-            in_features, out_features, bias=bias, components=_entry_value(entry, "components", int, name),
-            rank=_entry_value(entry, "rank", int, name), sigma=entry.get("sigma"), device="meta", dtype=dtype,
-        )
-    elif kind == "FrozenGBLRLinear":
+    conv = _conv_geometry(entry, name, in_features, out_features) if kind in CONV_CLASSES else None
+    if kind in ("GBLRLinear", "GBLRConv2d"):
+        structure = {"bias": bias, "components": _entry_value(entry, "components", int, name),
+                     "rank": _entry_value(entry, "rank", int, name), "sigma": entry.get("sigma"), "device": "meta",
+                     "dtype": dtype}
+        layer = GBLRLinear(in_features, out_features, **structure) if conv is None else GBLRConv2d(**conv, **structure)
+    elif kind in ("FrozenGBLRLinear", "FrozenGBLRConv2d"):
         blocks = []
         for block in _entry_value(entry, "blocks", list, name):
             support = Support(*(_entry_value(block, key, int, name) for key in ("in_start", "in_width", "out_start",
@@ -153,10 +157,54 @@ def _build_layer(entry: dict, name: str, device: torch.device) -> nn.Module:
             right = torch.empty(rank, support.in_width, device="meta", dtype=dtype)
             blocks.append((support, left, right))
         bias_tensor = torch.empty(out_features, device="meta", dtype=dtype) if bias else None
-        layer = FrozenGBLRLinear(in_features, out_features, blocks, bias_tensor, dtype=dtype, device="meta")
+        if conv is None:
+            layer = FrozenGBLRLinear(in_features, out_features, blocks, bias_tensor, dtype=dtype, device="meta")
+        else:
+            in_channels, out_channels, kernel_size = (conv.pop(key) for key in ("in_channels", "out_channels",
+                                                                               "kernel_size"))
+            layer = FrozenGBLRConv2d(in_channels, out_channels, kernel_size, blocks, bias_tensor, **conv, dtype=dtype,
+                                     device="meta")
     else:
-        raise ValueError(f"layer {name!r} in {CONFIG_FILE}: class must be GBLRLinear or FrozenGBLRLinear, got {kind!r}")
+        raise ValueError(f"layer {name!r} in {CONFIG_FILE}: class must be one of GBLRLinear, FrozenGBLRLinear, "
+                         f"{', '.join(CONV_CLASSES)}; got {kind!r}")
     return layer.to_empty(device=device)
+
+
+CONV_CLASSES = ("GBLRConv2d", "FrozenGBLRConv2d")
+
+
+def _sliding_window(config, name: str) -> tuple:
+    """What a convolution computes, from its geometry config: ``"valid"`` equals padding 0."""
+    geometry = ConvGeometry()
+    try:
+        geometry._init_geometry(*(config[key] for key in ("in_channels", "out_channels", "kernel_size", "stride",
+                                                          "padding", "dilation")), 1, "zeros")
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"layer {name!r} in {CONFIG_FILE}: malformed 'conv' geometry {config!r} ({error})") from None
+    return (geometry.in_channels, geometry.out_channels, geometry.kernel_size, geometry.stride, geometry.dilation,
+            geometry.explicit_padding())
+
+
+def _geometry_of(conv: nn.Conv2d) -> dict:
+    geometry = ConvGeometry()
+    geometry._init_geometry(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                            conv.dilation, 1, "zeros")
+    return geometry.geometry_config()
+
+
+def _conv_geometry(entry: dict, name: str, in_features: int, out_features: int) -> dict:
+    """The constructor arguments of a saved convolution's geometry, checked against its sizes."""
+    conv = _entry_value(entry, "conv", dict, name)
+    keys = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation")
+    try:
+        geometry = ConvGeometry()
+        geometry._init_geometry(*(conv[key] for key in keys), 1, "zeros")
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"layer {name!r} in {CONFIG_FILE}: malformed 'conv' geometry {conv!r} ({error})") from None
+    if (geometry.in_channels * geometry.taps, geometry.out_channels) != (in_features, out_features):
+        raise ValueError(f"layer {name!r} in {CONFIG_FILE}: the 'conv' geometry {conv!r} does not match "
+                         f"in_features={in_features}, out_features={out_features}")
+    return {key: value for key, value in geometry.geometry_config().items()}
 
 
 def _read_document(directory: Path) -> list:
@@ -192,9 +240,21 @@ def _module_to_replace(base_model: nn.Module, name: str, entry: dict, directory:
         base = base_model
     if not (is_linear(base) or isinstance(base, (GBLRLinear, FrozenGBLRLinear))):
         raise ValueError(
-            f"layer {name!r}: the model's module there is a {type(base).__name__}, not an nn.Linear, Conv1D or "
-            f"GBLR layer"
+            f"layer {name!r}: the model's module there is a {type(base).__name__}, not an nn.Linear, Conv1D, "
+            f"Conv2d or GBLR layer"
         )
+    saved_conv, base_conv = entry.get("class") in CONV_CLASSES, isinstance(base, (nn.Conv2d, ConvGeometry))
+    if saved_conv != base_conv:
+        raise ValueError(
+            f"layer {name!r}: saved as a {entry.get('class')}, but the model's module there is a "
+            f"{type(base).__name__}; a convolution replaces only a convolution, a linear layer only a linear one"
+        )
+    if base_conv:
+        saved_geometry = entry.get("conv")
+        geometry = base.geometry_config() if isinstance(base, ConvGeometry) else _geometry_of(base)
+        if _sliding_window(saved_geometry, name) != _sliding_window(geometry, name):
+            raise ValueError(f"layer {name!r}: saved as a convolution with {saved_geometry}, but the model's one has "
+                             f"{geometry}; the checkpoint is for a model of another shape")
     saved = (entry.get("in_features"), entry.get("out_features"))
     if linear_features(base) != saved:
         raise ValueError(

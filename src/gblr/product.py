@@ -16,7 +16,7 @@ from ._validation import compute_dtype
 from .flops import low_rank_macs
 from .masks import apply_masks, apply_masks_backward
 
-__all__ = ["PRODUCTS", "GBLRProduct", "ProductPlan", "materialise_is_cheaper"]
+__all__ = ["PRODUCTS", "GBLRProduct", "GBLRWeight", "ProductPlan", "materialise_is_cheaper"]
 
 PRODUCTS = ("auto", "materialise", "factored")  # GBLRLinear(product=...): how the forward product runs
 
@@ -87,12 +87,8 @@ class GBLRProduct(torch.autograd.Function):
                 grad_bias = flat_g.sum(0).to(ctx.bias_dtype)
             if plan.materialise:
                 grad_x = grad_y @ saved if want_x else None
-                grad_weight = flat_g.T @ flat_x  # (out, in)
-                if want_left:
-                    grad_left_t = plan.right(v, revived_in, l_in, x.dtype) @ grad_weight.T
-                if want_right:
-                    grad_right = plan.left_t(u, revived_out, l_out, x.dtype) @ grad_weight
-                del grad_weight
+                grad_left_t, grad_right = plan.factor_grads(flat_g.T @ flat_x, u, v, revived_in, l_in, revived_out,
+                                                            l_out, want_left, want_right)
             else:
                 flat_hidden = saved.reshape(-1, saved.shape[-1])  # made with the revived in-widths
                 grad_hidden = flat_g @ plan.left_t(u, revived_out, l_out, x.dtype).T  # (tokens, K*r)
@@ -109,6 +105,38 @@ class GBLRProduct(torch.autograd.Function):
             grad_x = grad_x.to(ctx.x_dtype)
         return (grad_x, grad_u, grad_v, grad_bias, grad_in_width, grad_in_location, grad_out_width,
                 grad_out_location, None, None, None)
+
+
+class GBLRWeight(torch.autograd.Function):
+    """The materialised weight ``W = left_t.T @ right`` (``(out, in)``) as an autograd function
+    with the same gradients as :class:`GBLRProduct`'s materialising branch, revival included:
+    for layers whose product is not a matrix product of the input (:class:`gblr.GBLRConv2d`
+    convolves with ``W``). Nothing of the factors' size is kept for backward."""
+
+    @staticmethod
+    def forward(ctx, u, v, in_width, in_location, out_width, out_location, plan, supports, revived, dtype):
+        w_in, l_in, w_out, l_out = supports
+        revived_in, revived_out = (w_in, w_out) if revived is None else revived
+        with torch.autocast(u.device.type, enabled=False):
+            weight = plan.left_t(u, w_out, l_out, dtype).T @ plan.right(v, revived_in, l_in, dtype)
+        ctx.save_for_backward(u, v, w_in, l_in, w_out, l_out, revived_in, revived_out)
+        ctx.plan = plan
+        return weight
+
+    @staticmethod
+    def backward(ctx, grad_weight):
+        u, v, w_in, l_in, w_out, l_out, revived_in, revived_out = ctx.saved_tensors
+        plan = ctx.plan
+        want_u, want_v = ctx.needs_input_grad[:2]
+        want_in, want_out = any(ctx.needs_input_grad[2:4]), any(ctx.needs_input_grad[4:6])
+        with torch.autocast(u.device.type, enabled=False):
+            grad_left_t, grad_right = plan.factor_grads(grad_weight.to(u.dtype), u, v, revived_in, l_in, revived_out,
+                                                        l_out, want_u or want_out, want_v or want_in)
+        grad_u, grad_out_width, grad_out_location = plan.left_backward(grad_left_t, u, w_out, l_out, want_u, want_out)
+        del grad_left_t
+        grad_v, grad_in_width, grad_in_location = plan.right_backward(grad_right, v, w_in, l_in, want_v, want_in)
+        return (grad_u, grad_v, grad_in_width, grad_in_location, grad_out_width, grad_out_location, None, None, None,
+                None)
 
 
 class ProductPlan:
@@ -130,6 +158,16 @@ class ProductPlan:
         """``(K*r, in)``: ``v`` masked along its columns, no gradient, in ``dtype``."""
         right = apply_masks(v, self.in_features, self.sigma, widths, locations, 2, self.table_dtype)
         return right.reshape(-1, self.in_features).to(dtype)
+
+    def factor_grads(self, grad_weight, u, v, revived_in, l_in, revived_out, l_out, want_left, want_right):
+        """The gradients of the masked factors ``(K*r, out)`` and ``(K*r, in)`` from the weight's
+        gradient ``(out, in)``; each partner factor is built with the revived widths."""
+        grad_left_t = grad_right = None
+        if want_left:
+            grad_left_t = self.right(v, revived_in, l_in, grad_weight.dtype) @ grad_weight.T
+        if want_right:
+            grad_right = self.left_t(u, revived_out, l_out, grad_weight.dtype) @ grad_weight
+        return grad_left_t, grad_right
 
     def left_backward(self, grad_left_t, u, widths, locations, want_u, want_structure):
         if grad_left_t is None:

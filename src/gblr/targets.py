@@ -1,7 +1,8 @@
 """Which modules :func:`gblr.convert_` replaces, and how a target is read and replaced.
 
-Targets are ``nn.Linear`` layers and Hugging Face ``Conv1D`` layers (GPT-2 style, weight stored
-``(in, out)``), chosen by :class:`gblr.GBLRConfig`'s ``target_modules`` / ``exclude_modules`` /
+Targets are ``nn.Linear`` layers, Hugging Face ``Conv1D`` layers (GPT-2 style, weight stored
+``(in, out)``) and ``nn.Conv2d`` layers with ``groups=1`` and zero padding (their kernel's
+``(out, in * kh * kw)`` matrix view, replaced by a :class:`gblr.GBLRConv2d`), chosen by :class:`gblr.GBLRConfig`'s ``target_modules`` / ``exclude_modules`` /
 ``filter_fn``. The rule for ``"all-linear"`` lives here, in :func:`find_targets`, and is
 structural: every candidate but the model's output embeddings (``get_output_embeddings()``).
 The ``out_proj`` of ``nn.MultiheadAttention`` is never a candidate: the attention reads its
@@ -25,6 +26,7 @@ from .linear import GBLRLinear
 __all__ = [
     "Target",
     "find_targets",
+    "is_conv",
     "is_linear",
     "linear_features",
     "module_device",
@@ -35,16 +37,26 @@ __all__ = [
 ]
 
 
+def is_conv(module: nn.Module) -> bool:
+    """Whether ``module`` is an ``nn.Conv2d`` that a :class:`gblr.GBLRConv2d` can replace
+    (``groups=1``, ``padding_mode="zeros"``)."""
+    return type(module) is nn.Conv2d and module.groups == 1 and module.padding_mode == "zeros"
+
+
 def is_linear(module: nn.Module) -> bool:
-    """Whether ``module`` is an ``nn.Linear`` or a Hugging Face ``Conv1D``."""
+    """Whether ``module`` is an ``nn.Linear``, a Hugging Face ``Conv1D`` or a convertible
+    ``nn.Conv2d`` (:func:`is_conv`): a layer whose weight is a matrix gblr can replace."""
     conv1d = hf_conv1d_type()
-    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d)) or is_conv(module)
 
 
 def linear_features(module: nn.Module) -> tuple[int, int]:
-    """``(in_features, out_features)`` of an nn.Linear, a Conv1D or a GBLR layer."""
+    """``(in_features, out_features)`` of an nn.Linear, a Conv1D, a GBLR layer or an nn.Conv2d
+    (``in_channels * kh * kw``, ``out_channels``: its kernel's matrix view)."""
     if isinstance(module, (nn.Linear, GBLRLinear, FrozenGBLRLinear)):
         return module.in_features, module.out_features
+    if isinstance(module, nn.Conv2d):
+        return int(module.weight[0].numel()), module.out_channels
     return tuple(module.weight.shape)  # Conv1D: weight is (in, out)
 
 
@@ -58,7 +70,11 @@ class Target:
 
     @property
     def transposed(self) -> bool:
-        return not isinstance(self.module, nn.Linear)
+        return not isinstance(self.module, (nn.Linear, nn.Conv2d))
+
+    @property
+    def is_conv(self) -> bool:
+        return isinstance(self.module, nn.Conv2d)
 
     @property
     def in_features(self) -> int:
@@ -69,8 +85,11 @@ class Target:
         return linear_features(self.module)[1]
 
     def weight(self) -> torch.Tensor:
-        """The ``(out, in)`` weight, as nn.Linear stores it."""
+        """The ``(out, in)`` weight, as nn.Linear stores it (a convolution's kernel as its
+        ``(out, in * kh * kw)`` matrix view)."""
         weight = self.module.weight.detach()
+        if self.is_conv:
+            return weight.reshape(weight.shape[0], -1)
         return weight.T if self.transposed else weight
 
     def float_weight(self) -> torch.Tensor:
@@ -89,7 +108,7 @@ def name_matches(names: list[str], patterns: str | list[str]) -> bool:
 
 
 def _candidates(model: nn.Module) -> list[Target]:
-    """Every linear module (nn.Linear, Conv1D) with all its paths, in model order."""
+    """Every linear module (nn.Linear, Conv1D, convertible Conv2d) with all its paths, in model order."""
     paths: dict[int, Target] = {}
     attention_projections = {
         id(module.out_proj) for module in model.modules() if isinstance(module, nn.MultiheadAttention)
@@ -122,7 +141,7 @@ def find_targets(model: nn.Module, config: GBLRConfig) -> list[Target]:
     """
     candidates = _candidates(model)
     if not candidates:
-        raise ValueError("the model has no nn.Linear or Conv1D module to convert")
+        raise ValueError("the model has no nn.Linear, Conv1D or Conv2d (groups=1) module to convert")
     if config.target_modules == ALL_LINEAR:
         output = _output_embeddings(model)
         targets = [target for target in candidates if target.module is not output]
