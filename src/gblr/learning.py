@@ -28,8 +28,9 @@ weight``: every width, in every layer, buys the same loss reduction per MAC, whi
 optimality condition of spending a global budget.
 
 Users think in FLOPs, not in lambda. Each step the learner picks the smallest lambda >= 0 whose
-proximal step puts the *global* FLOPs ratio of the GBLR layers (each weighted by its dense size)
-on a trajectory from the initial ratio to ``flops_target`` (found by bisection on a cheap
+proximal step puts the *global* FLOPs ratio of the GBLR layers (each weighted by its dense
+size; a convolution also by its output pixels, :meth:`StructureLearner.layer_weights`) on a
+trajectory from the initial ratio to ``flops_target`` (found by bisection on a cheap
 element-count estimate of the cost, calibrated against the exact count). Below the trajectory
 lambda is 0 and the optimizer may widen blocks, but not narrow them: each width is kept at
 least where the last structural step left it. Without that floor the ratio drifts under the
