@@ -4,7 +4,7 @@ from torch import nn
 
 import gblr
 from gblr import structures
-from gblr.viz import coverage, plot_budgets, plot_masks
+from gblr.viz import coverage, panel_image, plot_budgets, plot_masks
 
 
 def test_coverage_counts_overlapping_blocks_with_their_rank():
@@ -45,3 +45,18 @@ def test_mask_titles_drop_the_shared_prefix():
     assert _common_prefix(["blocks.0.q", "blocks.0.k"]) == "blocks.0."
     assert _common_prefix(["a.b", "a.b"]) == "a."  # never a whole name
     assert _common_prefix(["only.one"]) == "" and _common_prefix(["0", "2"]) == ""
+
+
+def test_convolution_panels_show_channels_averaged_over_taps(tmp_path):
+    layer = gblr.GBLRConv2d(4, 6, 3, components=2)
+    with torch.no_grad():  # component 0: all of input channel 1 (columns 9..17) into rows 0-2; component 1: empty
+        layer.in_width.copy_(torch.tensor([9 / 36, 0.0]))
+        layer.in_location.copy_(torch.tensor([9 / 36, 0.0]))
+        layer.out_width.copy_(torch.tensor([3 / 6, 0.0]))
+        layer.out_location.copy_(torch.tensor([0.0, 0.0]))
+    image, label = panel_image(layer)
+    expected = torch.zeros(6, 4)
+    expected[:3, 1] = 1.0
+    assert label == " (channels)" and torch.equal(image, expected)
+    assert torch.equal(panel_image(layer.freeze())[0], expected)
+    assert plot_masks(nn.Sequential(layer), tmp_path / "conv.png").stat().st_size > 1000

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ._files import write_atomic
+from .conv import ConvGeometry
 from .flops import FlopsReport, cyclic_indices
 from .frozen import FrozenGBLRLinear
 from .linear import GBLRLinear
@@ -57,8 +58,18 @@ def _save(figure, path: str | os.PathLike) -> Path:
     return write_atomic(path, lambda handle: figure.savefig(handle, format=image_format, dpi=110, bbox_inches="tight"))
 
 
+def panel_image(layer) -> tuple[torch.Tensor, str]:
+    """What a layer's panel shows and how its title says so: the :func:`coverage` of a linear
+    layer; for a convolution, output x input channels averaged over the kernel's taps."""
+    image = coverage(layer).cpu()
+    if isinstance(layer, ConvGeometry):
+        return image.reshape(layer.out_channels, layer.in_channels, layer.taps).mean(-1), " (channels)"
+    return image, ""
+
+
 def plot_masks(model: nn.Module, path: str | os.PathLike, columns: int | None = None) -> Path:
-    """One panel per GBLR layer with its :func:`coverage` image; saved atomically as ``path``."""
+    """One panel per GBLR layer with its :func:`coverage` image (for a convolution, output x input
+    channels, averaged over the kernel's taps); saved atomically as ``path``."""
     plt = _pyplot()
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, (GBLRLinear, FrozenGBLRLinear))]
     if not layers:
@@ -73,9 +84,9 @@ def plot_masks(model: nn.Module, path: str | os.PathLike, columns: int | None = 
     prefix = _common_prefix([name for name, _ in layers])
     for axis, (name, layer) in zip(axes.flat, layers):
         name = name[len(prefix):]
-        image = coverage(layer).cpu()
+        image, kind = panel_image(layer)
         axis.imshow(image.numpy(), cmap="magma", interpolation="nearest", aspect="auto", vmin=0)
-        axis.set_title(f"{name}\n{layer.flops_ratio():.2f}", fontsize=7)
+        axis.set_title(f"{name}{kind}\n{layer.flops_ratio():.2f}", fontsize=7)
     figure.suptitle("learned GBLR structure (brighter = more overlapping blocks; title: FLOPs ratio)"
                     + (f"\nlayers under {prefix.rstrip('.')}" if prefix else ""), fontsize=9)
     try:
