@@ -133,18 +133,23 @@ def _train_options() -> Options:
             "limit_test": "use only the first N test images (default: all)",
         },
         "model": {
-            "model": {"choices": list(MODELS)},
-            "layer": {"choices": list(LAYER_KINDS), "help": "kind of the linear layers inside the blocks"},
+            "model": {"choices": list(MODELS),
+                      "help": "vit and mixer replace the linear layers inside their blocks, resnet the 3x3 "
+                              "convolutions inside its residual blocks"},
+            "layer": {"choices": list(LAYER_KINDS),
+                      "help": "kind of the replaced layers (resnet: no monarch, there is no Monarch convolution)"},
             "flops_target": "FLOPs ratio of the replaced layers (GBLR learns to it; baselines are built at it)",
             "init_flops_ratio": "GBLR starting ratio (default: 2x target, at most 1)",
             "init_full_width_share": "share of the starting budget in full-width GBLR components (the rest: "
                                      "partial blocks)",
             "rank": "rank of each GBLR component (blocks cheaper as dense blocks cost their area)",
-            "dim": None,
-            "depth": None,
-            "heads": None,
-            "patch_size": None,
-            "mlp_ratio": None,
+            "dim": "vit, mixer: token width",
+            "depth": "vit, mixer: number of blocks",
+            "heads": "vit: attention heads",
+            "patch_size": "vit, mixer: side of the square patches",
+            "mlp_ratio": "vit: MLP hidden width over --dim",
+            "width": "resnet: channels of the first stage, doubled in each of its 3 stages",
+            "stage_depth": "resnet: residual blocks per stage",
         },
         "optimisation": {
             "epochs": None,
@@ -302,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     tour.set_defaults(handler=functools.partial(demo_command, parser=tour))
     trainer = commands.add_parser(
         "train", help="learn GBLR structures from scratch on an image dataset",
-        description="Train a small ViT or MLP-Mixer with GBLR (or baseline) layers under a FLOPs budget.",
+        description="Train a small ViT, MLP-Mixer or ResNet with GBLR (or baseline) layers under a FLOPs budget.",
     )
     add_config_arguments(trainer, TrainConfig, _train_options(), internal=("eval_batch_size",))
     trainer.set_defaults(handler=functools.partial(train_command, parser=trainer))

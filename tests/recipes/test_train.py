@@ -9,6 +9,7 @@ import torch
 from fixtures import write_fashion_mnist
 
 from gblr import FrozenGBLRLinear, flops_report
+from gblr.conv import FrozenGBLRConv2d
 from gblr.cli import main
 from gblr.recipes.train import TrainConfig, fit, train
 
@@ -364,3 +365,60 @@ def test_config_rejects_values_that_used_to_mean_something_else(field, value):
     option = "--" + field.replace("_", "-")
     with pytest.raises(ValueError, match=f"{field} \\({option}\\)"):
         TrainConfig(**{field: value}).validate()
+
+
+# -- the ResNet: its 3x3 convolutions are the replaced layers ------------------------------------------
+
+RESNET = dict(model="resnet", width=4, limit_train=64, limit_test=64, epochs=2)
+
+
+def test_resnet_trains_gblr_convolutions_to_the_target_and_freezes_them(data_dir, tmp_path):
+    model, report = fit(config(data_dir, tmp_path, **RESNET))
+    assert report["flops_ratio"] == pytest.approx(0.3, abs=0.02)
+    names = [f"blocks.{b}.conv{c}" for b in range(3) for c in (1, 2)]
+    assert [row["name"] for row in report["layers"]] == names  # not the stem, shortcuts or head
+    assert [row["shape"] for row in report["layers"]] == [[4, 36], [4, 36], [8, 36], [8, 72], [16, 72], [16, 144]]
+    for row in report["layers"]:
+        layer = model.get_submodule(row["name"])
+        assert isinstance(layer, FrozenGBLRConv2d) and row["blocks"] == len(layer.supports) > 0
+    # MACs per example: each layer's MACs per pixel times its output pixels (28x28, 14x14, 7x7)
+    pixels = [784, 784, 196, 196, 49, 49]
+    assert report["macs"] == sum(model.get_submodule(name).flops() * p for name, p in zip(names, pixels))
+    assert report["dense_macs"] == sum(o * i * p for (o, i), p in zip([r["shape"] for r in report["layers"]], pixels))
+    assert report["accuracy"] == report["accuracy_before_freeze"]
+    assert report["config"]["model"] == "resnet" and report["config"]["width"] == 4
+    assert report["dataset"]["train"] == 64
+    for picture in ("masks.png", "budgets.png"):
+        assert (tmp_path / picture).stat().st_size > 1000
+    rows = list(csv.DictReader((tmp_path / "log.csv").open()))
+    assert [int(row["epoch"]) for row in rows] == [1, 2]
+
+
+@pytest.mark.parametrize("layer", ["dense", "lowrank", "blocksparse"])
+def test_resnet_baselines_train_at_their_ratio(data_dir, tmp_path, layer):
+    report = train(config(data_dir, tmp_path, layer=layer, pictures=False, stage_depth=2, **RESNET))
+    assert len(report["layers"]) == 12  # 3 stages of 2 blocks of 2 convolutions
+    if layer == "dense":
+        assert report["flops_ratio"] == 1.0
+    else:
+        assert 0.15 <= report["flops_ratio"] <= 0.3
+    assert 0.0 <= report["accuracy"] <= 1.0 and report["train_loss"] > 0
+
+
+def test_cli_trains_the_resnet_and_refuses_a_monarch_one(data_dir, tmp_path, capsys):
+    code = main(["train", "--data-dir", str(data_dir), "--out", str(tmp_path / "run"), "--model", "resnet",
+                 "--width", "4", "--layer", "lowrank", "--epochs", "1", "--limit-train", "64", "--batch-size", "32",
+                 "--threads", "1", "--no-progress", "--no-pictures"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "FLOPs ratio 0.2" in out
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["config"]["stage_depth"] == 1
+    code = main(["train", "--data-dir", str(data_dir), "--out", str(tmp_path / "monarch"), "--model", "resnet",
+                 "--layer", "monarch"])
+    assert code == 2
+    assert "there is no monarch convolution" in capsys.readouterr().err
+    assert not (tmp_path / "monarch").exists()
+    with pytest.raises(ValueError, match=r"width \(--width\) must be a positive int, got 0"):
+        TrainConfig(model="resnet", width=0).validate()
+    with pytest.raises(ValueError, match=r"stage_depth \(--stage-depth\)"):
+        TrainConfig(model="resnet", stage_depth=-1).validate()

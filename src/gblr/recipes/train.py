@@ -38,7 +38,7 @@ from .._validation import check_flops_ratio, check_share
 from ..learning import SigmaSchedule, StructureLearner, param_groups
 from ..frozen import FrozenGBLRLinear, freeze_
 from .data import DATASETS, ImageData, batches, load_dataset
-from .models import LAYER_KINDS, MODELS, build_model, replaced_flops
+from .models import CONV_KINDS, LAYER_KINDS, MODELS, build_model, replaced_flops
 from . import run_files
 from .options import check_number, check_positive_int, check_seed, option_name
 
@@ -50,7 +50,7 @@ class TrainConfig:
     data_dir: str | None = None
     download: bool = False
     image_size: int | None = None
-    model: str = "vit"
+    model: str = "vit"  # vit, mixer (linear layers replaced) or resnet (3x3 convolutions replaced)
     layer: str = "gblr"
     flops_target: float = 0.3  # of the replaced layers; baselines are built at it, GBLR learns to it
     init_flops_ratio: float | None = None  # GBLR start; default min(1, 2 * flops_target)
@@ -71,6 +71,8 @@ class TrainConfig:
     heads: int = 4
     patch_size: int = 4
     mlp_ratio: float = 2.0
+    width: int = 16  # ResNet: channels of the first stage, doubled in each of the 3 stages
+    stage_depth: int = 1  # ResNet: residual blocks per stage
     limit_train: int | None = None
     limit_test: int | None = None
     eval_batch_size: int = 500
@@ -99,7 +101,8 @@ class TrainConfig:
             check_flops_ratio(self.init_flops_ratio, option_name("init_flops_ratio"))
         check_share(self.init_full_width_share, option_name("init_full_width_share"))
         check_share(self.structure_fraction, option_name("structure_fraction"))
-        for name in ("epochs", "batch_size", "eval_batch_size", "rank", "dim", "depth", "heads", "patch_size"):
+        for name in ("epochs", "batch_size", "eval_batch_size", "rank", "dim", "depth", "heads", "patch_size", "width",
+                     "stage_depth"):
             check_positive_int(self, name)
         for name in ("image_size", "limit_train", "limit_test", "threads", "stop_after"):  # None: not set
             check_positive_int(self, name, optional=True)
@@ -108,6 +111,9 @@ class TrainConfig:
         for name in ("weight_decay", "warmup_epochs"):
             check_number(self, name, positive=False)
         check_seed(self)
+        if MODELS[self.model].layer_argument == "conv" and self.layer not in CONV_KINDS:
+            raise ValueError(f"there is no {self.layer} convolution: the {self.model} model takes {option_name('layer')} "
+                             f"{', '.join(CONV_KINDS)}; got {self.layer!r}")
         if self.model == "vit" and self.dim % self.heads:
             raise ValueError(f"{option_name('dim')} must be divisible by {option_name('heads')}: "
                              f"{self.dim} by {self.heads}")
@@ -221,13 +227,16 @@ def fit(config: TrainConfig) -> tuple[nn.Module, dict]:
     state = run_files.previous_run(config, out, checkpoint_path, main)  # None: a new run
 
     data = _load_data(config)
-    if data.image_shape[-1] % config.patch_size or data.image_shape[-2] % config.patch_size:
-        raise ValueError(f"{option_name('patch_size')} must divide the image size {data.image_shape[-2]}x"
-                         f"{data.image_shape[-1]}, got {config.patch_size}")
+    if config.model == "resnet":
+        architecture = {"width": config.width, "depth": (config.stage_depth,) * 3}
+    else:
+        if data.image_shape[-1] % config.patch_size or data.image_shape[-2] % config.patch_size:
+            raise ValueError(f"{option_name('patch_size')} must divide the image size {data.image_shape[-2]}x"
+                             f"{data.image_shape[-1]}, got {config.patch_size}")
+        architecture = {"patch_size": config.patch_size, "dim": config.dim, "depth": config.depth}
+        if config.model == "vit":
+            architecture.update(heads=config.heads, mlp_ratio=config.mlp_ratio)
     torch.manual_seed(config.seed)  # the same initial model on every rank
-    architecture = {"patch_size": config.patch_size, "dim": config.dim, "depth": config.depth}
-    if config.model == "vit":
-        architecture.update(heads=config.heads, mlp_ratio=config.mlp_ratio)
     layer_options = {"init_flops_ratio": config.init_flops_ratio, "init_full_width_share": config.init_full_width_share,
                      "rank": config.rank} if config.layer == "gblr" else {}
     model = build_model(
