@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import machine, median_ms, time_interleaved, write_outputs
+from common import DOCS, machine, median_ms, time_interleaved, write_outputs
 
 import gblr
 from gblr.flops import max_low_rank
@@ -175,12 +175,12 @@ def view_speed_rows(repeats: int) -> list[dict]:
 def view_quality_rows(run: Path) -> list[dict]:
     """Relative Frobenius error of the best low-rank approximation of each trained 3x3 kernel, in
     both views, at the same MACs (0.25 and 0.5 of dense)."""
-    state = torch.load(run / "model.pt", map_location="cpu", weights_only=True)
+    state = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
     state = state.get("model", state)
     rows = []
     for name, kernel in state.items():
-        if not (name.endswith("weight") and kernel.dim() == 4 and kernel.shape[-2:] == (3, 3)):
-            continue
+        if not (name.endswith("weight") and kernel.dim() == 4 and kernel.shape[-2:] == (3, 3)) or kernel.shape[1] < 4:
+            continue  # 3x3 kernels over at least 4 channels (not the stem over the image's channels)
         c_out, c_in = kernel.shape[:2]
         matrix = kernel.reshape(c_out, -1).double()
         taps = kernel.permute(2, 3, 0, 1).reshape(9, c_out, c_in).double()
@@ -238,12 +238,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--run", type=Path, help="a finished `gblr train --model resnet --layer dense` run folder")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--render-only", action="store_true",
+                        help="rewrite the table from docs/benchmarks/conv.json, recomputing only the view quality")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    rows = speed_rows(args.repeats) + view_speed_rows(args.repeats)
+    command = "python benchmarks/conv.py" + (f" --run {args.run}" if args.run else "")
+    if args.render_only:
+        saved = json.loads((DOCS / "conv.json").read_text())["rows"]
+        rows = [row for row in saved if row["part"] != "view quality"]
+    else:
+        rows = speed_rows(args.repeats) + view_speed_rows(args.repeats)
     if args.run is not None:
         rows += view_quality_rows(args.run)
-    command = "python benchmarks/conv.py" + (f" --run {args.run}" if args.run else "")
     write_outputs("conv", rows, markdown(rows, command))
     print(json.dumps({"rows": len(rows)}))
 

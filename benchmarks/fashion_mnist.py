@@ -1,7 +1,8 @@
-"""Fashion-MNIST: dense, GBLR, low-rank, Monarch and block-sparse ViTs at equal epochs.
+"""Fashion-MNIST: dense, GBLR, low-rank, Monarch and block-sparse ViTs (or ResNets) at equal epochs.
 
     python benchmarks/fashion_mnist.py [--epochs 5] [--seeds 0 1] [--ratios 0.25 0.5]
     python benchmarks/fashion_mnist.py --ablation --epochs 3 --seeds 0 --ratios 0.25
+    python benchmarks/fashion_mnist.py --model resnet --epochs 3 --ratios 0.3   # the 3x3 convolutions
 
 Every run uses the same recipe (gblr.recipes.train); only the linear layers inside the blocks
 change. Baselines are built at the requested FLOPs ratio (they report what they achieve); GBLR
@@ -59,7 +60,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
-    parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    parser.add_argument("--kinds", nargs="+", default=None, choices=KINDS,
+                        help="structured layers to compare (default: all; the ResNet has no Monarch convolution)")
+    parser.add_argument("--model", default="vit", choices=("vit", "resnet"))
+    parser.add_argument("--width", type=int, default=16, help="ResNet first-stage channels (every run)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dim", type=int, default=64, help="ViT width (every run)")
     parser.add_argument("--mlp-ratio", type=float, default=2.0, help="ViT MLP width / dim (every run)")
@@ -68,7 +72,11 @@ def main() -> None:
     parser.add_argument("--name", default=None, help="output name under docs/benchmarks")
     parser.add_argument("--render-only", action="store_true", help="rewrite the table from the saved runs")
     parser.add_argument("--ablation", action="store_true", help="GBLR recipe variants instead of the baselines")
+    parser.add_argument("--variants", nargs="+", default=list(ABLATION), choices=list(ABLATION),
+                        help="with --ablation: which variants (default: all)")
     args = parser.parse_args()
+    if args.kinds is None:
+        args.kinds = [kind for kind in KINDS if not (args.model == "resnet" and kind == "monarch")]
     args.name = args.name or default_name(args)
     torch.set_num_threads(args.threads)
     render = render_ablation if args.ablation else render_comparison
@@ -81,7 +89,8 @@ def main() -> None:
         write_outputs(args.name, list(finished.values()), render(finished, args))
         return
     if args.ablation:
-        plan = [("gblr", variant, ratio, seed) for ratio in args.ratios for variant in ABLATION for seed in args.seeds]
+        plan = [("gblr", variant, ratio, seed) for ratio in args.ratios for variant in args.variants
+                for seed in args.seeds]
     else:
         plan = [("dense", "", 1.0, seed) for seed in args.seeds]
         plan += [(kind, "", ratio, seed) for ratio in args.ratios for kind in args.kinds for seed in args.seeds]
@@ -92,8 +101,8 @@ def main() -> None:
         overrides = ABLATION[variant](ratio) if variant else {}
         with tempfile.TemporaryDirectory() as out:
             report = train(TrainConfig(
-                layer=layer, flops_target=ratio, epochs=args.epochs, seed=seed, threads=args.threads,
-                dim=args.dim, mlp_ratio=args.mlp_ratio,
+                model=args.model, layer=layer, flops_target=ratio, epochs=args.epochs, seed=seed,
+                threads=args.threads, dim=args.dim, mlp_ratio=args.mlp_ratio, width=args.width,
                 limit_train=args.limit_train, data_dir=args.data_dir, out=out, progress=False, pictures=False,
                 **overrides,
             ))
@@ -111,7 +120,8 @@ def main() -> None:
 
 
 def default_name(args) -> str:
-    return "fashion_mnist_ablation" if args.ablation else "fashion_mnist"
+    return ("fashion_mnist_ablation" if args.ablation else "fashion_mnist") + (
+        "_resnet" if args.model == "resnet" else "")
 
 
 def commands(finished: dict, args) -> str:
@@ -123,11 +133,18 @@ def commands(finished: dict, args) -> str:
 def command_line(args) -> str:
     """The command that reproduces the table: the options that differ from their defaults."""
     parts = ["python benchmarks/fashion_mnist.py"] + (["--ablation"] if args.ablation else [])
+    if args.ablation and args.variants != list(ABLATION):
+        parts.append("--variants " + " ".join(repr(variant) for variant in args.variants))
     parts += [f"--epochs {args.epochs}", f"--seeds {' '.join(map(str, args.seeds))}"]
     if args.ratios != [0.25, 0.5] or args.ablation:
         parts.append(f"--ratios {' '.join(f'{r:g}' for r in args.ratios)}")
-    if args.kinds != list(KINDS) and not args.ablation:
+    if args.model != "vit":
+        parts.append(f"--model {args.model}")
+    default_kinds = [kind for kind in KINDS if not (args.model == "resnet" and kind == "monarch")]
+    if args.kinds != default_kinds and not args.ablation:
         parts.append(f"--kinds {' '.join(args.kinds)}")
+    if args.width != 16:
+        parts.append(f"--width {args.width}")
     if args.dim != 64:
         parts.append(f"--dim {args.dim}")
     if args.mlp_ratio != 2.0:
@@ -145,7 +162,8 @@ def render_ablation(finished: dict, args) -> str:
         "# Fashion-MNIST: variants of GBLR's structure-learning recipe",
         "",
         f"Machine: {machine()}. {commands(finished, args)}.",
-        "The ViT recipe of fashion_mnist.md with GBLR layers; each variant changes one setting of "
+        f"The {'ResNet' if args.model == 'resnet' else 'ViT'} recipe of {default_name(argparse.Namespace(ablation=False, model=args.model))}.md "
+        "with GBLR layers; each variant changes one setting of "
         "`gblr train`. Accuracy of the frozen model on the test set; training loss of the last epoch "
         "(mean over seeds). Wide MACs: the share of the learned MACs in blocks spanning at least half "
         "of their layer's rows and columns (low-rank-like bands; the rest are local blocks), mean over seeds.",
@@ -181,9 +199,13 @@ def render_comparison(finished: dict, args) -> str:
         "# Fashion-MNIST: GBLR against dense and structured baselines",
         "",
         f"Machine: {machine()}. {commands(finished, args)}.",
-        f"ViT (dim {args.dim}, depth 4, 4 heads, patch 4, MLP ratio {args.mlp_ratio:g}), {args.epochs} epochs, "
-        "AdamW, batch 128, "
-        "the same recipe for every row; only the 24 linear layers inside the blocks change. "
+        (f"ViT (dim {args.dim}, depth 4, 4 heads, patch 4, MLP ratio {args.mlp_ratio:g}), {args.epochs} epochs, "
+         "AdamW, batch 128, the same recipe for every row; only the 24 linear layers inside the blocks change. "
+         if args.model == "vit" else
+         f"ResNet (width {args.width}, one basic block per stage, 3 stages), {args.epochs} epochs, AdamW, batch 128, "
+         "the same recipe for every row; only the 6 3x3 convolutions inside the blocks change (stem, shortcuts "
+         "and head stay dense); FLOPs count each convolution's MACs per output pixel times its output pixels. ")
+        + 
         "Accuracy: test set, mean ± standard deviation over seeds, of the deployed (for GBLR: frozen) model. "
         "FLOPs ratio: MACs of the replaced layers / dense MACs, as achieved. Final training loss: of the "
         "last epoch, mean over seeds. Train time: the faster "
@@ -204,21 +226,26 @@ def render_comparison(finished: dict, args) -> str:
             f"| {layer} | {target:g} | {statistics.mean(r['flops_ratio'] for r in rows):.3f} | "
             f"{summarise([100 * r['accuracy'] for r in rows])} | {loss} | {len(rows)} | {relative} |"
         )
-    lines += render_allocation(groups)
+    lines += render_allocation(groups, args)
     return "\n".join(lines) + "\n"
 
 
-def render_allocation(groups: dict[tuple[str, float], list[dict]]) -> list[str]:
-    """GBLR's learned FLOPs ratio per kind of layer (the last part of its name: query, fc1, ...),
-    mean over the blocks and seeds: how the global budget was split."""
+def render_allocation(groups: dict[tuple[str, float], list[dict]], args) -> list[str]:
+    """GBLR's learned FLOPs ratio per kind of layer (ViT: the last part of its name: query, fc1,
+    ...; ResNet: each convolution), mean over the blocks and seeds: how the global budget was split."""
     targets = sorted(target for layer, target in groups if layer == "gblr")
     if not targets:
         return []
-    kinds = list(dict.fromkeys(entry["name"].rsplit(".", 1)[-1] for entry in groups[("gblr", targets[0])][0]["layers"]))
+
+    def kind_of(name: str) -> str:
+        return name.removeprefix("blocks.") if args.model == "resnet" else name.rsplit(".", 1)[-1]
+
+    kinds = list(dict.fromkeys(kind_of(entry["name"]) for entry in groups[("gblr", targets[0])][0]["layers"]))
     lines = [
         "",
-        "GBLR's learned budgets: FLOPs ratio of each kind of layer, mean over the 4 blocks and the seeds "
-        "(the global ratio is held at the target; the split is learned).",
+        "GBLR's learned budgets: FLOPs ratio of each " + ("convolution" if args.model == "resnet" else
+                                                          "kind of layer, mean over the 4 blocks and") +
+        " (mean over the seeds; the global ratio is held at the target; the split is learned).",
         "",
         "| target | " + " | ".join(kinds) + " |",
         "|---:|" + "---:|" * len(kinds),
@@ -227,7 +254,7 @@ def render_allocation(groups: dict[tuple[str, float], list[dict]]) -> list[str]:
         ratios = {kind: [] for kind in kinds}
         for row in groups[("gblr", target)]:
             for entry in row["layers"]:
-                ratios[entry["name"].rsplit(".", 1)[-1]].append(entry["flops_ratio"])
+                ratios[kind_of(entry["name"])].append(entry["flops_ratio"])
         lines.append(f"| {target:g} | " + " | ".join(f"{statistics.mean(ratios[kind]):.3f}" for kind in kinds) + " |")
     return lines
 
