@@ -13,6 +13,8 @@ structure learner use to weigh convolutions at different resolutions by their re
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,7 +28,7 @@ from .product import GBLRWeight, ProductPlan
 __all__ = ["ConvGeometry", "GBLRConv2d", "FrozenGBLRConv2d", "CONV_KERNELS", "im2col_rows"]
 
 CONV_KERNELS = ("auto", "reference", "dense", "blocks", "unfold")  # FrozenGBLRConv2d(kernel=...)
-CONV_MEASURED_PATHS = ("dense", "blocks", "unfold")  # what kernel="auto" times
+CONV_MEASURED_PATHS = ("dense", "blocks")  # what kernel="auto" may time ("unfold" never won on the CPU)
 
 
 def _pair(name: str, value, minimum: int) -> tuple[int, int]:
@@ -301,8 +303,9 @@ class FrozenGBLRConv2d(ConvGeometry, FrozenGBLRLinear):
     * ``"unfold"``: im2col and the frozen linear layer's tiled product (many small blocks);
     * ``"reference"``: ``F.conv2d`` with the kernel rebuilt from the blocks (differentiable).
 
-    ``kernel="auto"`` times the first three on the first input of each batch-size bucket and
-    spatial size and keeps the fastest (:attr:`choices`). Build it with :meth:`GBLRConv2d.freeze`.
+    ``kernel="auto"`` times ``"dense"`` and ``"blocks"`` (where the cost model finds it plausible)
+    on the first input of each batch-size bucket and input size and keeps the fastest
+    (:attr:`choices`), measuring again if its calls drift far from that time. Build it with :meth:`GBLRConv2d.freeze`.
     """
 
     def __init__(
@@ -375,10 +378,22 @@ class FrozenGBLRConv2d(ConvGeometry, FrozenGBLRLinear):
     def path_for(self, tokens: int, x: torch.Tensor | None = None) -> str:
         raise TypeError("a convolution's path depends on the image batch, not a token count: use path_for_batch(x)")
 
+    def predicted_costs(self, x: torch.Tensor) -> dict[str, float]:
+        """The cost model's prediction for the paths of :data:`CONV_MEASURED_PATHS` on the batch
+        ``x``, in MAC equivalents (:func:`gblr.kernels.choice.predicted_cost`)."""
+        height, width = self.output_size(x.shape[-2], x.shape[-1])
+        pixels = x.shape[0] * height * width
+        blocks = self.packed("blocks", x)
+        block_macs = sum(kernel.numel() for *_, kernel in blocks.runs) + blocks.mixing.numel()
+        return {"dense": choice.predicted_cost(self.in_features * self.out_features, 1, pixels, x.device.type),
+                "blocks": choice.predicted_cost(block_macs, len(blocks.runs) + 2, pixels, x.device.type)}
+
     def path_for_batch(self, x: torch.Tensor) -> str:
         """The path a forward pass over the batch ``x`` takes: ``kernel``, or with
-        ``kernel="auto"`` the fastest of :data:`CONV_MEASURED_PATHS` timed on ``x`` once per
-        device, dtype, power-of-two bucket of the batch size and input size."""
+        ``kernel="auto"`` the fastest of the paths of :data:`CONV_MEASURED_PATHS` that the cost
+        model finds plausible (:meth:`predicted_costs`; dense always), timed on ``x`` once per
+        device, dtype, power-of-two bucket of the batch size and input size, and measured again
+        when its calls drift far from that time (:class:`gblr.kernels.choice.Watch`)."""
         if x.shape[0] == 0:
             return "reference"
         if self.kernel != "auto":
@@ -386,8 +401,15 @@ class FrozenGBLRConv2d(ConvGeometry, FrozenGBLRLinear):
         key = self.choice_key(x)
         if key not in self.choices:
             with torch.no_grad():
-                self.choices[key] = choice.measure(self.run, CONV_MEASURED_PATHS, x)
-        return self.choices[key][0]
+                self.choices[key] = choice.choose(self.run, self.predicted_costs(x), x, x.shape[0])
+        return self.choices[key].path
+
+    def observe_batch(self, x: torch.Tensor, seconds: float) -> None:
+        """Tell the watch a call on the batch ``x`` took ``seconds`` (see :meth:`FrozenGBLRLinear.observe`)."""
+        key = self.choice_key(x)
+        kept = self.choices.get(key)
+        if kept is not None and self.watch.observe(key, kept, x.shape[0], seconds):
+            del self.choices[key]
 
     def choice_key(self, x: torch.Tensor) -> tuple:
         return choice.choice_key(x.shape[0], x.device, x.dtype) + tuple(x.shape[1:])
@@ -405,7 +427,11 @@ class FrozenGBLRConv2d(ConvGeometry, FrozenGBLRLinear):
                     self.refresh()
                 y = self.run("reference", batch, bias)
             else:
-                y = self.run(self.path_for_batch(batch), batch, bias)
+                path = self.path_for_batch(batch)
+                start = time.perf_counter()
+                y = self.run(path, batch, bias)
+                if self.kernel == "auto" and batch.device.type == "cpu":
+                    self.observe_batch(batch, time.perf_counter() - start)
         y = _remember_pixels(self, y)
         return y if x.dim() == 4 else y.squeeze(0)
 

@@ -10,6 +10,8 @@ fastest (:mod:`gblr.kernels.choice`).
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -69,7 +71,8 @@ class FrozenGBLRLinear(nn.Module):
         self.kernel = kernel
         self.tile = check_positive_int("tile", tile)
         self._packed: dict = {}  # path -> ((device, dtype, tile), tiled product or dense weight)
-        self.choices: dict[tuple, tuple[str, dict[str, float]]] = {}  # choice_key -> (path, seconds per path)
+        self.choices: dict[tuple, choice.Choice] = {}  # choice_key -> the kept choice (path, seconds per path, ...)
+        self.watch = choice.Watch()  # re-measures a choice whose calls drift far from its measured time
         # Remembers dtype and device (moved by .to()) even when there are no blocks and no bias.
         self.register_buffer("_like", torch.empty(0, dtype=dtype, device=device), persistent=False)
         self.supports = [support for support, _, _ in blocks]
@@ -240,11 +243,29 @@ class FrozenGBLRLinear(nn.Module):
             return F.linear(x, self.packed("dense", x))
         return self._reference(x)
 
+    def predicted_costs(self, tokens: int, x: torch.Tensor) -> dict[str, float]:
+        """The cost model's prediction for each path ``kernel="auto"`` may take over ``tokens``
+        rows like ``x``, in MAC equivalents (:func:`gblr.kernels.choice.predicted_cost`): padded
+        MACs and kernel calls (a tile costs a GEMM and a scatter or gather)."""
+        costs = {}
+        for path in choice.measured_paths(x):
+            if path == "dense":
+                macs, calls = self.in_features * self.out_features, 1
+            elif path == "tiled-batched":
+                macs, calls = self.packed(path, x).macs, 6  # pad, two bmm, scatter, gather, crop
+            else:  # the tiled paths, and the Triton kernel reads the same supports
+                product = self.packed("tiled" if path == "triton" else path, x)
+                macs, calls = product.macs, (2 if path == "triton" else 2 * product.gemms)
+            costs[path] = choice.predicted_cost(macs, calls, tokens, x.device.type)
+        return costs
+
     def path_for(self, tokens: int, x: torch.Tensor | None = None) -> str:
         """The path a forward pass over ``tokens`` rows takes. With ``kernel="auto"`` the paths of
-        :func:`gblr.kernels.choice.measured_paths` are timed once per device, dtype and
+        :func:`gblr.kernels.choice.measured_paths` that the cost model finds plausible
+        (:meth:`predicted_costs`, dense always) are timed once per device, dtype and
         power-of-two bucket of token counts (on ``x``, or on random rows), and the fastest is
-        kept in :attr:`choices`. Zero rows take the reference path (nothing to time)."""
+        kept in :attr:`choices` until its calls drift far from its measured time
+        (:class:`gblr.kernels.choice.Watch`). Zero rows take the reference path (nothing to time)."""
         if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
             raise ValueError(f"tokens must be a non-negative int, got {tokens!r}")
         if tokens == 0:
@@ -256,8 +277,8 @@ class FrozenGBLRLinear(nn.Module):
         key = self.choice_key(tokens, x)
         if key not in self.choices:
             with torch.no_grad():
-                self.choices[key] = choice.measure(self.run, choice.measured_paths(x), x)
-        return self.choices[key][0]
+                self.choices[key] = choice.choose(self.run, self.predicted_costs(tokens, x), x, tokens)
+        return self.choices[key].path
 
     def choice_key(self, tokens: int, x: torch.Tensor | None = None) -> tuple:
         """The key of :attr:`choices` for ``tokens`` rows like ``x`` (default: this layer's
@@ -283,6 +304,8 @@ class FrozenGBLRLinear(nn.Module):
                     self.refresh()  # the parameters are about to change: the caches would go stale
             else:
                 path = self.path_for(flat.shape[0], flat)
+            watched = self.kernel == "auto" and path != "reference" and flat.device.type == "cpu"
+            start = time.perf_counter() if watched else 0.0
             bias = None if self.bias is None else self.bias.to(dtype)
             if path == "dense":
                 y = F.linear(flat, self.packed("dense", flat), bias)  # one call: at a few tokens calls are the cost
@@ -290,7 +313,17 @@ class FrozenGBLRLinear(nn.Module):
                 y = self.run(path, flat)
                 if bias is not None:
                     y = y + bias
+            if watched:
+                self.observe(flat.shape[0], flat, time.perf_counter() - start)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def observe(self, tokens: int, x: torch.Tensor, seconds: float) -> None:
+        """Tell the watch a call over ``tokens`` rows like ``x`` took ``seconds``; drop the choice
+        (it is measured again on the next call) if its calls keep drifting from its time."""
+        key = self.choice_key(tokens, x)
+        kept = self.choices.get(key)
+        if kept is not None and self.watch.observe(key, kept, tokens, seconds):
+            del self.choices[key]
 
     def _reference(self, x: torch.Tensor) -> torch.Tensor:
         """The plain torch path, one gather and two products per block: the ground truth."""

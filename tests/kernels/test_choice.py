@@ -1,9 +1,10 @@
-"""The path timer of kernel="auto" (gblr.kernels.choice): fastest path wins, buckets of tokens."""
+"""kernel="auto" (gblr.kernels.choice): the cost model prunes, timing decides, the watch re-measures."""
 
 import time
 
 import torch
 
+import gblr
 from gblr.kernels.choice import MEASURED_PATHS, choice_key, measure, measured_paths
 
 
@@ -30,3 +31,80 @@ def test_choice_key_buckets_token_counts_by_powers_of_two():
 
 def test_cpu_inputs_measure_the_cpu_paths():
     assert measured_paths(torch.zeros(1)) == MEASURED_PATHS and "dense" in MEASURED_PATHS
+
+
+def test_the_cost_model_prices_macs_and_calls():
+    from gblr.kernels.choice import CALL_MACS, predicted_cost
+
+    assert predicted_cost(1000, 3, 16) == 16_000 + 3 * CALL_MACS
+    assert predicted_cost(1000, 3, 16, "cuda") == 16_000  # queued calls cost no host time
+
+
+def test_only_plausible_paths_and_dense_are_timed():
+    from gblr.kernels.choice import PLAUSIBLE, choose, plausible_paths
+
+    predicted = {"tiled": 100.0, "tiled-coarse": 100.0 * PLAUSIBLE, "tiled-batched": 100.0 * PLAUSIBLE + 1,
+                 "dense": 1000.0}
+    assert plausible_paths(predicted) == ("tiled", "tiled-coarse", "dense")  # dense always
+    timed = []
+
+    def run(path, x):
+        timed.append(path)
+
+    kept = choose(run, predicted, torch.zeros(1), tokens=7)
+    assert set(timed) == {"tiled", "tiled-coarse", "dense"}
+    assert kept.tokens == 7 and kept.predicted == predicted and set(kept.seconds) == set(timed)
+
+
+def test_the_watch_remeasures_after_strikes_in_a_row_and_backs_off():
+    from gblr.kernels.choice import DRIFT, STRIKES, Choice, Watch
+
+    watch, key = Watch(), ("cpu", torch.float32, 16)
+    kept = Choice("tiled", {"tiled": 1e-3, "dense": 2e-3}, 16, {})
+    per_call = 1e-3  # 16 tokens in 1 ms: as measured
+    assert not watch.observe(key, kept, 16, per_call * 2)  # within DRIFT: fine
+    for _ in range(STRIKES - 1):
+        assert not watch.observe(key, kept, 16, per_call * DRIFT * 1.5)
+    assert not watch.observe(key, kept, 16, per_call)  # a normal call resets the count
+    for _ in range(STRIKES - 1):
+        assert not watch.observe(key, kept, 8, per_call * DRIFT)  # 8 tokens: per token 8x slower
+    assert watch.observe(key, kept, 16, per_call / DRIFT / 1.5)  # much faster counts too: remeasure
+    assert watch.remeasured[key] == 1
+    results = [watch.observe(key, kept, 16, per_call * 10) for _ in range(2 * STRIKES)]
+    assert results == [False] * (2 * STRIKES - 1) + [True]  # the second time it takes twice as many
+
+
+def test_a_frozen_layer_measures_again_when_its_choice_drifts():
+    from gblr.kernels.choice import STRIKES
+
+    torch.manual_seed(0)
+    frozen = gblr.GBLRLinear(64, 96, init_flops_ratio=0.25).freeze()
+    x = torch.randn(20, 64)
+    with torch.no_grad():
+        frozen(x)
+    key = frozen.choice_key(20, x)
+    first = frozen.choices[key]
+    for _ in range(STRIKES):  # calls far slower than measured, as when other processes take the cores
+        frozen.observe(20, x, 1.0)
+    assert key not in frozen.choices  # dropped: the next call measures again
+    with torch.no_grad():
+        y = frozen(x)
+    assert key in frozen.choices and frozen.choices[key] is not first and frozen.watch.remeasured[key] == 1
+    torch.testing.assert_close(y, frozen.run("reference", x) + frozen.bias)
+
+
+def test_a_frozen_convolution_measures_again_when_its_choice_drifts():
+    from gblr.kernels.choice import STRIKES
+
+    torch.manual_seed(0)
+    frozen = gblr.GBLRConv2d(8, 8, 3, padding=1, init_flops_ratio=0.3).freeze()
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        frozen(x)
+    key = frozen.choice_key(x)
+    for _ in range(STRIKES):
+        frozen.observe_batch(x, 1.0)
+    assert key not in frozen.choices
+    with torch.no_grad():
+        frozen(x)
+    assert key in frozen.choices and frozen.watch.remeasured[key] == 1
