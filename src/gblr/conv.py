@@ -378,15 +378,14 @@ class FrozenGBLRConv2d(ConvGeometry, FrozenGBLRLinear):
     def path_for(self, tokens: int, x: torch.Tensor | None = None) -> str:
         raise TypeError("a convolution's path depends on the image batch, not a token count: use path_for_batch(x)")
 
-    def predicted_costs(self, x: torch.Tensor) -> dict[str, float]:
-        """The cost model's prediction for the paths of :data:`CONV_MEASURED_PATHS` on the batch
-        ``x``, in MAC equivalents (:func:`gblr.kernels.choice.predicted_cost`)."""
+    def predicted_costs(self, x: torch.Tensor) -> dict[str, choice.Cost]:
+        """The cost models of the paths of :data:`CONV_MEASURED_PATHS` for images like ``x``
+        (:class:`gblr.kernels.choice.Cost`), per image: MACs over the output pixels of one image."""
         height, width = self.output_size(x.shape[-2], x.shape[-1])
-        pixels = x.shape[0] * height * width
         blocks = self.packed("blocks", x)
         block_macs = sum(kernel.numel() for *_, kernel in blocks.runs) + blocks.mixing.numel()
-        return {"dense": choice.predicted_cost(self.in_features * self.out_features, 1, pixels, x.device.type),
-                "blocks": choice.predicted_cost(block_macs, len(blocks.runs) + 2, pixels, x.device.type)}
+        return {"dense": choice.Cost(self.in_features * self.out_features * height * width, 1, x.device.type),
+                "blocks": choice.Cost(block_macs * height * width, len(blocks.runs) + 2, x.device.type)}
 
     def path_for_batch(self, x: torch.Tensor) -> str:
         """The path a forward pass over the batch ``x`` takes: ``kernel``, or with

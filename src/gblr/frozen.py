@@ -243,10 +243,10 @@ class FrozenGBLRLinear(nn.Module):
             return F.linear(x, self.packed("dense", x))
         return self._reference(x)
 
-    def predicted_costs(self, tokens: int, x: torch.Tensor) -> dict[str, float]:
-        """The cost model's prediction for each path ``kernel="auto"`` may take over ``tokens``
-        rows like ``x``, in MAC equivalents (:func:`gblr.kernels.choice.predicted_cost`): padded
-        MACs and kernel calls (a tile costs a GEMM and a scatter or gather)."""
+    def predicted_costs(self, x: torch.Tensor) -> dict[str, choice.Cost]:
+        """The cost model of each path ``kernel="auto"`` may take for rows like ``x``
+        (:class:`gblr.kernels.choice.Cost`): padded MACs per token and kernel calls (a tile costs
+        a GEMM and a scatter or gather)."""
         costs = {}
         for path in choice.measured_paths(x):
             if path == "dense":
@@ -256,7 +256,7 @@ class FrozenGBLRLinear(nn.Module):
             else:  # the tiled paths, and the Triton kernel reads the same supports
                 product = self.packed("tiled" if path == "triton" else path, x)
                 macs, calls = product.macs, (2 if path == "triton" else 2 * product.gemms)
-            costs[path] = choice.predicted_cost(macs, calls, tokens, x.device.type)
+            costs[path] = choice.Cost(macs, calls, x.device.type)
         return costs
 
     def path_for(self, tokens: int, x: torch.Tensor | None = None) -> str:
@@ -277,7 +277,7 @@ class FrozenGBLRLinear(nn.Module):
         key = self.choice_key(tokens, x)
         if key not in self.choices:
             with torch.no_grad():
-                self.choices[key] = choice.choose(self.run, self.predicted_costs(tokens, x), x, tokens)
+                self.choices[key] = choice.choose(self.run, self.predicted_costs(x), x, tokens)
         return self.choices[key].path
 
     def choice_key(self, tokens: int, x: torch.Tensor | None = None) -> tuple:

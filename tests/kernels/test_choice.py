@@ -41,7 +41,7 @@ def test_the_cost_model_prices_macs_and_calls():
 
 
 def test_only_plausible_paths_and_dense_are_timed():
-    from gblr.kernels.choice import PLAUSIBLE, choose, plausible_paths
+    from gblr.kernels.choice import PLAUSIBLE, Cost, choose, plausible_paths
 
     predicted = {"tiled": 100.0, "tiled-coarse": 100.0 * PLAUSIBLE, "tiled-batched": 100.0 * PLAUSIBLE + 1,
                  "dense": 1000.0}
@@ -51,27 +51,39 @@ def test_only_plausible_paths_and_dense_are_timed():
     def run(path, x):
         timed.append(path)
 
-    kept = choose(run, predicted, torch.zeros(1), tokens=7)
+    costs = {path: Cost(value, 0, "cuda") for path, value in predicted.items()}  # no call price: cost = MACs
+    kept = choose(run, costs, torch.zeros(1), tokens=1)
     assert set(timed) == {"tiled", "tiled-coarse", "dense"}
-    assert kept.tokens == 7 and kept.predicted == predicted and set(kept.seconds) == set(timed)
+    assert kept.tokens == 1 and kept.predicted == predicted and set(kept.seconds) == set(timed)
 
 
 def test_the_watch_remeasures_after_strikes_in_a_row_and_backs_off():
-    from gblr.kernels.choice import DRIFT, STRIKES, Choice, Watch
+    from gblr.kernels.choice import CALL_MACS, DRIFT, STRIKES, Choice, Cost, Watch
 
     watch, key = Watch(), ("cpu", torch.float32, 16)
-    kept = Choice("tiled", {"tiled": 1e-3, "dense": 2e-3}, 16, {})
-    per_call = 1e-3  # 16 tokens in 1 ms: as measured
-    assert not watch.observe(key, kept, 16, per_call * 2)  # within DRIFT: fine
+    cost = Cost(CALL_MACS / 16, 1)  # 16 tokens cost as much as the call: 8 tokens three quarters of it
+    kept = Choice("tiled", {"tiled": 1e-3, "dense": 2e-3}, 16, {}, {"tiled": cost})
+    assert kept.expected_seconds(8) == 0.75e-3
+    assert not watch.observe(key, kept, 16, 1e-3 * DRIFT * 0.9)  # within DRIFT: fine
     for _ in range(STRIKES - 1):
-        assert not watch.observe(key, kept, 16, per_call * DRIFT * 1.5)
-    assert not watch.observe(key, kept, 16, per_call)  # a normal call resets the count
+        assert not watch.observe(key, kept, 16, 1e-3 * DRIFT * 1.5)
+    assert not watch.observe(key, kept, 16, 1e-3)  # a normal call resets the count
     for _ in range(STRIKES - 1):
-        assert not watch.observe(key, kept, 8, per_call * DRIFT)  # 8 tokens: per token 8x slower
-    assert watch.observe(key, kept, 16, per_call / DRIFT / 1.5)  # much faster counts too: remeasure
+        assert not watch.observe(key, kept, 8, 0.75e-3 * DRIFT * 1.1)
+    assert watch.observe(key, kept, 16, 1e-3 / DRIFT / 1.5)  # much faster counts too: remeasure
     assert watch.remeasured[key] == 1
-    results = [watch.observe(key, kept, 16, per_call * 10) for _ in range(2 * STRIKES)]
+    results = [watch.observe(key, kept, 16, 1e-2) for _ in range(2 * STRIKES)]
     assert results == [False] * (2 * STRIKES - 1) + [True]  # the second time it takes twice as many
+
+
+def test_the_watch_confirms_a_choice_after_50_then_4x_more_calls():
+    from gblr.kernels.choice import CONFIRM, Choice, Cost, Watch
+
+    watch, key = Watch(), ("cpu", torch.float32, 4)
+    kept = Choice("dense", {"dense": 1e-3}, 4, {}, {"dense": Cost(10, 1)})
+    flags = [watch.observe(key, kept, 4, 1e-3) for _ in range(5 * CONFIRM)]
+    assert [i + 1 for i, flag in enumerate(flags) if flag] == [CONFIRM, 4 * CONFIRM]
+    assert watch.confirmed[key] == 2 and watch.remeasured[key] == 2
 
 
 def test_a_frozen_layer_measures_again_when_its_choice_drifts():
@@ -108,3 +120,10 @@ def test_a_frozen_convolution_measures_again_when_its_choice_drifts():
     with torch.no_grad():
         frozen(x)
     assert key in frozen.choices and frozen.watch.remeasured[key] == 1
+
+
+def test_a_layer_without_blocks_expects_its_measured_time():
+    from gblr.kernels.choice import Choice, Cost
+
+    kept = Choice("tiled", {"tiled": 2e-6}, 8, {}, {"tiled": Cost(0, 0)})  # nothing to compute, no calls
+    assert kept.expected_seconds(16) == 2e-6
