@@ -13,7 +13,7 @@ from torch import nn
 from .._validation import check_flops_ratio, check_input, check_positive_int
 from .common import StructuredLinear, add_bias, check_divides, closest_within, common_divisors, init_bias_, macs_budget
 
-__all__ = ["BlockSparseLinear", "diagonal_blocks", "SMALL_BLOCK"]
+__all__ = ["BlockSparseLinear", "diagonal_blocks", "diagonal_grid", "check_blocks", "SMALL_BLOCK"]
 
 SMALL_BLOCK = 32 * 32  # blocks with fewer entries run as a masked dense product (BlockSparseLinear.forward)
 
@@ -33,7 +33,29 @@ def diagonal_blocks(grid: int, k: int) -> list[tuple[int, int]]:
     return [(r, (r + offset) % grid) for offset in offsets for r in range(grid)]
 
 
-def _check_blocks(blocks, grid: int) -> tuple[tuple[int, int], ...]:
+def diagonal_grid(rows: int, cols: int, dense_macs: int, flops_ratio: float, grid: int | None,
+                  names: tuple[str, str]) -> tuple[int, int]:
+    """``(grid, k)`` for ``k`` block diagonals on a ``grid x grid`` grid of a ``rows x cols``
+    block structure (features or channels, named ``names`` in errors) whose cost ``k / grid *
+    dense_macs`` is the largest not above ``flops_ratio * dense_macs``. ``grid`` ranges over the
+    common divisors up to 16 (or is the given one), excluding 1 unless it is the only one (a 1x1
+    grid is dense); ``k = max(1, floor(flops_ratio * grid))``; larger grids win ties."""
+    budget = macs_budget(dense_macs, 1, check_flops_ratio(flops_ratio))
+    if grid is None:
+        choices = [g for g in common_divisors(rows, cols, limit=16) if g >= 2] or [1]
+    else:
+        check_positive_int("grid", grid)
+        check_divides("grid", grid, **{names[0]: rows, names[1]: cols})
+        choices = [grid]
+    candidates = []
+    for g in choices:
+        per_diagonal = dense_macs // g
+        k = min(g, max(1, budget // per_diagonal))
+        candidates.append((k * per_diagonal, -g, (g, k)))
+    return closest_within(candidates, budget)
+
+
+def check_blocks(blocks, grid: int) -> tuple[tuple[int, int], ...]:
     """``blocks`` as a tuple of distinct ``(row_block, col_block)`` int pairs on the grid, or a
     ValueError naming the offending entry."""
     if isinstance(blocks, (str, bytes)) or not isinstance(blocks, Iterable):
@@ -92,7 +114,7 @@ class BlockSparseLinear(StructuredLinear):
         self._init_shape_and_bias(in_features, out_features, bias, factory)
         self.grid = check_positive_int("grid", grid)
         check_divides("grid", grid, in_features=in_features, out_features=out_features)
-        self.blocks = _check_blocks(blocks, grid)
+        self.blocks = check_blocks(blocks, grid)
         rows, cols = zip(*self.blocks)
         # The pattern is a constructor argument, not state: kept out of the state dict, but moved
         # with the module by .to().
@@ -126,19 +148,8 @@ class BlockSparseLinear(StructuredLinear):
         """
         check_positive_int("in_features", in_features)
         check_positive_int("out_features", out_features)
-        budget = macs_budget(in_features, out_features, check_flops_ratio(flops_ratio))
-        if grid is None:
-            choices = [g for g in common_divisors(in_features, out_features, limit=16) if g >= 2] or [1]
-        else:
-            check_positive_int("grid", grid)
-            check_divides("grid", grid, in_features=in_features, out_features=out_features)
-            choices = [grid]
-        candidates = []
-        for g in choices:
-            per_diagonal = in_features * out_features // g
-            k = min(g, max(1, budget // per_diagonal))
-            candidates.append((k * per_diagonal, -g, (g, k)))
-        g, k = closest_within(candidates, budget)
+        g, k = diagonal_grid(in_features, out_features, in_features * out_features, flops_ratio, grid,
+                             ("in_features", "out_features"))
         return cls(
             in_features, out_features, g, diagonal_blocks(g, k), bias=bias, device=device, dtype=dtype, **kwargs
         )

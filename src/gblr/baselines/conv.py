@@ -32,8 +32,8 @@ from torch import nn
 from .._validation import check_flops_ratio, check_input_dtype, check_positive_int
 from ..conv import ConvGeometry
 from ..flops import low_rank_macs, max_low_rank
-from .block_sparse import _check_blocks, diagonal_blocks
-from .common import FACTOR_GAIN, check_divides, closest_within, common_divisors, init_bias_, macs_budget
+from .block_sparse import check_blocks, diagonal_blocks, diagonal_grid
+from .common import FACTOR_GAIN, check_divides, init_bias_, macs_budget
 
 __all__ = ["StructuredConv2d", "LowRankConv2d", "BlockSparseConv2d", "kernel_taps"]
 
@@ -208,7 +208,7 @@ class BlockSparseConv2d(StructuredConv2d):
         self._init_conv(in_channels, out_channels, kernel_size, stride, padding, dilation, bias, factory)
         self.grid = check_positive_int("grid", grid)
         check_divides("grid", grid, in_channels=self.in_channels, out_channels=self.out_channels)
-        self.blocks = _check_blocks(blocks, grid)
+        self.blocks = check_blocks(blocks, grid)
         rows, cols = zip(*self.blocks)
         # The pattern is a constructor argument, not state (as in BlockSparseLinear).
         self.register_buffer("block_rows", torch.tensor(rows, dtype=torch.long, device=device), persistent=False)
@@ -229,20 +229,8 @@ class BlockSparseConv2d(StructuredConv2d):
         :meth:`gblr.baselines.BlockSparseLinear.at_flops_ratio`. ``conv_kwargs`` go to the
         constructor."""
         taps = kernel_taps(kernel_size, in_channels, out_channels)
-        dense = in_channels * taps * out_channels
-        budget = macs_budget(in_channels * taps, out_channels, check_flops_ratio(flops_ratio))
-        if grid is None:
-            choices = [g for g in common_divisors(in_channels, out_channels, limit=16) if g >= 2] or [1]
-        else:
-            check_positive_int("grid", grid)
-            check_divides("grid", grid, in_channels=in_channels, out_channels=out_channels)
-            choices = [grid]
-        candidates = []
-        for g in choices:
-            per_diagonal = dense // g
-            k = min(g, max(1, budget // per_diagonal))
-            candidates.append((k * per_diagonal, -g, (g, k)))
-        g, k = closest_within(candidates, budget)
+        g, k = diagonal_grid(in_channels, out_channels, in_channels * taps * out_channels, flops_ratio, grid,
+                             ("in_channels", "out_channels"))
         return cls(in_channels, out_channels, kernel_size, g, diagonal_blocks(g, k), **conv_kwargs)
 
     @torch.no_grad()
