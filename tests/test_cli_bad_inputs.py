@@ -87,6 +87,7 @@ CASES = [
     ("compress {model} --text {missing}", "--text"),
     ("compress {model} --text {binary}", "--text"),
     ("compress {model} --out {file}", "--out"),
+    ("compress {model} --out {compressed}", "--overwrite"),
     # -- gblr compress on a causal LM: its options, its text
     ("compress {lm} --seq-len 1", "--seq-len"),
     ("compress {lm} --calibration greedy", "--calibration"),
@@ -120,7 +121,7 @@ def paths(tmp_path, data, monkeypatch):
     made = {"tmp": tmp_path, "data": data, "missing": tmp_path / "missing", "file": tmp_path / "file.txt",
             "run": tmp_path / "run", "broken_run": tmp_path / "broken_run", "model": tmp_path / "model",
             "binary": tmp_path / "latin1.txt", "unreadable": tmp_path / "unreadable",
-            "read_only": tmp_path / "read_only", "lm": tmp_path / "lm"}
+            "read_only": tmp_path / "read_only", "lm": tmp_path / "lm", "compressed": tmp_path / "compressed"}
     made["file"].write_text("a file, not a folder\n")
     made["run"].mkdir()
     (made["run"] / "checkpoint.pt").write_bytes(b"another run's checkpoint")
@@ -128,6 +129,8 @@ def paths(tmp_path, data, monkeypatch):
     (made["broken_run"] / "checkpoint.pt").write_text("not a checkpoint\n")
     made["model"].mkdir()
     (made["model"] / "config.json").write_text("{}")
+    (made["compressed"] / "model").mkdir(parents=True)
+    (made["compressed"] / "report.json").write_text("{}\n")  # an earlier gblr compress run's
     made["lm"].mkdir()
     (made["lm"] / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "model_type": "llama"}')
     made["binary"].write_bytes("caf\xe9 au lait\n".encode("latin-1"))

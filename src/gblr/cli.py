@@ -256,7 +256,9 @@ def _compress_options() -> Options:
             "lr": "distillation learning rate",
         },
         "run": {
-            "out": "output folder (model/, report.json, masks.png)",
+            "out": "output folder (model/, report.json, masks.png); refused if it holds a compressed model, unless "
+                   "--overwrite",
+            "overwrite": "replace the compressed model, report and picture OUT already holds",
             "threads": "torch CPU threads (default: torch's choice)",
             "progress": "hide the progress bars",
             "pictures": "skip masks.png",

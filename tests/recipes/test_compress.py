@@ -142,11 +142,13 @@ def test_compress_target_regex_text_file_and_errors(tmp_path, capsys):
     assert report["flops_ratio"] <= 0.3 + 1e-9 and not (out / "masks.png").exists()
     capsys.readouterr()
 
-    assert main(["compress", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
+    assert main(["compress", str(folder), "--flops", "0.3", "--out", str(out)]) == 2  # it holds a model now
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["compress", str(tmp_path / "nowhere"), "--out", str(out), "--overwrite"]) == 2
     assert "model folder not found" in capsys.readouterr().err
     assert main(["compress", str(folder), "--flops", "1.5"]) == 2
     assert "--flops" in capsys.readouterr().err
-    assert main(["compress", str(folder), "--target", "nothing.*", "--out", str(out)]) == 2
+    assert main(["compress", str(folder), "--target", "nothing.*", "--out", str(out), "--overwrite"]) == 2
     assert "matches none" in capsys.readouterr().err
     assert main(["compress", str(folder), "--text", str(tmp_path / "missing.txt")]) == 2
     assert "text file not found" in capsys.readouterr().err

@@ -243,9 +243,11 @@ def test_distillation_on_the_logits_and_the_default_text(tmp_path, monkeypatch):
     assert report["distillation"]["steps"] == 3 and report["distillation"]["output"] == "logits"
     assert (tmp_path / "out" / "masks.png").is_file()
 
+    with pytest.raises(FileExistsError, match=r"already holds a compressed model.*--overwrite"):
+        compress(small_config(folder, tmp_path, corpus, text=None))  # nothing is replaced unasked
     monkeypatch.setattr(corpus_module, "PYTHON_DOCS", tmp_path / "not-installed")
     with pytest.raises(FileNotFoundError, match=r"text \(--text\).*python3.11-doc"):
-        compress(small_config(folder, tmp_path, corpus, text=None))
+        compress(small_config(folder, tmp_path, corpus, text=None, overwrite=True))
 
 
 def test_bad_text_and_lengths_are_refused_before_loading(tmp_path, monkeypatch):

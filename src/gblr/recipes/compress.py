@@ -43,7 +43,7 @@ from .._validation import check_flops_ratio
 from ..config import ALL_LINEAR, CALIBRATIONS, METHODS, GBLRConfig
 from ..convert import ConversionReport, convert_
 from ..flops import FlopsReport, flops_report
-from ..pretrained import save_pretrained
+from ..pretrained import CONFIG_FILE, save_pretrained
 from ..targets import target_names
 from . import corpus, sentences, text
 from .causal_lm import CAUSAL_LM, ENCODER, model_kind
@@ -87,6 +87,7 @@ class CompressConfig:
     distill_minutes: float | None = None  # time limit of the distillation
     lr: float = 1e-4  # distillation learning rate
     out: str = "runs/compress"
+    overwrite: bool = False  # replace the model and report an ``out`` already holds
     seed: int = 0
     threads: int | None = None  # torch CPU threads
     progress: bool = True
@@ -205,6 +206,7 @@ def compress(config: CompressConfig) -> dict:
     unusable text file, no matching layer) before any work.
     """
     config.validate()
+    _check_fresh_out(config)
     started = time.perf_counter()
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -235,6 +237,16 @@ def compress(config: CompressConfig) -> dict:
     report["timings"]["total_seconds"] = time.perf_counter() - started
     write_text_atomic(out / "report.json", json.dumps(report, indent=2, default=str) + "\n")
     return report
+
+
+def _check_fresh_out(config: CompressConfig) -> None:
+    """Refuse an ``out`` that already holds a compressed model or a report, unless ``overwrite``:
+    a second run would replace them without being asked to (as ``gblr train`` refuses a run)."""
+    out = Path(config.out)
+    held = [path for path in (out / "report.json", out / "model" / CONFIG_FILE) if path.exists()]
+    if held and not config.overwrite:
+        raise FileExistsError(f"{out} already holds a compressed model ({', '.join(str(p) for p in held)}): pass "
+                              f"{option_name('overwrite')} to replace it, or choose another {option_name('out')}")
 
 
 def _compress_encoder(config: CompressConfig, gblr_config: GBLRConfig, started: float) -> tuple[nn.Module, dict]:
