@@ -31,6 +31,9 @@ CONV_KERNELS = ("auto", "reference", "dense", "blocks", "unfold")  # FrozenGBLRC
 CONV_MEASURED_PATHS = ("dense", "blocks")  # what kernel="auto" may time ("unfold" never won on the CPU)
 
 
+GEOMETRY_KEYS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation")  # geometry_config()
+
+
 def _pair(name: str, value, minimum: int) -> tuple[int, int]:
     pair = (value, value) if isinstance(value, int) and not isinstance(value, bool) else tuple(value)
     if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < minimum for v in pair):
@@ -43,7 +46,28 @@ class ConvGeometry:
     convolution baselines: ``in_channels``, ``out_channels``, ``kernel_size``, ``stride``,
     ``padding`` (ints, pairs, ``"valid"`` or ``"same"``), ``dilation``, as in ``nn.Conv2d``
     (``groups=1``, ``padding_mode="zeros"``). Also the im2col view of an input and the output
-    pixels of the last forward pass."""
+    pixels of the last forward pass. A mixin of the convolution layers; :meth:`of`,
+    :meth:`of_conv` and :meth:`from_config` make a plain geometry (to check, compare or unfold)."""
+
+    @classmethod
+    def of(cls, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
+           padding_mode="zeros") -> "ConvGeometry":
+        """A geometry alone, checked as the layers check theirs."""
+        geometry = cls()
+        geometry._init_geometry(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                                padding_mode)
+        return geometry
+
+    @classmethod
+    def of_conv(cls, conv: nn.Conv2d) -> "ConvGeometry":
+        """The geometry of an ``nn.Conv2d`` (a ValueError if gblr cannot replace it)."""
+        return cls.of(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                      conv.groups, conv.padding_mode)
+
+    @classmethod
+    def from_config(cls, config: dict) -> "ConvGeometry":
+        """The geometry of a :meth:`geometry_config` dict (KeyError, TypeError or ValueError if malformed)."""
+        return cls.of(*(config[key] for key in GEOMETRY_KEYS))
 
     def _init_geometry(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
                        padding_mode) -> None:
@@ -136,6 +160,12 @@ class ConvGeometry:
             f"in_channels={self.in_channels}, out_channels={self.out_channels}, kernel_size={self.kernel_size}, "
             f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}"
         )
+
+    def sliding_window(self) -> tuple:
+        """What the convolution computes, whatever the spelling: ``"valid"`` equals padding 0,
+        ``"same"`` its explicit padding."""
+        return (self.in_channels, self.out_channels, self.kernel_size, self.stride, self.dilation,
+                self.explicit_padding())
 
     def geometry_config(self) -> dict:
         """The constructor arguments of the geometry (JSON-ready), for saving and rebuilding."""
@@ -300,13 +330,17 @@ class FrozenGBLRConv2d(ConvGeometry, FrozenGBLRLinear):
       ratio 1 should use);
     * ``"blocks"``: each cropped block as a convolution over its channel slice into ``R``
       channels, then one 1x1 convolution into the outputs (few, large blocks: low rank, bands);
-    * ``"unfold"``: im2col and the frozen linear layer's tiled product (many small blocks);
+    * ``"unfold"``: im2col and the frozen linear layer's tiled product (for explicit use: on the
+      CPU ``F.unfold`` alone costs more than the dense convolution);
     * ``"reference"``: ``F.conv2d`` with the kernel rebuilt from the blocks (differentiable).
 
     ``kernel="auto"`` times ``"dense"`` and ``"blocks"`` (where the cost model finds it plausible)
     on the first input of each batch-size bucket and input size and keeps the fastest
-    (:attr:`choices`), measuring again if its calls drift far from that time. Build it with :meth:`GBLRConv2d.freeze`.
+    (:attr:`choices`), measuring again if its calls drift far from that time. Build it with
+    :meth:`GBLRConv2d.freeze`.
     """
+
+    KERNELS = CONV_KERNELS
 
     def __init__(
         self,
@@ -332,16 +366,6 @@ class FrozenGBLRConv2d(ConvGeometry, FrozenGBLRLinear):
     def weight(self) -> torch.Tensor:
         """The ``(out_channels, in_channels, kh, kw)`` kernel this layer applies."""
         return self.matrix.reshape(self.out_channels, self.in_channels, *self.kernel_size)
-
-    @property
-    def kernel(self) -> str:
-        return self._kernel
-
-    @kernel.setter
-    def kernel(self, value: str) -> None:
-        if value not in CONV_KERNELS:
-            raise ValueError(f"kernel must be one of {CONV_KERNELS}, got {value!r}")
-        self._kernel = value
 
     def packed(self, what: str, x: torch.Tensor):
         """The dense kernel (``"dense"``), the block convolutions (``"blocks"``) or the frozen
@@ -442,7 +466,5 @@ class FrozenGBLRConv2d(ConvGeometry, FrozenGBLRLinear):
 def im2col_rows(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """The inputs ``x`` of the convolution ``conv`` as the rows its kernel's matrix view
     multiplies, ``(N * H' * W', in_channels * kh * kw)``: what calibration statistics count."""
-    geometry = ConvGeometry()
-    geometry._init_geometry(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                            conv.dilation, conv.groups, conv.padding_mode)
+    geometry = ConvGeometry.of_conv(conv)
     return geometry.unfold(geometry.check_image(x))

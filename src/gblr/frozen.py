@@ -53,6 +53,8 @@ class FrozenGBLRLinear(nn.Module):
     layer with other supports instead of loading its factors into the wrong blocks.
     """
 
+    KERNELS = KERNELS  # the values of ``kernel`` (a subclass with other paths has its own)
+
     def __init__(
         self,
         in_features: int,
@@ -145,8 +147,8 @@ class FrozenGBLRLinear(nn.Module):
 
     @kernel.setter
     def kernel(self, value: str) -> None:
-        if value not in KERNELS:
-            raise ValueError(f"kernel must be one of {KERNELS}, got {value!r}")
+        if value not in self.KERNELS:
+            raise ValueError(f"kernel must be one of {self.KERNELS}, got {value!r}")
         if value == "triton" and not segmented.available():
             raise ValueError("kernel='triton' needs Triton (pip install triton) and a CUDA device; "
                              "kernel='auto' picks the fastest available path")

@@ -173,38 +173,22 @@ def _build_layer(entry: dict, name: str, device: torch.device) -> nn.Module:
 CONV_CLASSES = ("GBLRConv2d", "FrozenGBLRConv2d")
 
 
-def _sliding_window(config, name: str) -> tuple:
-    """What a convolution computes, from its geometry config: ``"valid"`` equals padding 0."""
-    geometry = ConvGeometry()
+def _saved_geometry(config, name: str) -> ConvGeometry:
+    """The geometry of a saved convolution's ``conv`` entry, or a ValueError naming the layer."""
     try:
-        geometry._init_geometry(*(config[key] for key in ("in_channels", "out_channels", "kernel_size", "stride",
-                                                          "padding", "dilation")), 1, "zeros")
+        return ConvGeometry.from_config(config)
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"layer {name!r} in {CONFIG_FILE}: malformed 'conv' geometry {config!r} ({error})") from None
-    return (geometry.in_channels, geometry.out_channels, geometry.kernel_size, geometry.stride, geometry.dilation,
-            geometry.explicit_padding())
-
-
-def _geometry_of(conv: nn.Conv2d) -> dict:
-    geometry = ConvGeometry()
-    geometry._init_geometry(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                            conv.dilation, 1, "zeros")
-    return geometry.geometry_config()
 
 
 def _conv_geometry(entry: dict, name: str, in_features: int, out_features: int) -> dict:
     """The constructor arguments of a saved convolution's geometry, checked against its sizes."""
     conv = _entry_value(entry, "conv", dict, name)
-    keys = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation")
-    try:
-        geometry = ConvGeometry()
-        geometry._init_geometry(*(conv[key] for key in keys), 1, "zeros")
-    except (KeyError, TypeError, ValueError) as error:
-        raise ValueError(f"layer {name!r} in {CONFIG_FILE}: malformed 'conv' geometry {conv!r} ({error})") from None
+    geometry = _saved_geometry(conv, name)
     if (geometry.in_channels * geometry.taps, geometry.out_channels) != (in_features, out_features):
         raise ValueError(f"layer {name!r} in {CONFIG_FILE}: the 'conv' geometry {conv!r} does not match "
                          f"in_features={in_features}, out_features={out_features}")
-    return {key: value for key, value in geometry.geometry_config().items()}
+    return geometry.geometry_config()
 
 
 def _read_document(directory: Path) -> list:
@@ -251,10 +235,10 @@ def _module_to_replace(base_model: nn.Module, name: str, entry: dict, directory:
         )
     if base_conv:
         saved_geometry = entry.get("conv")
-        geometry = base.geometry_config() if isinstance(base, ConvGeometry) else _geometry_of(base)
-        if _sliding_window(saved_geometry, name) != _sliding_window(geometry, name):
+        geometry = base if isinstance(base, ConvGeometry) else ConvGeometry.of_conv(base)
+        if _saved_geometry(saved_geometry, name).sliding_window() != geometry.sliding_window():
             raise ValueError(f"layer {name!r}: saved as a convolution with {saved_geometry}, but the model's one has "
-                             f"{geometry}; the checkpoint is for a model of another shape")
+                             f"{geometry.geometry_config()}; the checkpoint is for a model of another shape")
     saved = (entry.get("in_features"), entry.get("out_features"))
     if linear_features(base) != saved:
         raise ValueError(

@@ -33,7 +33,7 @@ from .._validation import check_flops_ratio, check_input_dtype, check_positive_i
 from ..conv import ConvGeometry
 from ..flops import low_rank_macs, max_low_rank
 from .block_sparse import check_blocks, diagonal_blocks, diagonal_grid
-from .common import FACTOR_GAIN, check_divides, init_bias_, macs_budget
+from .common import FACTOR_GAIN, StructuredLinear, check_divides, init_bias_, macs_budget
 
 __all__ = ["StructuredConv2d", "LowRankConv2d", "BlockSparseConv2d", "kernel_taps"]
 
@@ -41,33 +41,23 @@ __all__ = ["StructuredConv2d", "LowRankConv2d", "BlockSparseConv2d", "kernel_tap
 def kernel_taps(kernel_size, in_channels: int = 1, out_channels: int = 1) -> int:
     """``kh * kw`` of ``kernel_size`` (an int or a pair), checked as the convolutions check it
     (with the channel counts, if given)."""
-    geometry = ConvGeometry()
-    geometry._init_geometry(in_channels, out_channels, kernel_size, 1, 0, 1, 1, "zeros")
-    return geometry.taps
+    return ConvGeometry.of(in_channels, out_channels, kernel_size).taps
 
 
-class StructuredConv2d(ConvGeometry, nn.Module):
-    """Shared plumbing of the convolution baselines: geometry, matrix-view shape, bias, forward
-    bookkeeping (input checks, ``output_pixels``), cost ratio and repr.
+class StructuredConv2d(ConvGeometry, StructuredLinear):
+    """Shared plumbing of the convolution baselines: the linear baselines' (matrix-view shape,
+    bias, cost ratio) plus the geometry, forward bookkeeping (input checks, ``output_pixels``)
+    and a repr that shows the geometry.
 
     Subclasses call :meth:`_init_conv` first in ``__init__`` and implement ``weight`` (the
     effective ``(out, in, kh, kw)`` kernel), ``_convolve(batch)`` (a 4-D batch, bias included),
     ``flops()`` (MACs per output pixel) and ``_structure_repr()``.
     """
 
-    in_features: int
-    out_features: int
-    bias: nn.Parameter | None
-
     def _init_conv(self, in_channels, out_channels, kernel_size, stride, padding, dilation, bias: bool,
                    factory: dict) -> None:
         self._init_geometry(in_channels, out_channels, kernel_size, stride, padding, dilation, 1, "zeros")
-        self.in_features = self.in_channels * self.taps
-        self.out_features = self.out_channels
-        if bias:
-            self.bias = nn.Parameter(torch.empty(self.out_channels, **factory))
-        else:
-            self.register_parameter("bias", None)
+        self._init_shape_and_bias(self.in_channels * self.taps, self.out_channels, bias, factory)
 
     @property
     def weight(self) -> torch.Tensor:  # pragma: no cover - every subclass overrides it
@@ -91,16 +81,6 @@ class StructuredConv2d(ConvGeometry, nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
-
-    def flops(self) -> int:  # pragma: no cover - every subclass overrides it
-        raise NotImplementedError
-
-    def flops_ratio(self) -> float:
-        """MACs per output pixel relative to a dense ``nn.Conv2d`` of the same shape."""
-        return self.flops() / (self.in_features * self.out_features)
-
-    def _structure_repr(self) -> str:  # pragma: no cover - every subclass overrides it
-        raise NotImplementedError
 
     def extra_repr(self) -> str:
         return (f"{self.geometry_repr()}, bias={self.bias is not None}, {self._structure_repr()}, "
