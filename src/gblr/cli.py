@@ -206,6 +206,7 @@ def train_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
 def _compress_options() -> Options:
     from .config import CALIBRATIONS, METHODS
     from .recipes.causal_lm import PROMPTS
+    from .recipes.distill import LOSSES
     from .recipes.corpus import PYTHON_DOCS
 
     return {
@@ -250,9 +251,11 @@ def _compress_options() -> Options:
             "decode_repeats": "timed decoding runs per model, at batch 1 with the KV cache (0: no timing)",
         },
         "distillation (after conversion; off by default)": {
-            "distill_steps": "steps of distillation towards the original (causal LMs: on the logits, mean "
-                             "squared error)",
+            "distill_steps": "steps of distillation towards the original",
             "distill_minutes": "time limit of the distillation (default: none)",
+            "distill_loss": {"help": "kl: the next-token distributions' KL divergence (causal LMs); mse: of the "
+                                     "outputs (logits or embeddings); cosine: of the sentence embeddings (default: kl "
+                                     "for causal LMs, cosine for encoders)", "choices": LOSSES},
             "lr": "distillation learning rate",
         },
         "run": {

@@ -53,6 +53,7 @@ def test_default_targets_are_all_linear_but_the_pooler():
         ({"batch_size": 0}, "--batch-size"),
         ({"distill_steps": -1}, "--distill-steps"),
         ({"distill_minutes": 0}, "--distill-minutes"),
+        ({"distill_loss": "kld"}, "--distill-loss"),
         ({"target": "encoder.("}, "--target"),
         ({"exclude": "all-linear"}, "--exclude"),
     ],

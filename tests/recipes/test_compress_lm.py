@@ -241,6 +241,7 @@ def test_distillation_on_the_logits_and_the_default_text(tmp_path, monkeypatch):
     assert set(report["perplexity"]) == {"dense", "converted", "distilled"}
     assert report["perplexity_final"] == report["perplexity"]["distilled"]
     assert report["distillation"]["steps"] == 3 and report["distillation"]["output"] == "logits"
+    assert report["distillation"]["loss"] == "kl"  # a causal LM's default: its next-token distributions
     assert (tmp_path / "out" / "masks.png").is_file()
 
     with pytest.raises(FileExistsError, match=r"already holds a compressed model.*--overwrite"):

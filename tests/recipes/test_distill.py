@@ -10,6 +10,7 @@ from torch import nn
 
 import gblr
 from gblr.learning import gblr_layers
+from gblr.recipes.distill import token_kl
 from gblr.recipes.sentences import generated_sentences, split_sentences
 from gblr.recipes.text import embedding_fidelity, token_batches
 
@@ -160,7 +161,7 @@ def test_time_limit_and_errors():
     with pytest.raises(ValueError, match="empty"):
         gblr.distill(student, teacher, [], 1)
     with pytest.raises(ValueError, match="loss must be one of"):
-        gblr.distill(student, teacher, data(1), 1, loss="kl")
+        gblr.distill(student, teacher, data(1), 1, loss="kld")
     with pytest.raises(ValueError, match="max_seconds"):
         gblr.distill(student, teacher, data(1), 1, max_seconds=0)
     with pytest.raises(ValueError, match="no GBLR layers"):
@@ -224,3 +225,37 @@ def test_minilm_at_half_the_flops_keeps_its_embeddings_and_distillation_helps():
     gblr.distill(student, teacher, batches, 10, lr=1e-4, progress=False)
     assert embedding_fidelity(student, teacher, batches) > on_train
     assert all(now <= start for now, start in zip([layer.flops() for layer in gblr_layers(student)], start_flops))
+
+
+def test_token_kl_is_the_mean_kl_of_the_next_token_distributions():
+    generator = torch.Generator().manual_seed(0)
+    teacher, student = torch.randn(2, 3, 7, generator=generator), torch.randn(2, 3, 7, generator=generator)
+    p, q = teacher.softmax(-1), student.softmax(-1)
+    expected = (p * (p.log() - q.log())).sum(-1).mean()
+    torch.testing.assert_close(token_kl(student, teacher), expected)
+    assert token_kl(teacher, teacher).item() == pytest.approx(0.0, abs=1e-6)
+    # Softmax ignores a shift of the logits: only the distributions count, unlike "mse".
+    assert token_kl(teacher + 3.0, teacher).item() == pytest.approx(0.0, abs=1e-5)
+    assert token_kl(student, teacher).item() > 0.05
+
+
+def test_kl_distillation_brings_a_compressed_lm_closer_to_its_teacher():
+    torch.manual_seed(0)
+    vocab = 50
+    teacher = nn.Sequential(nn.Embedding(vocab, 32), nn.Linear(32, 64), nn.GELU(), nn.Linear(64, vocab)).eval()
+    student = copy.deepcopy(teacher)
+    for index in (1, 3):
+        student[index] = gblr.svd_decompose(teacher[index].weight, 0.3, bias=teacher[index].bias)
+    generator = torch.Generator().manual_seed(1)
+    batches = [torch.randint(vocab, (4, 16), generator=generator) for _ in range(4)]
+    held_out = torch.randint(vocab, (8, 16), generator=generator)
+
+    def held_out_kl() -> float:
+        with torch.no_grad():
+            return token_kl(student(held_out), teacher(held_out)).item()
+
+    before = held_out_kl()
+    losses = gblr.distill(student, teacher, batches, 80, lr=3e-3, loss="kl", output_fn=lambda m, b: m(b),
+                          progress=False)
+    assert sum(losses[-4:]) / 4 < 0.5 * sum(losses[:4]) / 4
+    assert held_out_kl() < 0.7 * before, (before, held_out_kl())

@@ -47,7 +47,7 @@ from ..pretrained import CONFIG_FILE, save_pretrained
 from ..targets import target_names
 from . import corpus, sentences, text
 from .causal_lm import CAUSAL_LM, ENCODER, model_kind
-from .distill import distill
+from .distill import LOSSES, distill
 from .options import check_number, check_positive_int, check_seed, option_name
 
 __all__ = ["POOLER", "CompressConfig", "compress", "convert_targets", "linear_targets", "run_distillation",
@@ -85,6 +85,8 @@ class CompressConfig:
     decode_repeats: int = 5  # causal LMs: timed decoding runs per model (0: no timing)
     distill_steps: int = 0  # 0 with distill_minutes None: no distillation
     distill_minutes: float | None = None  # time limit of the distillation
+    # distill's loss (LOSSES); None: "kl" on the logits for causal LMs, "cosine" of the embeddings for encoders
+    distill_loss: str | None = None
     lr: float = 1e-4  # distillation learning rate
     out: str = "runs/compress"
     overwrite: bool = False  # replace the model and report an ``out`` already holds
@@ -142,6 +144,9 @@ class CompressConfig:
         if isinstance(self.decode_repeats, bool) or not isinstance(self.decode_repeats, int) or self.decode_repeats < 0:
             raise ValueError(f"{option_name('decode_repeats')} must be an int >= 0, got {self.decode_repeats!r}")
         check_number(self, "distill_steps", positive=False)
+        if self.distill_loss is not None and self.distill_loss not in LOSSES:
+            raise ValueError(f"{option_name('distill_loss')} must be one of {', '.join(LOSSES)}, got "
+                             f"{self.distill_loss!r}")
         check_number(self, "distill_minutes", positive=True, optional=True)  # None: no time limit
         check_number(self, "lr", positive=True)
         check_seed(self)
@@ -194,8 +199,8 @@ def run_distillation(student: nn.Module, teacher: nn.Module, batches: list, conf
     losses = distill(student, teacher, batches, steps, lr=config.lr, max_seconds=max_seconds,
                      progress=config.progress, **options)
     seconds = time.perf_counter() - start
-    return {"steps": len(losses), "lr": config.lr, "first_loss": losses[0], "last_loss": losses[-1],
-            "seconds": seconds}, losses
+    return {"steps": len(losses), "lr": config.lr, "loss": options.get("loss", "cosine"), "first_loss": losses[0],
+            "last_loss": losses[-1], "seconds": seconds}, losses
 
 
 def compress(config: CompressConfig) -> dict:
@@ -283,7 +288,7 @@ def _compress_encoder(config: CompressConfig, gblr_config: GBLRConfig, started: 
 
     distillation = None
     if config.distill_steps or config.distill_minutes:
-        distillation, _ = run_distillation(student, teacher, train_batches, config)
+        distillation, _ = run_distillation(student, teacher, train_batches, config, loss=config.distill_loss or "cosine")
         fidelity["distilled"] = text.embedding_fidelity(student, reference, eval_batches)
         flops = target_flops(student, targets)
         print(f"distilled {distillation['steps']} steps in {distillation['seconds']:.1f} s: fidelity "

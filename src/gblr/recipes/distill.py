@@ -53,9 +53,18 @@ from ..frozen import FrozenGBLRLinear
 from ..linear import GBLRLinear, check_finite_structure
 from .text import sentence_output
 
-__all__ = ["distill"]
+__all__ = ["LOSSES", "distill", "token_kl"]
 
-LOSSES = ("cosine", "mse")
+LOSSES = ("cosine", "mse", "kl")
+
+
+def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(teacher || student) between the softmax distributions over the
+    last dimension (a language model's next-token distributions, from its logits)."""
+    student_log = F.log_softmax(student_logits.float(), dim=-1)
+    teacher_log = F.log_softmax(teacher_logits.float(), dim=-1)
+    positions = student_log.numel() // student_log.shape[-1]
+    return F.kl_div(student_log, teacher_log, log_target=True, reduction="sum") / positions
 
 
 def _loss_fn(loss) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -65,6 +74,8 @@ def _loss_fn(loss) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         return lambda student, teacher: 1.0 - F.cosine_similarity(student.float(), teacher.float(), dim=-1).mean()
     if loss == "mse":
         return lambda student, teacher: F.mse_loss(student.float(), teacher.float())
+    if loss == "kl":
+        return token_kl
     raise ValueError(f"loss must be one of {', '.join(LOSSES)} or a callable(student_out, teacher_out), got {loss!r}")
 
 
@@ -144,8 +155,10 @@ def distill(
         steps: optimizer steps (at most; see ``max_seconds``).
         lr: peak learning rate of the contents (AdamW).
         struct_lr: learning rate of widths and locations (default ``lr``).
-        loss: ``"cosine"`` (1 - mean cosine similarity over the last dimension), ``"mse"``, or a
-            callable ``(student_out, teacher_out) -> scalar``.
+        loss: ``"cosine"`` (1 - mean cosine similarity over the last dimension), ``"mse"``,
+            ``"kl"`` (:func:`token_kl`: outputs are logits, e.g. ``output_fn=logits_output`` of a
+            causal LM: the mean KL divergence of the student's next-token distributions from the
+            teacher's), or a callable ``(student_out, teacher_out) -> scalar``.
         output_fn: ``output_fn(model, batch) -> Tensor`` compared between the two models; default
             :func:`gblr.recipes.text.sentence_output` (mean-pooled last hidden state for dict
             batches with an attention mask, the raw output otherwise).
