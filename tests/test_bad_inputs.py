@@ -441,7 +441,7 @@ CASES = [
     ("distill max_seconds=0", lambda tmp: distill(max_seconds=0), ValueError, r"^max_seconds must be"),
     ("distill max_grad_norm nan", lambda tmp: distill(max_grad_norm=NAN), ValueError,
      r"^max_grad_norm must be a finite number > 0"),
-    ("distill loss unknown", lambda tmp: distill(loss="kl"), ValueError, r"^loss must be one of"),
+    ("distill loss unknown", lambda tmp: distill(loss="kld"), ValueError, r"^loss must be one of"),
     ("distill no batches", lambda tmp: distill(batches=[]), ValueError, r"^batches is empty"),
     ("distill student is teacher", lambda tmp: distill_into_itself(), ValueError,
      r"^student and teacher are the same module"),

@@ -74,6 +74,18 @@ CASES = [
     pytest.param("train --data-dir {data} --out /proc/gblr-test/run", "--out", marks=LINUX),  # even for root
     pytest.param("train --data-dir {unreadable}", "--data-dir", marks=NOT_ROOT),
     pytest.param("train --data-dir {data} --out {read_only}/run", "--out", marks=NOT_ROOT),
+    # -- gblr train on text: the model and the data must agree, and the text must serve the settings
+    ("train --model gpt", "--model"),
+    ("train --dataset text", "--model"),
+    ("train --data {text}", "--data"),
+    ("train --dataset text --model gpt --data-dir {data}", "--data-dir"),
+    ("train --dataset text --model gpt --seq-len 0", "--seq-len"),
+    ("train --dataset text --model gpt --data {missing}", "--data"),
+    ("train --dataset text --model gpt --data {text}/a.txt", "--data"),
+    ("train --dataset text --model gpt --data {text} {binary}", "--data"),
+    ("train --dataset text --model gpt --data {text} --tokenizer {missing}", "--tokenizer"),
+    ("train --dataset text --model gpt --data {text} --seq-len 512", "--seq-len"),
+    ("train --dataset text --model gpt --data {text} --seq-len 8 --batch-size 4096", "--batch-size"),
     # -- gblr compress
     ("compress", "model_dir"),
     ("compress {model} --flops 0", "--flops"),
@@ -121,7 +133,8 @@ def paths(tmp_path, data, monkeypatch):
     made = {"tmp": tmp_path, "data": data, "missing": tmp_path / "missing", "file": tmp_path / "file.txt",
             "run": tmp_path / "run", "broken_run": tmp_path / "broken_run", "model": tmp_path / "model",
             "binary": tmp_path / "latin1.txt", "unreadable": tmp_path / "unreadable",
-            "read_only": tmp_path / "read_only", "lm": tmp_path / "lm", "compressed": tmp_path / "compressed"}
+            "read_only": tmp_path / "read_only", "lm": tmp_path / "lm", "compressed": tmp_path / "compressed",
+            "text": tmp_path / "text"}
     made["file"].write_text("a file, not a folder\n")
     made["run"].mkdir()
     (made["run"] / "checkpoint.pt").write_bytes(b"another run's checkpoint")
@@ -134,6 +147,9 @@ def paths(tmp_path, data, monkeypatch):
     made["lm"].mkdir()
     (made["lm"] / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "model_type": "llama"}')
     made["binary"].write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    made["text"].mkdir()
+    for name in ("a.txt", "b.txt", "c.txt"):  # 3 files of 120 bytes: too little for long windows
+        (made["text"] / name).write_text(f"{name} " * 20)
     made["unreadable"].mkdir(mode=0o000)
     made["read_only"].mkdir(mode=0o555)
     yield made
@@ -149,6 +165,7 @@ def no_work(monkeypatch):
         raise AssertionError("the command started working instead of refusing its input")
 
     monkeypatch.setattr(gblr.recipes.train, "batches", refuse)
+    monkeypatch.setattr(gblr.recipes.train.TextData, "train_batches", refuse)
     monkeypatch.setattr(gblr.recipes.compress.text, "load_sentence_encoder", refuse)
     monkeypatch.setattr(gblr.recipes.compress_lm, "load_causal_lm", refuse)
     monkeypatch.setattr(gblr.recipes.demo, "demo", refuse)

@@ -120,22 +120,34 @@ def _check_seed(seed: int, parser: argparse.ArgumentParser) -> None:
 
 
 def _train_options() -> Options:
+    from .recipes.corpus import PYTHON_DOCS
     from .recipes.data import DATASETS
     from .recipes.models import LAYER_KINDS, MODELS
 
     return {
         "data": {
-            "dataset": {"choices": list(DATASETS)},
-            "data_dir": "folder with the dataset files (default: standard places)",
-            "download": "download the dataset if it is not found",
-            "image_size": "resize images to N x N, required for imagefolder (default: the dataset's own size)",
-            "limit_train": "use only the first N training images (default: all)",
-            "limit_test": "use only the first N test images (default: all)",
+            "dataset": {"choices": list(DATASETS),
+                        "help": "an image dataset, or text (for --model gpt: a language model on --data)"},
+            "data_dir": "images: folder with the dataset files (default: standard places)",
+            "download": "images: download the dataset if it is not found",
+            "image_size": "images: resize to N x N, required for imagefolder (default: the dataset's own size)",
+            "data": {"metavar": "PATH",
+                     "help": "text: UTF-8 files, folders (searched recursively for *.txt, *.rst, *.md) or glob "
+                             "patterns, split by file into training and held-out files (a tenth, at least one; "
+                             f"seeded by --seed) (default: the Python documentation's sources, {PYTHON_DOCS})"},
+            "tokenizer": {"metavar": "FOLDER",
+                          "help": "text: a Hugging Face tokenizer folder, loaded offline (default: none, UTF-8 "
+                                  "bytes are the tokens, vocabulary 256)"},
+            "limit_train": "images: use only the first N training images; text: an epoch is N random windows "
+                           "(default: all images; text: training tokens // (seq-len + 1) windows, about one pass)",
+            "limit_test": "images: use only the first N test images; text: the first N held-out windows of "
+                          "--seq-len predicted tokens (default: all)",
         },
         "model": {
             "model": {"choices": list(MODELS),
                       "help": "vit and mixer replace the linear layers inside their blocks, resnet the 3x3 "
-                              "convolutions inside its residual blocks"},
+                              "convolutions inside its residual blocks, gpt (a decoder-only language model, with "
+                              "--dataset text) the attention and MLP linears inside its blocks"},
             "layer": {"choices": list(LAYER_KINDS),
                       "help": "kind of the replaced layers (resnet: no monarch, there is no Monarch convolution)"},
             "flops_target": "FLOPs ratio of the replaced layers (GBLR learns to it; baselines are built at it)",
@@ -143,11 +155,12 @@ def _train_options() -> Options:
             "init_full_width_share": "share of the starting budget in full-width GBLR components (the rest: "
                                      "partial blocks)",
             "rank": "rank of each GBLR component (blocks cheaper as dense blocks cost their area)",
-            "dim": "vit, mixer: token width",
-            "depth": "vit, mixer: number of blocks",
-            "heads": "vit: attention heads",
+            "dim": "vit, mixer, gpt: token width",
+            "depth": "vit, mixer, gpt: number of blocks",
+            "heads": "vit, gpt: attention heads",
             "patch_size": "vit, mixer: side of the square patches",
-            "mlp_ratio": "vit: MLP hidden width over --dim",
+            "mlp_ratio": "vit, gpt: MLP hidden width over --dim",
+            "seq_len": "gpt: tokens per window (its context; training windows hold one more, for the targets)",
             "width": "resnet: channels of the first stage, doubled in each of its 3 stages",
             "stage_depth": "resnet: residual blocks per stage",
         },
@@ -186,13 +199,19 @@ def train_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     except TrainingInterrupted as interrupt:  # Ctrl-C: how many epochs are saved, how to continue
         print(interrupt, file=sys.stderr)
         return 130
-    except (OSError, ValueError) as error:  # what the recipe finds before training: folders, data, checkpoint
+    except (OSError, ValueError, ImportError) as error:  # found before training: folders, data, checkpoint
         print(f"error: {error}", file=sys.stderr)
         return 2
     if not report:
         print(f"stopped after epoch {config.stop_after}; continue with --resume --out {config.out}")
         return 0
-    print(f"\naccuracy {report['accuracy']:.4f} (frozen model; {report['accuracy_before_freeze']:.4f} before freezing)")
+    if "bits_per_byte" in report:  # a language model, on the held-out text files
+        print(f"\nheld-out text: {report['bits_per_byte']:.4f} bits per byte, perplexity {report['perplexity']:.3f} "
+              f"per token, next-token accuracy {report['accuracy']:.4f} (frozen model; "
+              f"{report['bits_per_byte_before_freeze']:.4f} bits per byte before freezing)")
+    else:
+        print(f"\naccuracy {report['accuracy']:.4f} (frozen model; {report['accuracy_before_freeze']:.4f} before "
+              "freezing)")
     print(f"FLOPs ratio {report['flops_ratio']:.3f} of the replaced layers (target {config.flops_target})")
     print(f"training {report['timings']['train_seconds']:.0f} s; report: {Path(config.out) / 'report.json'}")
     for picture in report["pictures"]:
@@ -311,8 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     tour.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     tour.set_defaults(handler=functools.partial(demo_command, parser=tour))
     trainer = commands.add_parser(
-        "train", help="learn GBLR structures from scratch on an image dataset",
-        description="Train a small ViT, MLP-Mixer or ResNet with GBLR (or baseline) layers under a FLOPs budget.",
+        "train", help="learn GBLR structures from scratch on an image dataset or text",
+        description="Train a small ViT, MLP-Mixer or ResNet on images, or a small GPT on text, with GBLR (or "
+                    "baseline) layers under a FLOPs budget.",
     )
     add_config_arguments(trainer, TrainConfig, _train_options(), internal=("eval_batch_size",))
     trainer.set_defaults(handler=functools.partial(train_command, parser=trainer))

@@ -1,4 +1,5 @@
-"""Text files for calibrating and evaluating language models (``gblr compress`` on a causal LM).
+"""Text files for calibrating, training and evaluating language models (``gblr compress`` on a
+causal LM, ``gblr train --dataset text``).
 
     files = find_text_files(["docs/", "notes/*.md", "extra.txt"])
     calibration, evaluation = split_files(files, eval_fraction=0.1, seed=0)
@@ -11,7 +12,8 @@ shuffle of the sorted paths, the same on every machine for the same files and se
 
 Without ``--text``, ``gblr compress`` uses :data:`PYTHON_DOCS`, the reStructuredText sources of
 the Python documentation that Debian's ``python3.11-doc`` package installs (about 500 files,
-12 MB). Needs only the standard library.
+12 MB), and so does ``gblr train --dataset text`` without ``--data``. Needs only the standard
+library.
 """
 
 from __future__ import annotations
@@ -31,12 +33,13 @@ PYTHON_DOCS = Path("/usr/share/doc/python3.11/html/_sources")
 TEXT_SUFFIXES = (".txt", ".rst", ".md")
 
 
-def default_text() -> list[str]:
-    """``[PYTHON_DOCS]`` if it is installed; otherwise a FileNotFoundError saying what to pass."""
+def default_text(option: str = "--text") -> list[str]:
+    """``[PYTHON_DOCS]`` if it is installed; otherwise a FileNotFoundError saying what to pass
+    (``option``: ``gblr compress --text``, ``gblr train --data``)."""
     if PYTHON_DOCS.is_dir():
         return [str(PYTHON_DOCS)]
     raise FileNotFoundError(
-        f"a causal language model needs text for calibration and a held-out perplexity: pass --text with files, "
+        f"a causal language model needs text to learn from and a held-out measure on: pass {option} with files, "
         f"folders or glob patterns (the default, the Python documentation's sources in {PYTHON_DOCS}, is not "
         "installed; on Debian or Ubuntu: apt-get install python3.11-doc)"
     )

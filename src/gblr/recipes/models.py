@@ -1,13 +1,16 @@
-"""Small vision models whose linear layers (or convolutions) come from a factory, so one
-architecture can be trained dense, as GBLR, or with a baseline structure at the same FLOPs.
+"""Small vision models and a small decoder-only language model whose linear layers (or
+convolutions) come from a factory, so one architecture can be trained dense, as GBLR, or with a
+baseline structure at the same FLOPs.
 
 Only the layers inside the blocks are replaced (attention q, k, v and output projections, MLP
 layers, Mixer token and channel MLPs, the ResNet's 3x3 convolutions), as in the paper; the patch
-embedding, the ResNet's stem and projection shortcuts, and the classifier stay dense.
+embedding, the GPT's token and position embeddings, the ResNet's stem and projection shortcuts,
+and the classifier (the GPT's tied language-model head) stay dense.
 
-The ViT and the MLP-Mixer take a linear-layer factory (:func:`make_linear`, ``linear=``), the
-ResNet a convolution factory (:func:`make_conv`, ``conv=``); :func:`build_model` gives each
-model the one it takes.
+The ViT, the MLP-Mixer and the GPT take a linear-layer factory (:func:`make_linear`,
+``linear=``), the ResNet a convolution factory (:func:`make_conv`, ``conv=``); :func:`build_model`
+gives each model the one it takes. Each model class says what it reads in ``inputs``:
+``"images"`` (``(N, C, H, W)`` floats) or ``"tokens"`` (``(N, T)`` token ids, the GPT).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from ..flops import FlopsReport, flops_report
 from ..linear import GBLRLinear
 
 __all__ = ["LAYER_KINDS", "CONV_KINDS", "make_linear", "linear_factory", "make_conv", "conv_factory", "ViT",
-           "MLPMixer", "ResNet", "MODELS", "build_model", "replaced_flops"]
+           "MLPMixer", "ResNet", "GPT", "MODELS", "build_model", "replaced_flops"]
 
 LAYER_KINDS = ("dense", "gblr", "lowrank", "monarch", "blocksparse")
 CONV_KINDS = ("dense", "gblr", "lowrank", "blocksparse")  # the layer kinds that have a convolution
@@ -152,11 +155,14 @@ class PatchEmbedding(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int, linear: LinearFactory) -> None:
+    """Multi-head self-attention with separate query, key, value and output projections from the
+    factory; ``causal``: each position attends only to itself and the positions before it."""
+
+    def __init__(self, dim: int, heads: int, linear: LinearFactory, causal: bool = False) -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim={dim} must be divisible by heads={heads}")
-        self.heads = heads
+        self.heads, self.causal = heads, causal
         self.query, self.key, self.value = linear(dim, dim), linear(dim, dim), linear(dim, dim)
         self.output = linear(dim, dim)
 
@@ -166,7 +172,8 @@ class Attention(nn.Module):
         def split(t):
             return t.view(batch, tokens, self.heads, dim // self.heads).transpose(1, 2)
 
-        attended = F.scaled_dot_product_attention(split(self.query(x)), split(self.key(x)), split(self.value(x)))
+        attended = F.scaled_dot_product_attention(split(self.query(x)), split(self.key(x)), split(self.value(x)),
+                                                  is_causal=self.causal)
         return self.output(attended.transpose(1, 2).reshape(batch, tokens, dim))
 
 
@@ -180,10 +187,12 @@ class MLP(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, linear: LinearFactory) -> None:
+    """Pre-norm: ``x + attention(norm(x))``, then ``x + mlp(norm(x))``."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, linear: LinearFactory, causal: bool = False) -> None:
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.attention = Attention(dim, heads, linear)
+        self.attention = Attention(dim, heads, linear, causal)
         self.mlp = MLP(dim, int(dim * mlp_ratio), linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -195,6 +204,7 @@ class ViT(nn.Module):
     """A small Vision Transformer: patch embedding, class token, pre-norm blocks."""
 
     layer_argument = "linear"  # build_model passes a linear-layer factory
+    inputs = "images"
 
     def __init__(
         self,
@@ -238,6 +248,7 @@ class MLPMixer(nn.Module):
     """MLP-Mixer: patch embedding, token-mixing and channel-mixing MLPs, mean pooling."""
 
     layer_argument = "linear"  # build_model passes a linear-layer factory
+    inputs = "images"
 
     def __init__(
         self,
@@ -318,6 +329,7 @@ class ResNet(nn.Module):
     """
 
     layer_argument = "conv"  # build_model passes a convolution factory
+    inputs = "images"
 
     def __init__(
         self,
@@ -358,20 +370,66 @@ class ResNet(nn.Module):
         return self.head(features.mean((2, 3)))
 
 
-MODELS = {"vit": ViT, "mixer": MLPMixer, "resnet": ResNet}
+class GPT(nn.Module):
+    """A small decoder-only language model (GPT-2's layout): token embedding plus a learned
+    position embedding, pre-norm :class:`TransformerBlock` s with causal self-attention, a final
+    LayerNorm and a language-model head that shares its weight with the token embedding.
+
+    Takes ``(N, T)`` token ids, ``T <= seq_len``, and returns ``(N, T, vocab_size)`` logits, those
+    at position ``t`` predicting token ``t + 1`` from tokens ``0..t``. Only the linear layers
+    inside ``self.blocks`` (query, key, value, output, the MLP's fc1 and fc2) come from
+    ``linear``; the embeddings and the head are dense. ``input_shape`` is ``(seq_len,)`` and
+    ``num_classes`` the vocabulary size, the arguments :func:`build_model` passes every model.
+    """
+
+    layer_argument = "linear"  # build_model passes a linear-layer factory
+    inputs = "tokens"
+
+    def __init__(
+        self,
+        input_shape: tuple[int],
+        num_classes: int,
+        *,
+        dim: int = 64,
+        depth: int = 4,
+        heads: int = 4,
+        mlp_ratio: float = 2.0,
+        linear: LinearFactory = nn.Linear,
+    ) -> None:
+        super().__init__()
+        (self.seq_len,) = input_shape
+        self.embed = nn.Embedding(num_classes, dim)
+        nn.init.normal_(self.embed.weight, std=0.02)  # small, as the head shares it: logits start near 0
+        self.position = nn.Parameter(torch.randn(1, self.seq_len, dim) * 0.02)
+        self.blocks = nn.Sequential(*[TransformerBlock(dim, heads, mlp_ratio, linear, causal=True)
+                                      for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.shape[-1] > self.seq_len:
+            raise ValueError(f"the GPT takes at most seq_len={self.seq_len} tokens, got {tokens.shape[-1]}")
+        x = self.embed(tokens) + self.position[:, : tokens.shape[-1]]
+        return self.head(self.norm(self.blocks(x)))
+
+
+MODELS = {"vit": ViT, "mixer": MLPMixer, "resnet": ResNet, "gpt": GPT}
 
 
 def build_model(
     name: str,
-    image_shape: tuple[int, int, int],
+    input_shape: tuple[int, ...],
     num_classes: int,
     layer: str = "dense",
     flops_ratio: float = 1.0,
     layer_options: dict | None = None,
     **kwargs,
 ) -> nn.Module:
-    """``build_model("vit", (1, 28, 28), 10, layer="gblr", flops_ratio=0.3, dim=64)``.
-    The ViT and MLP-Mixer get their linear layers from :func:`make_linear`, the ResNet its
+    """``build_model("vit", (1, 28, 28), 10, layer="gblr", flops_ratio=0.3, dim=64)``, or
+    ``build_model("gpt", (seq_len,), vocab_size, ...)``: ``input_shape`` is an image's ``(C, H,
+    W)`` or a token window's ``(seq_len,)``, ``num_classes`` the classes or the vocabulary size.
+    The ViT, MLP-Mixer and GPT get their linear layers from :func:`make_linear`, the ResNet its
     convolutions from :func:`make_conv` (no ``"monarch"`` kind: a ValueError).
     ``layer_options`` go to that factory (GBLR's ``init_flops_ratio``, ``init_full_width_share``
     and ``rank``); other keyword arguments to the model."""
@@ -382,7 +440,7 @@ def build_model(
         factories = {"conv": conv_factory(layer, flops_ratio, **(layer_options or {}))}
     else:
         factories = {"linear": linear_factory(layer, flops_ratio, **(layer_options or {}))}
-    return model(image_shape, num_classes, **factories, **kwargs)
+    return model(input_shape, num_classes, **factories, **kwargs)
 
 
 def replaced_flops(model: nn.Module) -> FlopsReport:

@@ -2,6 +2,13 @@
 
     report = train(TrainConfig(dataset="fashion-mnist", model="vit", layer="gblr", flops_target=0.3,
                                epochs=3, out="runs/demo"))
+    report = train(TrainConfig(dataset="text", model="gpt", data=["docs/"], seq_len=128, out="runs/lm"))
+
+Image models classify images; the GPT predicts the next token of text windows
+(:mod:`gblr.recipes.data.text`), and the same loop trains both: the loss is the cross-entropy of
+every prediction (one per image, one per window position), an epoch is a pass over the training
+images or ``windows_per_epoch`` random text windows, and the held-out evaluation adds bits per
+byte and perplexity for text.
 
 Writes into ``out``: ``log.csv`` (one row per epoch; TensorBoard events too if tensorboard is
 installed), ``checkpoint.pt`` after every epoch (atomically; ``resume=True`` continues from it
@@ -37,20 +44,28 @@ from .._progress import progress_bar
 from .._validation import check_flops_ratio, check_share
 from ..learning import SigmaSchedule, StructureLearner, param_groups
 from ..frozen import FrozenGBLRLinear, freeze_
-from .data import DATASETS, ImageData, batches, load_dataset
+from .corpus import default_text
+from .data import DATASETS, ImageData, TextData, batches, load_dataset, load_text
 from .models import CONV_KINDS, LAYER_KINDS, MODELS, build_model, replaced_flops
 from . import run_files
 from .options import check_number, check_positive_int, check_seed, option_name
 
-__all__ = ["TrainConfig", "TrainingInterrupted", "train", "fit", "evaluate"]
+__all__ = ["TrainConfig", "TrainingInterrupted", "train", "fit", "evaluate", "evaluate_text"]
+
+# The options that only one kind of dataset reads; set for the other kind, they are refused.
+IMAGE_OPTIONS = ("data_dir", "download", "image_size")
+TEXT_OPTIONS = ("data", "tokenizer")
+
 
 @dataclasses.dataclass
 class TrainConfig:
-    dataset: str = "fashion-mnist"
+    dataset: str = "fashion-mnist"  # an image dataset, or text (for --model gpt)
     data_dir: str | None = None
     download: bool = False
     image_size: int | None = None
-    model: str = "vit"  # vit, mixer (linear layers replaced) or resnet (3x3 convolutions replaced)
+    data: list[str] | None = None  # text: files, folders, glob patterns (default: corpus.PYTHON_DOCS)
+    tokenizer: str | None = None  # text: a Hugging Face tokenizer folder (default: bytes, vocabulary 256)
+    model: str = "vit"  # vit, mixer, gpt (linear layers replaced) or resnet (3x3 convolutions replaced)
     layer: str = "gblr"
     flops_target: float = 0.3  # of the replaced layers; baselines are built at it, GBLR learns to it
     init_flops_ratio: float | None = None  # GBLR start; default min(1, 2 * flops_target)
@@ -71,11 +86,12 @@ class TrainConfig:
     heads: int = 4
     patch_size: int = 4
     mlp_ratio: float = 2.0
+    seq_len: int = 128  # gpt: tokens per window, its context
     width: int = 16  # ResNet: channels of the first stage, doubled in each of the 3 stages
     stage_depth: int = 1  # ResNet: residual blocks per stage
-    limit_train: int | None = None
-    limit_test: int | None = None
-    eval_batch_size: int = 500
+    limit_train: int | None = None  # images: the first N; text: N windows per epoch
+    limit_test: int | None = None  # images: the first N; text: the first N held-out windows
+    eval_batch_size: int = 500  # images (text is evaluated in batches of batch_size windows)
     threads: int | None = None
     out: str = "runs/gblr"
     resume: bool = False  # continue the run in out from its checkpoint
@@ -102,7 +118,7 @@ class TrainConfig:
         check_share(self.init_full_width_share, option_name("init_full_width_share"))
         check_share(self.structure_fraction, option_name("structure_fraction"))
         for name in ("epochs", "batch_size", "eval_batch_size", "rank", "dim", "depth", "heads", "patch_size", "width",
-                     "stage_depth"):
+                     "stage_depth", "seq_len"):
             check_positive_int(self, name)
         for name in ("image_size", "limit_train", "limit_test", "threads", "stop_after"):  # None: not set
             check_positive_int(self, name, optional=True)
@@ -114,7 +130,17 @@ class TrainConfig:
         if MODELS[self.model].layer_argument == "conv" and self.layer not in CONV_KINDS:
             raise ValueError(f"there is no {self.layer} convolution: the {self.model} model takes {option_name('layer')} "
                              f"{', '.join(CONV_KINDS)}; got {self.layer!r}")
-        if self.model == "vit" and self.dim % self.heads:
+        text = self.dataset == "text"
+        if text != (MODELS[self.model].inputs == "tokens"):
+            wants = "text" if MODELS[self.model].inputs == "tokens" else "an image dataset"
+            raise ValueError(f"{option_name('model')} {self.model} trains on {wants} ({option_name('dataset')}), got "
+                             f"--dataset {self.dataset}")
+        defaults = TrainConfig()
+        for name in IMAGE_OPTIONS if text else TEXT_OPTIONS:
+            if getattr(self, name) != getattr(defaults, name):
+                reads = "image datasets" if text else "--dataset text"
+                raise ValueError(f"{option_name(name)} is read by {reads} only, not by --dataset {self.dataset}")
+        if self.model in ("vit", "gpt") and self.dim % self.heads:
             raise ValueError(f"{option_name('dim')} must be divisible by {option_name('heads')}: "
                              f"{self.dim} by {self.heads}")
         if self.dataset == "imagefolder":
@@ -156,16 +182,43 @@ def _distributed() -> tuple[int, int]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> float:
-    """Top-1 accuracy."""
+def _totals(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int) -> tuple[float, int, int]:
+    """``(nats, correct, predictions)`` over ``inputs`` in batches, the model in eval mode: the summed
+    cross-entropy, the correct top-1 predictions and the number of predictions (one per image, one
+    per position of a text window)."""
     was_training = model.training
     model.eval()
-    correct = 0
-    for start in range(0, len(images), batch_size):
-        logits = model(images[start : start + batch_size])
-        correct += int((logits.argmax(1) == labels[start : start + batch_size]).sum())
+    nats, correct = 0.0, 0
+    for start in range(0, len(inputs), batch_size):
+        logits = model(inputs[start : start + batch_size]).flatten(0, -2)
+        labels = targets[start : start + batch_size].flatten()
+        nats += float(F.cross_entropy(logits, labels, reduction="sum"))
+        correct += int((logits.argmax(-1) == labels).sum())
     model.train(was_training)
-    return correct / max(1, len(images))
+    return nats, correct, targets.numel()
+
+
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> float:
+    """Top-1 accuracy."""
+    return _totals(model, images, labels, batch_size)[1] / max(1, len(images))
+
+
+def evaluate_text(model: nn.Module, data: TextData, batch_size: int) -> dict:
+    """A language model on the held-out windows of ``data`` (:meth:`TextData.test_windows`):
+    ``bits_per_byte`` (the summed cross-entropy in nats / ln 2 / the UTF-8 bytes the predicted
+    tokens decode to; for byte tokens the mean nats per token / ln 2), ``perplexity`` (per token:
+    exp of the mean nats per token) and ``accuracy`` (of the next-token predictions, top-1)."""
+    inputs, targets = data.test_windows()
+    nats, correct, count = _totals(model, inputs, targets, batch_size)
+    return {"accuracy": correct / count, "bits_per_byte": nats / math.log(2) / data.test_bytes,
+            "perplexity": math.exp(nats / count)}
+
+
+def _held_out(model: nn.Module, data: ImageData | TextData, config: TrainConfig) -> dict:
+    """The held-out metrics: ``accuracy``; for text also ``bits_per_byte`` and ``perplexity``."""
+    if isinstance(data, TextData):
+        return evaluate_text(model, data, config.batch_size)
+    return {"accuracy": evaluate(model, data.test_images, data.test_labels, config.eval_batch_size)}
 
 
 def _schedule(total_steps: int, warmup_steps: int):
@@ -178,7 +231,15 @@ def _schedule(total_steps: int, warmup_steps: int):
     return factor
 
 
-def _load_data(config: TrainConfig) -> ImageData:
+def _load_data(config: TrainConfig) -> ImageData | TextData:
+    if config.dataset == "text":
+        paths = default_text("--data") if config.data is None else config.data
+        data = load_text(paths, config.seq_len, config.tokenizer, config.seed)
+        if config.limit_train is not None:
+            data = dataclasses.replace(data, windows_per_epoch=config.limit_train)
+        if config.limit_test is not None:
+            data = dataclasses.replace(data, test_tokens=data.test_tokens[: config.limit_test * config.seq_len + 1])
+        return data
     data = load_dataset(config.dataset, config.data_dir, config.download, config.image_size).normalized()
     if config.limit_train is not None:
         limit = config.limit_train
@@ -201,8 +262,8 @@ def fit(config: TrainConfig) -> tuple[nn.Module, dict]:
 
     Raises ValueError or OSError (a bad setting, an unusable output folder or data folder, a
     checkpoint that is not one or belongs to other settings, ``out`` holding a run while neither
-    ``resume`` nor ``overwrite`` is set), FileNotFoundError (no data) before training, and
-    :class:`TrainingInterrupted` on Ctrl-C.
+    ``resume`` nor ``overwrite`` is set), FileNotFoundError (no data), ImportError (``tokenizer``
+    without transformers) before training, and :class:`TrainingInterrupted` on Ctrl-C.
     """
     config.validate()
     rank, world = _distributed()
@@ -227,27 +288,32 @@ def fit(config: TrainConfig) -> tuple[nn.Module, dict]:
     state = run_files.previous_run(config, out, checkpoint_path, main)  # None: a new run
 
     data = _load_data(config)
+    text = isinstance(data, TextData)
     if config.model == "resnet":
         architecture = {"width": config.width, "depth": (config.stage_depth,) * 3}
     else:
-        if data.image_shape[-1] % config.patch_size or data.image_shape[-2] % config.patch_size:
-            raise ValueError(f"{option_name('patch_size')} must divide the image size {data.image_shape[-2]}x"
-                             f"{data.image_shape[-1]}, got {config.patch_size}")
-        architecture = {"patch_size": config.patch_size, "dim": config.dim, "depth": config.depth}
-        if config.model == "vit":
+        architecture = {"dim": config.dim, "depth": config.depth}
+        if not text:
+            if data.image_shape[-1] % config.patch_size or data.image_shape[-2] % config.patch_size:
+                raise ValueError(f"{option_name('patch_size')} must divide the image size {data.image_shape[-2]}x"
+                                 f"{data.image_shape[-1]}, got {config.patch_size}")
+            architecture["patch_size"] = config.patch_size
+        if config.model in ("vit", "gpt"):
             architecture.update(heads=config.heads, mlp_ratio=config.mlp_ratio)
     torch.manual_seed(config.seed)  # the same initial model on every rank
     layer_options = {"init_flops_ratio": config.init_flops_ratio, "init_full_width_share": config.init_full_width_share,
                      "rank": config.rank} if config.layer == "gblr" else {}
+    input_shape, classes = ((config.seq_len,), data.vocab_size) if text else (data.image_shape, data.num_classes)
     model = build_model(
-        config.model, data.image_shape, data.num_classes, layer=config.layer, flops_ratio=config.flops_target,
+        config.model, input_shape, classes, layer=config.layer, flops_ratio=config.flops_target,
         layer_options=layer_options, **architecture,
     )
 
-    steps_per_epoch = len(data.train_images) // config.batch_size
+    examples = data.windows_per_epoch if text else len(data.train_images)
+    steps_per_epoch = examples // config.batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"batch_size={config.batch_size} is larger than the training set ({len(data.train_images)}; "
-                         "--batch-size, --limit-train)")
+        raise ValueError(f"batch_size={config.batch_size} is larger than the training set ({examples} "
+                         f"{'windows per epoch' if text else 'images'}; --batch-size, --limit-train)")
     total_steps = steps_per_epoch * config.epochs
     optimizer = torch.optim.AdamW(  # foreach: one call per group instead of one per tensor (also on CPU)
         param_groups(model, lr=config.lr, struct_lr=config.struct_lr, weight_decay=config.weight_decay), foreach=True
@@ -291,11 +357,9 @@ def fit(config: TrainConfig) -> tuple[nn.Module, dict]:
             correct = torch.zeros(())
             seen = 0
             try:
-                for images, labels in batches(
-                    data.train_images, data.train_labels, config.batch_size, shuffle=True, generator=generator,
-                    rank=rank, world_size=world, drop_last=True,
-                ):
-                    logits = network(images)
+                for inputs, labels in _epoch_batches(data, config, generator, rank, world):
+                    # one prediction per image, or per window position: (predictions, classes)
+                    logits, labels = network(inputs).flatten(0, -2), labels.flatten()
                     loss = F.cross_entropy(logits, labels)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
@@ -304,7 +368,7 @@ def fit(config: TrainConfig) -> tuple[nn.Module, dict]:
                     if learner is not None:
                         learner.step()
                     loss_sum += loss.detach() * len(labels)
-                    correct += (logits.detach().argmax(1) == labels).sum()
+                    correct += (logits.detach().argmax(-1) == labels).sum()
                     seen += len(labels)
                     bar.update()
                     if not bar.disable:  # loss.item() waits for the device: only when the bar shows it
@@ -319,12 +383,13 @@ def fit(config: TrainConfig) -> tuple[nn.Module, dict]:
                 dist.all_reduce(totals)
             train_seconds = time.perf_counter() - epoch_start
             seconds_so_far += train_seconds
-            test_accuracy = evaluate(model, data.test_images, data.test_labels, config.eval_batch_size)
+            metrics = _held_out(model, data, config)
             row = {
                 "epoch": epoch + 1,
                 "train_loss": float(totals[0] / totals[2]),
                 "train_accuracy": float(totals[1] / totals[2]),
-                "test_accuracy": test_accuracy,
+                "test_accuracy": metrics["accuracy"],
+                **{name: value for name, value in metrics.items() if name != "accuracy"},  # text: bits_per_byte, ...
                 "flops_ratio": replaced_flops(model).ratio,
                 "sigma": (learner.last.get("sigma", float("nan")) if learner is not None else float("nan")),
                 "lr": scheduler.get_last_lr()[0],
@@ -332,10 +397,11 @@ def fit(config: TrainConfig) -> tuple[nn.Module, dict]:
             }
             log.add(row)
             if main:
+                bits = f", held-out {metrics['bits_per_byte']:.4f} bits per byte" if text else ""
                 print(
                     f"epoch {epoch + 1}/{config.epochs}: loss {row['train_loss']:.4f}, train "
-                    f"{row['train_accuracy']:.4f}, test {test_accuracy:.4f}, FLOPs ratio {row['flops_ratio']:.3f}, "
-                    f"{train_seconds:.1f} s",
+                    f"{row['train_accuracy']:.4f}, test {metrics['accuracy']:.4f}{bits}, FLOPs ratio "
+                    f"{row['flops_ratio']:.3f}, {train_seconds:.1f} s",
                     flush=True,
                 )
                 # Tensors and plain data only (no pickled objects): it loads with weights_only=True.
@@ -366,18 +432,36 @@ def fit(config: TrainConfig) -> tuple[nn.Module, dict]:
     return model, report
 
 
+def _epoch_batches(data: ImageData | TextData, config: TrainConfig, generator: torch.Generator, rank: int,
+                   world: int):
+    """One epoch's minibatches ``(inputs, targets)`` for this rank: shuffled images, or random text windows."""
+    if isinstance(data, TextData):
+        return data.train_batches(config.batch_size, generator, rank, world)
+    return batches(data.train_images, data.train_labels, config.batch_size, shuffle=True, generator=generator,
+                   rank=rank, world_size=world, drop_last=True)
+
+
+def _dataset_entry(data: ImageData | TextData) -> dict:
+    if isinstance(data, ImageData):
+        return {"name": data.name, "train": len(data.train_images), "test": len(data.test_images)}
+    return {"name": data.name, "tokenizer": data.tokenizer.name, "vocab_size": data.vocab_size,
+            "train_files": len(data.train_files), "train_tokens": len(data.train_tokens),
+            "windows_per_epoch": data.windows_per_epoch, "test_files": [str(path) for path in data.test_files],
+            "test_tokens": data.test_windows()[1].numel(), "test_bytes": data.test_bytes}
+
+
 def _finish(config, model, learner, data, rows, train_seconds, started, main) -> dict:
     eval_start = time.perf_counter()
-    accuracy_unfrozen = evaluate(model, data.test_images, data.test_labels, config.eval_batch_size)
+    unfrozen = _held_out(model, data, config)
     if config.layer == "gblr":
         freeze_(model)
-    accuracy = evaluate(model, data.test_images, data.test_labels, config.eval_batch_size)
+    metrics = _held_out(model, data, config)
     eval_seconds = time.perf_counter() - eval_start
     flops = replaced_flops(model)
     out = Path(config.out)
     report = {
-        "accuracy": accuracy,
-        "accuracy_before_freeze": accuracy_unfrozen,
+        **metrics,  # accuracy; text: bits_per_byte, perplexity (of the frozen model)
+        **{f"{name}_before_freeze": value for name, value in unfrozen.items()},
         "train_loss": rows[-1]["train_loss"] if rows else None,  # of the last epoch
         "flops_ratio": flops.ratio,
         "flops_target": config.flops_target,
@@ -391,7 +475,7 @@ def _finish(config, model, learner, data, rows, train_seconds, started, main) ->
             "eval_seconds": eval_seconds,
             "total_seconds": time.perf_counter() - started,
         },
-        "dataset": {"name": data.name, "train": len(data.train_images), "test": len(data.test_images)},
+        "dataset": _dataset_entry(data),
         "config": dataclasses.asdict(config),
         "pictures": [],
     }

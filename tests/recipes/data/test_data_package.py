@@ -30,7 +30,7 @@ def test_load_dataset_dispatch(tmp_path, write_fashion, write_cifar100, write_cl
 def test_public_names_are_importable():
     from gblr.recipes import data
 
-    assert DATASETS == ("fashion-mnist", "cifar10", "cifar100", "imagefolder")
+    assert DATASETS == ("fashion-mnist", "cifar10", "cifar100", "imagefolder", "text")
     assert all(hasattr(data, name) for name in data.__all__)
     for name in ("FASHION_MNIST_FILES", "FASHION_MNIST_SYSTEM_DIR", "FASHION_MNIST_URL", "CIFAR_URL",
                  "IMAGE_EXTENSIONS", "FASHION_MNIST_CLASSES", "CIFAR10_CLASSES"):

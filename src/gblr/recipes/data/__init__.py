@@ -1,4 +1,5 @@
-"""Image-classification datasets for the training recipes, held in memory as tensors.
+"""The training recipes' datasets, held in memory as tensors: image classification, and text
+for a language model (:mod:`.text`: ``load_text``, ``TextData``).
 
 The recipes train small models on small datasets (Fashion-MNIST, CIFAR-10/100, a modest
 ImageFolder tree), so every split is decoded once into a ``(N, C, H, W)`` float32 tensor in
@@ -10,7 +11,8 @@ One module per source: :mod:`.fashion_mnist` (IDX files), :mod:`.cifar` (the pyt
 :mod:`.image_folder` (Pillow); :mod:`.images` holds :class:`ImageData` and the pixel helpers,
 :mod:`.download` the cache folder, downloads and archive extraction. This package picks a
 source by name (:func:`load_dataset`) and cuts minibatches (:func:`batches`). Nothing needs
-torchvision; numpy only for CIFAR, Pillow only for an ImageFolder.
+torchvision; numpy only for CIFAR, Pillow only for an ImageFolder. Text (``--dataset text``)
+is split by file into training and held-out token streams; see :mod:`.text`.
 
 The sources' constants (URLs, folders, class names) are re-exported here for reading; a loader
 reads them from its own module, so that is where a test or a mirror setup changes one (e.g.
@@ -30,6 +32,7 @@ from .download import cache_dir, download_file
 from .fashion_mnist import load_fashion_mnist, read_idx
 from .image_folder import load_image_folder
 from .images import ImageData, channel_mean_std, resize
+from .text import ByteTokenizer, HuggingFaceTokenizer, TextData, load_text
 
 # Re-exported for reading (see the module docstring).
 from .cifar import CIFAR10_CLASSES, CIFAR_URL  # noqa: F401
@@ -39,8 +42,13 @@ from .image_folder import IMAGE_EXTENSIONS  # noqa: F401
 
 __all__ = [
     "ImageData",
+    "TextData",
+    "ByteTokenizer",
+    "HuggingFaceTokenizer",
     "DATASETS",
+    "IMAGE_DATASETS",
     "load_dataset",
+    "load_text",
     "load_fashion_mnist",
     "load_cifar",
     "load_image_folder",
@@ -51,7 +59,8 @@ __all__ = [
     "channel_mean_std",
 ]
 
-DATASETS = ("fashion-mnist", "cifar10", "cifar100", "imagefolder")
+IMAGE_DATASETS = ("fashion-mnist", "cifar10", "cifar100", "imagefolder")
+DATASETS = (*IMAGE_DATASETS, "text")  # text: load_text
 
 
 def load_dataset(
@@ -60,14 +69,16 @@ def load_dataset(
     download: bool = False,
     image_size: int | None = None,
 ) -> ImageData:
-    """Load one of :data:`DATASETS` by name (the recipes' ``--dataset`` choices).
+    """Load one of :data:`IMAGE_DATASETS` by name (the recipes' ``--dataset`` choices but
+    ``"text"``, which :func:`load_text` reads).
 
     ``image_size`` is required for ``"imagefolder"`` (which needs ``data_dir``, its root). For
     the built-in datasets it is optional: when it differs from the native size (28 or 32) the
     images are resized (bilinear, antialiased) and the statistics recomputed.
     """
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if name not in IMAGE_DATASETS:
+        raise ValueError(f"unknown image dataset {name!r}; choose one of {', '.join(IMAGE_DATASETS)} (text: "
+                         "load_text)")
     if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0):
         raise ValueError(f"image_size must be None or a positive int, got {image_size!r}")
     if name == "imagefolder":
