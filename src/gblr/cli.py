@@ -263,7 +263,8 @@ def _compress_options() -> Options:
         "causal language models": {
             "eval_fraction": "share of the text files held out for the perplexity (never used in calibration)",
             "seq_len": "tokens per window",
-            "calibration_tokens": "tokens for calibration and distillation, in windows of --seq-len",
+            "calibration_tokens": "tokens for calibration, in windows of --seq-len",
+            "distill_tokens": "tokens for distillation, in windows of --seq-len from the calibration files",
             "eval_tokens": "held-out tokens for the perplexity, in windows of --seq-len",
             "generate_tokens": f"new tokens per greedy generation ({len(PROMPTS)} fixed prompts) and per timed "
                                "decoding run",

@@ -46,6 +46,7 @@ def _one_thread(one_thread):
 
 def small_config(model, tmp_path, corpus, **changes) -> CompressConfig:
     options = {"flops": 0.5, "method": "svd", "text": [str(corpus)], "seq_len": 16, "calibration_tokens": 128,
+               "distill_tokens": 256,
                "eval_tokens": 64, "eval_fraction": 0.3, "generate_tokens": 4, "decode_repeats": 1,
                "out": str(tmp_path / "out"), "threads": 1, "progress": False, "pictures": False}
     return CompressConfig(str(model), **(options | changes))
@@ -242,6 +243,8 @@ def test_distillation_on_the_logits_and_the_default_text(tmp_path, monkeypatch):
     assert report["perplexity_final"] == report["perplexity"]["distilled"]
     assert report["distillation"]["steps"] == 3 and report["distillation"]["output"] == "logits"
     assert report["distillation"]["loss"] == "kl"  # a causal LM's default: its next-token distributions
+    # Distillation reads more windows of the calibration files than calibration does.
+    assert report["distillation"]["windows"] == 256 // 16 > report["text"]["calibration_windows"] == 128 // 16
     assert (tmp_path / "out" / "masks.png").is_file()
 
     with pytest.raises(FileExistsError, match=r"already holds a compressed model.*--overwrite"):

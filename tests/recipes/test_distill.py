@@ -259,3 +259,27 @@ def test_kl_distillation_brings_a_compressed_lm_closer_to_its_teacher():
                           progress=False)
     assert sum(losses[-4:]) / 4 < 0.5 * sum(losses[:4]) / 4
     assert held_out_kl() < 0.7 * before, (before, held_out_kl())
+
+
+def test_teacher_outputs_beyond_the_cache_are_recomputed_with_the_same_result():
+    teacher = mlp_teacher()
+    batches = data(3)
+    runs = {}
+    for cache_mb in (2048.0, 64 * 32 * 4 / 2**20, 0.0):  # all batches kept, one kept, none kept
+        student = svd_student(teacher, 0.25)
+        teacher_calls = []
+
+        def output_fn(model, batch, calls=teacher_calls):
+            if model is teacher:
+                calls.append(batch)
+            return model(batch)
+
+        losses = gblr.distill(student, teacher, batches, 7, lr=1e-3, loss="mse", output_fn=output_fn,
+                              teacher_cache_mb=cache_mb, progress=False)
+        runs[cache_mb] = (losses, len(teacher_calls))
+    assert [calls for _, calls in runs.values()] == [3, 3 + 2, 7]  # 7 steps over 3 batches: 3, 2, 2 uses
+    first = next(iter(runs.values()))[0]
+    for losses, _ in runs.values():
+        assert losses == first
+    with pytest.raises(ValueError, match="teacher_cache_mb"):
+        gblr.distill(svd_student(teacher, 0.25), teacher, batches, 1, teacher_cache_mb=-1.0)

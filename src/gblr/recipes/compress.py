@@ -79,7 +79,8 @@ class CompressConfig:
     max_length: int = 128  # encoders: tokens per sentence at most
     eval_fraction: float = 0.1  # causal LMs: share of the text files held out for the perplexity
     seq_len: int = 256  # causal LMs: tokens per window
-    calibration_tokens: int = 16384  # causal LMs: for calibration and distillation (seq_len-token windows)
+    calibration_tokens: int = 16384  # causal LMs: for calibration (seq_len-token windows)
+    distill_tokens: int = 131072  # causal LMs: for distillation, windows of the calibration files
     eval_tokens: int = 16384  # causal LMs: held out, for the perplexity
     generate_tokens: int = 32  # causal LMs: new tokens per greedy generation and per decode-speed run
     decode_repeats: int = 5  # causal LMs: timed decoding runs per model (0: no timing)
@@ -124,8 +125,8 @@ class CompressConfig:
         if self.text is not None and (not isinstance(self.text, list) or not self.text
                                       or not all(isinstance(path, str) and path for path in self.text)):
             raise ValueError(f"{option_name('text')} must be None or a non-empty list of paths, got {self.text!r}")
-        for name in ("calibration_sentences", "eval_sentences", "seq_len", "calibration_tokens", "eval_tokens",
-                     "generate_tokens"):
+        for name in ("calibration_sentences", "eval_sentences", "seq_len", "calibration_tokens", "distill_tokens",
+                     "eval_tokens", "generate_tokens"):
             check_positive_int(self, name)
         check_positive_int(self, "batch_size", optional=True)
         check_positive_int(self, "threads", optional=True)
@@ -134,7 +135,7 @@ class CompressConfig:
             raise ValueError(f"{option_name('max_length')} must be > 1, got {self.max_length}")
         if self.seq_len <= 1:  # a window predicts its tokens 2..seq_len
             raise ValueError(f"{option_name('seq_len')} must be > 1, got {self.seq_len}")
-        for name in ("calibration_tokens", "eval_tokens"):
+        for name in ("calibration_tokens", "distill_tokens", "eval_tokens"):
             if getattr(self, name) < self.seq_len:
                 raise ValueError(f"{option_name(name)} must be at least one window of {option_name('seq_len')} = "
                                  f"{self.seq_len} tokens, got {getattr(self, name)}")

@@ -11,12 +11,14 @@ Steps (:func:`compress_causal_lm`, called by :func:`gblr.recipes.compress.compre
 2. The dense model's held-out perplexity and its greedy generations for three fixed prompts.
 3. :func:`gblr.convert_` of a copy, calibrated on the calibration windows (each batch is
    ``{"input_ids": (batch, seq_len)}``, called as ``model(**batch)``), timed; its perplexity.
-4. Optionally :func:`gblr.distill` on the calibration windows: the student's next-token
+4. Optionally :func:`gblr.distill` on windows of the calibration files (``--distill-tokens``,
+   more than calibration needs): the student's next-token
    distribution at every position is matched to the original's (``output_fn=logits_output``;
    ``--distill-loss``, default ``"kl"``: the mean token-level KL divergence; ``"mse"``: logit
    matching). Widths and locations train too, each layer's FLOPs bounded by its cost after
-   conversion. The teacher's logits are cached per batch, ``batch * seq_len * vocab * 4`` bytes
-   each (200 MB per batch of 4 windows of 256 tokens over a 49k vocabulary).
+   conversion. The teacher's logits, ``batch * seq_len * vocab * 4`` bytes per batch (200 MB for
+   4 windows of 256 tokens over a 49k vocabulary), are cached for the first 2 GiB of batches
+   and recomputed for the others.
 5. Greedy generations of the compressed model, and decode speed: tokens/s at batch 1 with the
    KV cache, the original against a frozen copy of the compressed model (:func:`gblr.freeze_`,
    under ``torch.inference_mode``), interleaved, median of ``--decode-repeats`` runs.
@@ -130,9 +132,13 @@ def compress_causal_lm(config: CompressConfig, gblr_config: GBLRConfig, started:
 
     distillation = None
     if config.distill_steps or config.distill_minutes:
-        distillation, _ = run_distillation(student, teacher, train_batches, config, output_fn=logits_output,
-                                           loss=config.distill_loss or "kl")
-        distillation["output"] = "logits"
+        # More windows than calibration needs: a few dozen windows are fitted within minutes
+        # and held-out perplexity then stops improving (the teacher runs again on batches
+        # beyond distill's cache of its logits).
+        distill_windows = _windows(tokenizer, calibration_files, config, config.distill_tokens, "distillation")
+        distillation, _ = run_distillation(student, teacher, window_batches(distill_windows, batch_size), config,
+                                           output_fn=logits_output, loss=config.distill_loss or "kl")
+        distillation |= {"output": "logits", "windows": len(distill_windows)}
         ppl["distilled"] = perplexity(student, eval_batches)
         flops = target_flops(student, targets)
         print(f"distilled {distillation['steps']} steps in {distillation['seconds']:.1f} s: held-out perplexity "

@@ -7,7 +7,9 @@
 The student is trained to reproduce the teacher's outputs on ``batches`` (cycled over for
 ``steps`` steps): for Hugging Face-style dict batches with an ``attention_mask``, the mean-pooled
 last hidden state (the sentence embedding); otherwise the raw output tensor. The teacher is only
-run in eval mode under ``torch.no_grad`` (once per distinct batch: its outputs are cached).
+run in eval mode under ``torch.no_grad``; its outputs are cached per distinct batch up to
+``teacher_cache_mb`` (a causal LM's logits are large: ``batch * seq_len * vocab * 4`` bytes), and
+the batches beyond it are run through the teacher again at every step that uses them.
 
 Choices:
 
@@ -144,6 +146,7 @@ def distill(
     max_seconds: float | None = None,
     progress: bool = True,
     log_every: int = 0,
+    teacher_cache_mb: float = 2048.0,
 ) -> list[float]:
     """Train ``student`` to reproduce ``teacher``'s outputs; returns the loss of every step.
 
@@ -170,6 +173,8 @@ def distill(
         max_seconds: stop after this much wall time; the schedule decays by time as well.
         progress: show a progress bar (tqdm, if installed).
         log_every: print the mean loss every this many steps (0: never).
+        teacher_cache_mb: the teacher's outputs are kept for the batches they fit in this many
+            MiB (first come, first kept); the others are recomputed when used (0: never kept).
 
     See the module docstring for the choices (eval mode, sigma=None, FLOPs bound, schedule).
     """
@@ -181,6 +186,7 @@ def distill(
         raise ValueError(f"max_seconds must be a positive number or None, got {max_seconds!r}")
     if max_grad_norm is not None:
         check_finite_number("max_grad_norm", max_grad_norm, 0.0, allow_minimum=False)
+    check_finite_number("teacher_cache_mb", teacher_cache_mb, 0.0)
     if student is teacher:
         raise ValueError("student and teacher are the same module; distil a copy (copy.deepcopy(teacher))")
     batches = list(batches)
@@ -202,7 +208,8 @@ def distill(
     everything = list(student.parameters())
     flags = [p.requires_grad for p in everything]
     teacher_was_training, student_was_training = teacher.training, student.training
-    targets: dict[int, torch.Tensor] = {}
+    targets: dict[int, torch.Tensor] = {}  # the teacher's outputs kept, by batch index
+    cached_bytes = 0
     losses: list[float] = []
     bar = None
     try:  # from here on, flags and modes are restored however the run ends
@@ -230,11 +237,15 @@ def distill(
                 group["lr"] = base * factor
 
             index = step % len(batches)
-            if index not in targets:
+            target = targets.get(index)
+            if target is None:
                 with torch.no_grad():
-                    targets[index] = output_fn(teacher, batches[index]).detach()
+                    target = output_fn(teacher, batches[index]).detach()
+                size = target.numel() * target.element_size()
+                if cached_bytes + size <= teacher_cache_mb * 2**20:
+                    targets[index], cached_bytes = target, cached_bytes + size
             output = output_fn(student, batches[index])
-            value = loss_fn(output, targets[index].to(output.device))
+            value = loss_fn(output, target.to(output.device))
             optimizer.zero_grad(set_to_none=True)
             value.backward()
             if max_grad_norm is not None:
