@@ -97,3 +97,66 @@ def test_tied_weight_is_kept_dense():
         report = quiet(model, gblr.GBLRConfig(**SVD))
     assert report.skipped == {"out": "weight tied to another module"}
     assert report.converted == ["mid"] and model.out.weight is model.embed.weight
+
+
+class TwoBranches(nn.Module):
+    """Logits ``loud(x) + 0.01 * quiet(x)``: two layers with the same weight, one of which barely
+    reaches the predictions."""
+
+    def __init__(self, features: int = 24, classes: int = 24) -> None:
+        super().__init__()
+        self.loud = nn.Linear(features, classes, bias=False)
+        self.quiet = nn.Linear(features, classes, bias=False)
+        with torch.no_grad():
+            self.quiet.weight.copy_(self.loud.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.loud(x) + 0.01 * self.quiet(x)
+
+
+def test_fisher_sensitivity_is_output_energy_times_the_expected_gradient_energy():
+    from gblr.calibration import fisher_sensitivities
+    from gblr.targets import find_targets
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5)).train()
+    batches = [torch.randn(2048, 6) * 2 for _ in range(2)]
+    flags = [p.requires_grad for p in model.parameters()]
+    (target,) = find_targets(model, gblr.GBLRConfig(target_modules=["0"]))
+    sensitivity = fisher_sensitivities(model, [target], batches, progress=False)["0"]
+    with torch.no_grad():
+        logits = torch.cat([model(x) for x in batches])
+        p = logits.softmax(-1)
+    # The gradient of a sampled label's cross-entropy is p - onehot; its expected energy is 1 - sum p^2.
+    expected = logits.square().sum(-1).mean() * (1 - p.square().sum(-1)).mean() / 5
+    assert sensitivity == pytest.approx(float(expected), rel=0.05)
+    assert [p.requires_grad for p in model.parameters()] == flags and model.training
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_fisher_allocation_gives_the_budget_to_the_layer_the_predictions_depend_on():
+    torch.manual_seed(0)
+    batches = [torch.randn(256, 24) for _ in range(2)]
+    ranks = {}
+    for allocation in ("error", "fisher"):
+        model = TwoBranches()
+        config = gblr.GBLRConfig(flops_ratio=0.5, allocation=allocation, method="svd", calibration="one-shot")
+        quiet(model, config, batches)
+        ranks[allocation] = {name: getattr(model, name).flops() for name in ("loud", "quiet")}
+    assert ranks["error"]["loud"] == pytest.approx(ranks["error"]["quiet"], abs=48)  # alike: the same weight
+    assert ranks["fisher"]["loud"] > 2 * ranks["fisher"]["quiet"]
+
+
+def test_fisher_allocation_needs_calibration_and_logits():
+    config = gblr.GBLRConfig(flops_ratio=0.5, allocation="fisher")
+    with pytest.raises(ValueError, match="allocation='fisher'.*calibration batches"):
+        gblr.convert_(TwoBranches(), config, progress=False, verbose=False)
+
+    class Features(TwoBranches):
+        def forward(self, x):
+            return {"features": super().forward(x)}
+
+    model = Features()
+    with pytest.raises(ValueError, match=r"output is logits.*got dict.*allocation='error'"):
+        gblr.convert_(model, config, calibration=[torch.randn(8, 24)], progress=False, verbose=False)
+    assert isinstance(model.loud, nn.Linear)  # untouched

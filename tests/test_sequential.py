@@ -198,3 +198,17 @@ def test_targets_outside_the_blocks_are_calibrated_last():
     assert "pooler.dense" in report.converted and report["pooler.dense"].calibrated
     assert 0 < report["pooler.dense"].relative_error < 1
     assert torch.isfinite(model(**batches[0]).pooler_output).all()
+
+
+@pytest.mark.parametrize("calibration", ["sequential", "one-shot"])
+def test_fisher_allocation_on_a_llama_spends_the_same_budget_otherwise(calibration):
+    batches = token_batches()
+    ratios = {}
+    for allocation in ("error", "fisher"):
+        model = tiny_llama()
+        config = gblr.GBLRConfig(flops_ratio=0.6, allocation=allocation, method="svd", calibration=calibration)
+        report = no_fallback(model, config, batches) if calibration == "sequential" else quiet(model, config, batches)
+        assert report.flops_ratio == pytest.approx(0.6, abs=0.02)
+        ratios[allocation] = [row.ratio for row in report.layers]
+        assert all(p.grad is None for p in model.parameters())
+    assert ratios["fisher"] != ratios["error"]  # the sensitivities moved budget between layers

@@ -39,7 +39,10 @@ from .flops import largest_cheaper_rank, low_rank_macs, max_low_rank
 from .stats import InputStats
 from .targets import Target, name_matches
 
-__all__ = ["Plan", "allocate_ranks", "plan_targets", "shares_budget"]
+__all__ = ["GLOBAL_ALLOCATIONS", "Plan", "allocate_ranks", "plan_targets", "shares_budget"]
+
+# The allocations that split one budget among the layers by their error curves.
+GLOBAL_ALLOCATIONS = ("error", "fisher")
 
 
 def allocate_ranks(
@@ -101,8 +104,10 @@ def _kept_dense_reason(target: Target, tied: set[int]) -> str | None:
 
 def shares_budget(target: Target, config: GBLRConfig, tied: set[int]) -> bool:
     """Whether ``target`` takes part in the error allocation (so :func:`plan_targets` needs its
-    error curve): ``allocation="error"``, no override, not kept dense for a reason of its own."""
-    return config.allocation == "error" and _override(target, config) is None and _kept_dense_reason(target, tied) is None
+    error curve): ``allocation="error"`` or ``"fisher"``, no override, not kept dense for a reason
+    of its own."""
+    return (config.allocation in GLOBAL_ALLOCATIONS and _override(target, config) is None
+            and _kept_dense_reason(target, tied) is None)
 
 
 @dataclasses.dataclass
@@ -125,13 +130,16 @@ def plan_targets(
     stats: Mapping[str, InputStats],
     tied: set[int],
     curves: Mapping[str, torch.Tensor] | None = None,
+    sensitivities: Mapping[str, float] | None = None,
 ) -> dict[str, Plan]:
     """A :class:`Plan` per target name: overrides, layers kept dense (too small, weight in
     ``tied``), then the allocation ``config`` asks for over the rest, with the calibration
     ``stats`` (by target name) where there are some. ``curves`` (by target name) are error
     curves computed beforehand (:func:`gblr.svd_error_curve`; sequential calibration computes
     them block by block, so that no more than one block's statistics are held at a time); a
-    target without one gets its curve from ``stats``."""
+    target without one gets its curve from ``stats``. ``sensitivities`` (by target name, for
+    ``allocation="fisher"``: :func:`gblr.calibration.fisher_sensitivities`) weigh each curve, so
+    that the allocation minimises the sum of the predicted losses instead of the relative errors."""
     plans: dict[str, Plan] = {}
     pool: list[Target] = []  # the layers that share the global budget
     dense_macs = 0  # of the layers without override
@@ -150,7 +158,7 @@ def plan_targets(
             plans[target.name] = Plan(override, "override ratio 1" if override >= 1 else None)
         else:
             rank_one_macs += low_rank_macs(1, m, n)
-            if config.allocation == "uniform":
+            if config.allocation not in GLOBAL_ALLOCATIONS:
                 plans[target.name] = Plan(config.flops_ratio, "flops_ratio 1" if config.flops_ratio >= 1 else None)
             else:
                 pool.append(target)
@@ -161,7 +169,7 @@ def plan_targets(
     # ratio cannot be met: say so instead of returning more than was asked for. (Uniform GBLR
     # spends small ratios on partial blocks; convert_ warns about layers left empty.)
     reachable = (rank_one_macs + kept_dense_macs) / dense_macs if dense_macs else 0.0
-    if config.flops_ratio < reachable and (config.allocation == "error" or config.method == "svd"):
+    if config.flops_ratio < reachable and (config.allocation in GLOBAL_ALLOCATIONS or config.method == "svd"):
         warnings.warn(
             f"flops_ratio={config.flops_ratio:g} is below the smallest ratio the targeted layers can reach, "
             f"{reachable:.4g} of their dense MACs (one rank-1 component each; layers kept dense at their dense cost), "
@@ -181,6 +189,10 @@ def plan_targets(
             curves.append(svd_error_curve(target.float_weight(), stats.get(target.name)))
         except ValueError as error:
             raise ValueError(f"layer {target.name!r}: {error}") from error
+    if sensitivities is not None:  # relative to the most sensitive layer (allocate_ranks' noise floor is absolute)
+        top = max((sensitivities.get(target.name, 0.0) for target in pool), default=0.0)
+        if top > 0:
+            curves = [curve * (sensitivities.get(target.name, 0.0) / top) for curve, target in zip(curves, pool)]
     budget = config.flops_ratio * dense_macs - kept_dense_macs
     ranks = allocate_ranks(shapes, curves, budget, config.floor_ratio)
     for target, (m, n), rank in zip(pool, shapes, ranks):

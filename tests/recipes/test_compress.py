@@ -54,6 +54,7 @@ def test_default_targets_are_all_linear_but_the_pooler():
         ({"distill_steps": -1}, "--distill-steps"),
         ({"distill_minutes": 0}, "--distill-minutes"),
         ({"distill_loss": "kld"}, "--distill-loss"),
+        ({"allocation": "greedy"}, "--allocation"),
         ({"target": "encoder.("}, "--target"),
         ({"exclude": "all-linear"}, "--exclude"),
     ],

@@ -243,6 +243,7 @@ def test_distillation_on_the_logits_and_the_default_text(tmp_path, monkeypatch):
     assert report["perplexity_final"] == report["perplexity"]["distilled"]
     assert report["distillation"]["steps"] == 3 and report["distillation"]["output"] == "logits"
     assert report["distillation"]["loss"] == "kl"  # a causal LM's default: its next-token distributions
+    assert report["conversion"]["allocation"] == "fisher"  # a causal LM's default: weighed by the predictions
     # Distillation reads more windows of the calibration files than calibration does.
     assert report["distillation"]["windows"] == 256 // 16 > report["text"]["calibration_windows"] == 128 // 16
     assert (tmp_path / "out" / "masks.png").is_file()

@@ -40,7 +40,7 @@ from torch import nn
 
 from .._files import check_writable_folder, write_text_atomic
 from .._validation import check_flops_ratio
-from ..config import ALL_LINEAR, CALIBRATIONS, METHODS, GBLRConfig
+from ..config import ALL_LINEAR, ALLOCATIONS, CALIBRATIONS, METHODS, GBLRConfig
 from ..convert import ConversionReport, convert_
 from ..flops import FlopsReport, flops_report
 from ..pretrained import CONFIG_FILE, save_pretrained
@@ -70,6 +70,8 @@ class CompressConfig:
     target: str = ALL_LINEAR  # GBLRConfig.target_modules: "all-linear" or a regex matching whole names
     exclude: str | None = POOLER  # GBLRConfig.exclude_modules as a regex; None or "": nothing excluded
     calibration: str = GBLRConfig.calibration  # one of CALIBRATIONS: GBLRConfig.calibration
+    # one of ALLOCATIONS: GBLRConfig.allocation; None: "fisher" for causal LMs, "error" for encoders
+    allocation: str | None = None
     # Text files, folders or glob patterns (a str is one path). Encoders: sentences, None:
     # generated. Causal LMs: split by file into calibration and evaluation, None: corpus.PYTHON_DOCS.
     text: list[str] | None = None
@@ -107,11 +109,12 @@ class CompressConfig:
         """The batch size for a model of ``kind`` (``batch_size`` or that kind's default)."""
         return self.batch_size or (CAUSAL_LM_BATCH if kind == CAUSAL_LM else ENCODER_BATCH)
 
-    def gblr_config(self) -> GBLRConfig:
-        """The :class:`gblr.GBLRConfig` of the conversion."""
+    def gblr_config(self, kind: str = ENCODER) -> GBLRConfig:
+        """The :class:`gblr.GBLRConfig` of the conversion of a model of ``kind``."""
+        allocation = self.allocation or ("fisher" if kind == CAUSAL_LM else "error")
         return GBLRConfig(
             flops_ratio=self.flops, target_modules=self.target, exclude_modules=self.exclude or None, method=self.method,
-            calibration=self.calibration,
+            calibration=self.calibration, allocation=allocation,
         )
 
     def validate(self) -> None:
@@ -119,6 +122,9 @@ class CompressConfig:
         check_flops_ratio(self.flops, option_name("flops"))
         if self.method not in METHODS:
             raise ValueError(f"{option_name('method')} must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.allocation is not None and self.allocation not in ALLOCATIONS:
+            raise ValueError(f"{option_name('allocation')} must be one of {', '.join(ALLOCATIONS)}, got "
+                             f"{self.allocation!r}")
         if self.calibration not in CALIBRATIONS:
             raise ValueError(f"{option_name('calibration')} must be one of {', '.join(CALIBRATIONS)}, got "
                              f"{self.calibration!r}")
@@ -216,12 +222,12 @@ def compress(config: CompressConfig) -> dict:
     started = time.perf_counter()
     if config.threads:
         torch.set_num_threads(config.threads)
-    gblr_config = config.gblr_config()
     # The files it needs, checked now rather than after minutes of work; the messages name the option.
     try:
         kind = model_kind(config.model_dir)
     except (FileNotFoundError, ValueError) as error:
         raise with_option(error, "model_dir") from error
+    gblr_config = config.gblr_config(kind)
     if kind == CAUSAL_LM:
         from .compress_lm import compress_causal_lm  # it uses this module's helpers
 
