@@ -19,7 +19,7 @@ from torch import nn
 from ._validation import check_input, check_input_dtype, compute_dtype, check_positive_int, layer_name
 from .flops import Support, cyclic_indices, group_macs
 from .kernels import choice, segmented
-from .kernels.tiled import batch, batched_forward, pack, tiled_forward
+from .kernels.tiled import batch, batched_forward, pack, stack, stacked_forward, tiled_forward
 
 __all__ = ["FrozenGBLRLinear", "freeze_", "KERNELS", "COARSE_TILE_FACTOR", "SUPPORTS_KEY"]
 
@@ -167,6 +167,9 @@ class FrozenGBLRLinear(nn.Module):
                     value = self.matrix.to(x.device, x.dtype)
                 elif what == "tiled-batched":
                     value = batch(self.packed("tiled", x), x)
+                elif what == "stacked":
+                    value = stack(self.in_features, self.out_features, list(self.blocks()), device=x.device,
+                                  dtype=x.dtype)
                 elif what == "triton":
                     value = segmented.pack_triton(self.in_features, self.out_features, list(self.blocks()),
                                                   device=x.device, dtype=x.dtype)
@@ -239,6 +242,8 @@ class FrozenGBLRLinear(nn.Module):
             return batched_forward(x, self.packed(path, x))
         if path == "triton":
             return segmented.triton_forward(x, self.packed(path, x))
+        if path == "stacked":
+            return stacked_forward(x, self.packed(path, x))
         if path.startswith("tiled"):
             return tiled_forward(x, self.packed(path, x))
         if path == "dense":
@@ -255,6 +260,8 @@ class FrozenGBLRLinear(nn.Module):
                 macs, calls = self.in_features * self.out_features, 1
             elif path == "tiled-batched":
                 macs, calls = self.packed(path, x).macs, 6  # pad, two bmm, scatter, gather, crop
+            elif path == "stacked":
+                macs, calls = self.packed(path, x).macs, 2
             else:  # the tiled paths, and the Triton kernel reads the same supports
                 product = self.packed("tiled" if path == "triton" else path, x)
                 macs, calls = product.macs, (2 if path == "triton" else 2 * product.gemms)
@@ -276,11 +283,15 @@ class FrozenGBLRLinear(nn.Module):
             return self.kernel
         if x is None:
             x = torch.randn(tokens, self.in_features, device=self.device, dtype=self.dtype)
-        key = self.choice_key(tokens, x)
-        if key not in self.choices:
+        return self._kept(tokens, x, self.choice_key(tokens, x)).path
+
+    def _kept(self, tokens: int, x: torch.Tensor, key: tuple) -> choice.Choice:
+        """The choice kept under ``key`` for ``tokens`` rows like ``x``, made now if there is none."""
+        kept = self.choices.get(key)
+        if kept is None:
             with torch.no_grad():
-                self.choices[key] = choice.choose(self.run, self.predicted_costs(x), x, tokens)
-        return self.choices[key].path
+                kept = self.choices[key] = choice.choose(self.run, self.predicted_costs(x), x, tokens)
+        return kept
 
     def choice_key(self, tokens: int, x: torch.Tensor | None = None) -> tuple:
         """The key of :attr:`choices` for ``tokens`` rows like ``x`` (default: this layer's
@@ -291,32 +302,43 @@ class FrozenGBLRLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.in_features)
         check_input_dtype(x, self.dtype, self)
+        if torch.is_autocast_enabled(x.device.type):
+            # Under autocast every path computes in the autocast dtype, as nn.Linear does: the input
+            # and the bias are cast to it (the caches are kept per dtype, the paths timed in it) and
+            # autocast is off inside, so that the products and their scatter into the output agree
+            # on one dtype. (Entering that context costs microseconds: only where it is needed.)
+            dtype = compute_dtype(x)  # the autocast dtype, read before autocast is turned off
+            with torch.autocast(x.device.type, enabled=False):
+                return self._forward(x, dtype)
+        return self._forward(x, x.dtype)
+
+    def _forward(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
-        dtype = compute_dtype(x)
-        # Under autocast every path computes in the autocast dtype, as nn.Linear does: the input and
-        # the bias are cast to it (the caches are kept per dtype, the paths timed in it) and autocast
-        # is off inside, so that the products and their scatter into the output agree on one dtype.
-        with torch.autocast(x.device.type, enabled=False):
-            flat = x.reshape(-1, self.in_features).to(dtype)
-            if flat.shape[0] == 0:
-                path = self.path_for(0)  # zero rows: the reference path gives the (0, out) zeros
-            elif needs_grad or torch.compiler.is_compiling():
-                path = "reference"  # differentiable in the parameters; traceable
-                if needs_grad:
-                    self.refresh()  # the parameters are about to change: the caches would go stale
-            else:
-                path = self.path_for(flat.shape[0], flat)
-            watched = self.kernel == "auto" and path != "reference" and flat.device.type == "cpu"
-            start = time.perf_counter() if watched else 0.0
-            bias = None if self.bias is None else self.bias.to(dtype)
-            if path == "dense":
-                y = F.linear(flat, self.packed("dense", flat), bias)  # one call: at a few tokens calls are the cost
-            else:
-                y = self.run(path, flat)
-                if bias is not None:
-                    y = y + bias
-            if watched:
-                self.observe(flat.shape[0], flat, time.perf_counter() - start)
+        flat = x.reshape(-1, self.in_features).to(dtype)
+        tokens, kept = flat.shape[0], None
+        if tokens == 0:
+            path = "reference"  # zero rows: the reference path gives the (0, out) zeros
+        elif needs_grad or torch.compiler.is_compiling():
+            path = "reference"  # differentiable in the parameters; traceable
+            if needs_grad:
+                self.refresh()  # the parameters are about to change: the caches would go stale
+        elif self.kernel != "auto":
+            path = self.kernel
+        else:
+            key = choice.choice_key(tokens, flat.device, flat.dtype)
+            kept = self._kept(tokens, flat, key)
+            path = kept.path
+        watched = kept is not None and flat.device.type == "cpu"
+        start = time.perf_counter() if watched else 0.0
+        bias = None if self.bias is None else self.bias.to(dtype)
+        if path == "dense":
+            y = F.linear(flat, self.packed("dense", flat), bias)  # one call: at a few tokens calls are the cost
+        else:
+            y = self.run(path, flat)
+            if bias is not None:
+                y = y + bias
+        if watched and self.watch.observe(key, kept, tokens, time.perf_counter() - start):
+            self.choices.pop(key, None)  # measured again on the next call
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def observe(self, tokens: int, x: torch.Tensor, seconds: float) -> None:

@@ -4,7 +4,7 @@
 import torch
 
 from fixtures import frozen_layer
-from gblr.kernels.tiled import batch, batched_forward, pack, tiled_forward
+from gblr.kernels.tiled import batch, batched_forward, pack, stack, stacked_forward, tiled_forward
 
 
 def test_tiled_product_pads_only_partial_tiles():
@@ -32,9 +32,18 @@ def test_batched_tiles_pad_every_tile_to_the_same_rows():
         torch.testing.assert_close(batched_forward(x, batched), layer.run("reference", x))
 
 
-
-
-
-
-
+def test_stacked_factors_keep_every_rank_row_whole():
+    # a rank-2 block wrapping around both edges (rows 12..19 of 16, columns 20..27 of 24) and a rank-3
+    # 4x4 block, which the frozen layer keeps as a dense block (cheaper): its 4 columns are 4 rank rows
+    layer = frozen_layer(16, 24, [(12, 8, 20, 8, 2), (0, 4, 4, 4, 3)], tile=8, bias=False)
+    assert [right is None for *_, right in layer.blocks()] == [False, True]
+    factors = stack(24, 16, list(layer.blocks()))
+    assert factors.right.shape == (6, 24) and factors.left.shape == (16, 6)
+    assert factors.macs == 6 * (24 + 16)
+    assert (factors.right[:2, 4:20] == 0).all() and (factors.left[4:12, :2] == 0).all()  # zero off the support
+    for tokens in (1, 5):
+        x = torch.randn(tokens, 24, dtype=torch.float64)
+        torch.testing.assert_close(stacked_forward(x, factors), layer.run("reference", x))
+    costs = layer.predicted_costs(torch.zeros(1, 24, dtype=torch.float64))
+    assert costs["stacked"].macs_per_token == factors.macs and costs["stacked"].calls == 2
 

@@ -89,8 +89,8 @@ def plausible_paths(predicted: dict[str, float], always: tuple[str, ...] = ("den
     best = min(predicted.values())
     return tuple(path for path, cost in predicted.items() if cost <= PLAUSIBLE * best or path in always)
 
-KERNELS = ("auto", "reference", "tiled", "tiled-coarse", "tiled-batched", "triton", "dense")
-MEASURED_PATHS = ("tiled", "tiled-coarse", "tiled-batched", "dense")  # what kernel="auto" chooses from
+KERNELS = ("auto", "reference", "tiled", "tiled-coarse", "tiled-batched", "stacked", "triton", "dense")
+MEASURED_PATHS = ("tiled", "tiled-coarse", "tiled-batched", "stacked", "dense")  # what kernel="auto" chooses from
 
 
 def measured_paths(x: torch.Tensor) -> tuple[str, ...]:

@@ -19,6 +19,12 @@ At a few tokens the cost is the number of calls rather than the MACs; :func:`bat
 every tile on a side to the same number of rows (zero rows, scattered to a scratch row of ``h``)
 so that each side is one batched GEMM (:func:`batched_forward`): four calls in all, paying the
 padding in MACs.
+
+At one token or a few, even four calls cost more than the arithmetic of a layer of a few hundred
+features: :func:`stack` keeps the stacked rank rows whole instead (zero off each block's support),
+so that a forward pass is two matrix products, ``y = U (V x)`` (:func:`stacked_forward`), at
+``R * (in + out)`` MACs per token: the cost of low rank for full-width blocks, padding for
+local ones.
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ import torch
 
 from ..flops import cyclic_indices
 
-__all__ = ["TiledProduct", "BatchedTiles", "pack", "batch", "tiled_forward", "batched_forward"]
+__all__ = ["TiledProduct", "BatchedTiles", "StackedFactors", "pack", "batch", "stack", "tiled_forward", "batched_forward",
+           "stacked_forward"]
 
 
 @dataclasses.dataclass
@@ -176,3 +183,31 @@ def batched_forward(x: torch.Tensor, batched: BatchedTiles) -> torch.Tensor:
     gathered = h.index_select(0, batched.out_rows).view(j_out, k_out, tokens)
     y = torch.bmm(gathered.transpose(1, 2), batched.U)  # (J_out, tokens, tile)
     return y.transpose(0, 1).reshape(tokens, j_out * tile)[:, : batched.out_features]
+
+
+@dataclasses.dataclass
+class StackedFactors:
+    """Every rank row of a frozen layer, whole: ``right (R, in)`` and ``left (out, R)``, zero
+    off each block's support (see :func:`stack`)."""
+
+    right: torch.Tensor
+    left: torch.Tensor
+
+    @property
+    def macs(self) -> int:
+        """MACs per token, zeros included."""
+        return int(self.right.numel() + self.left.numel())
+
+
+@torch.no_grad()
+def stack(in_features: int, out_features: int, blocks, device=None, dtype=None) -> StackedFactors:
+    """The :class:`StackedFactors` of a frozen layer's ``blocks`` (as for :func:`pack`)."""
+    blocks = [(support, left.detach(), None if right is None else right.detach()) for support, left, right in blocks]
+    right, _ = stack_factors(blocks, in_features, "in", device, dtype)
+    left, _ = stack_factors(blocks, out_features, "out", device, dtype)
+    return StackedFactors(right.contiguous(), left.T.contiguous())
+
+
+def stacked_forward(x: torch.Tensor, factors: StackedFactors) -> torch.Tensor:
+    """``y (T, out_features)`` for ``x (T, in_features)``, without bias: two matrix products."""
+    return torch.nn.functional.linear(torch.nn.functional.linear(x, factors.right), factors.left)
