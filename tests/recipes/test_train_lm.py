@@ -141,6 +141,20 @@ def test_bits_per_byte_and_perplexity_by_hand():
     assert metrics["bits_per_byte"] == pytest.approx(8.0) and metrics["perplexity"] == pytest.approx(256.0)
 
 
+def test_a_test_limit_takes_windows_from_all_over_the_held_out_text():
+    stream = torch.arange(10 * 8 + 1) % 256  # 10 windows of 8 predicted tokens
+    data = TextData(stream, stream, seq_len=8, tokenizer=ByteTokenizer(), test_limit=4)
+    inputs, targets = data.test_windows()
+    assert inputs[:, 0].tolist() == [0, 24, 48, 72]  # windows 0, 3, 6, 9: first and last included
+    assert torch.equal(targets, inputs + 1) and data.test_bytes == 4 * 8
+
+
+def test_the_held_out_files_do_not_change_with_the_seed(corpus, tmp_path):
+    reports = [train(config(corpus, tmp_path / f"seed{seed}", seed=seed, epochs=1)) for seed in (0, 1)]
+    assert reports[0]["dataset"]["test_files"] == reports[1]["dataset"]["test_files"]
+    assert reports[0]["bits_per_byte"] != reports[1]["bits_per_byte"]  # the seed still changes the model
+
+
 def test_bits_per_byte_counts_the_bytes_a_tokenizer_decodes_to(tmp_path):
     tiny_bpe_tokenizer().save_pretrained(tmp_path / "tokenizer")
     tokenizer = HuggingFaceTokenizer(tmp_path / "tokenizer")

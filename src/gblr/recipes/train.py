@@ -90,7 +90,7 @@ class TrainConfig:
     width: int = 16  # ResNet: channels of the first stage, doubled in each of the 3 stages
     stage_depth: int = 1  # ResNet: residual blocks per stage
     limit_train: int | None = None  # images: the first N; text: N windows per epoch
-    limit_test: int | None = None  # images: the first N; text: the first N held-out windows
+    limit_test: int | None = None  # images: the first N; text: N held-out windows, evenly spaced
     eval_batch_size: int = 500  # images (text is evaluated in batches of batch_size windows)
     threads: int | None = None
     out: str = "runs/gblr"
@@ -234,12 +234,10 @@ def _schedule(total_steps: int, warmup_steps: int):
 def _load_data(config: TrainConfig) -> ImageData | TextData:
     if config.dataset == "text":
         paths = default_text("--data") if config.data is None else config.data
-        data = load_text(paths, config.seq_len, config.tokenizer, config.seed)
-        if config.limit_train is not None:
-            data = dataclasses.replace(data, windows_per_epoch=config.limit_train)
-        if config.limit_test is not None:
-            data = dataclasses.replace(data, test_tokens=data.test_tokens[: config.limit_test * config.seq_len + 1])
-        return data
+        # The same held-out files whatever --seed: runs of several seeds are judged on one text.
+        data = load_text(paths, config.seq_len, config.tokenizer, seed=0)
+        return dataclasses.replace(data, windows_per_epoch=config.limit_train or data.windows_per_epoch,
+                                   test_limit=config.limit_test)
     data = load_dataset(config.dataset, config.data_dir, config.download, config.image_size).normalized()
     if config.limit_train is not None:
         limit = config.limit_train

@@ -99,6 +99,8 @@ class TextData:
         train_files, test_files: the files of each side.
         windows_per_epoch: training windows per epoch (default: as many as would tile the
             training stream once, ``len(train_tokens) // (seq_len + 1)``).
+        test_limit: evaluate this many held-out windows, evenly spaced over the held-out
+            stream (so over all its files); None: every window.
         name: ``"text"``, the dataset's name in ``gblr train``.
     """
 
@@ -109,6 +111,7 @@ class TextData:
     train_files: tuple[Path, ...] = ()
     test_files: tuple[Path, ...] = ()
     windows_per_epoch: int | None = None
+    test_limit: int | None = None
     name: str = "text"
 
     def __post_init__(self) -> None:
@@ -156,16 +159,18 @@ class TextData:
         return generate()
 
     def test_windows(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(inputs, targets)``, each ``(windows, seq_len)``: the fixed held-out windows, window ``k``
-        predicting tokens ``k * seq_len + 1`` to ``(k + 1) * seq_len`` of the held-out stream."""
+        """``(inputs, targets)``, each ``(windows, seq_len)``: the fixed held-out windows. Window ``k``
+        of the stream predicts its tokens ``k * seq_len + 1`` to ``(k + 1) * seq_len``, so that all
+        of them tile the stream; with ``test_limit`` only that many, evenly spaced."""
         windows = self.test_tokens.unfold(0, self.seq_len + 1, self.seq_len)
+        if self.test_limit is not None and self.test_limit < len(windows):
+            windows = windows[torch.linspace(0, len(windows) - 1, self.test_limit).round().long()]
         return windows[:, :-1], windows[:, 1:]
 
     @functools.cached_property
     def test_bytes(self) -> int:
-        """The UTF-8 bytes the held-out targets decode to (they tile one run of the stream)."""
-        targets = self.test_windows()[1]
-        return self.tokenizer.decoded_bytes(self.test_tokens[1 : 1 + targets.numel()])
+        """The UTF-8 bytes the held-out targets decode to (each window's on their own)."""
+        return sum(self.tokenizer.decoded_bytes(targets) for targets in self.test_windows()[1])
 
 
 def _stream(tokenizer, texts: Iterable[str]) -> torch.Tensor:
