@@ -29,17 +29,21 @@ def markdown(reports: list[dict], command: str, note: str) -> str:
         f"{text['seq_len']} tokens), {len(text['evaluation_files'])} other files held out "
         f"({text['evaluation_windows']} windows); the split is by file, seed {text['seed']}.",
         "",
-        "| method | FLOPs ratio | held-out perplexity: dense | converted | final | conversion s "
-        "| decode tokens/s: dense | frozen | speed-up | peak RSS MB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | allocation | FLOPs ratio | held-out perplexity: dense | converted | final | conversion s "
+        "| recovery | decode tokens/s: dense | frozen | speed-up | peak RSS MB |",
+        "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
     for report in reports:
         ppl = report["perplexity"]
         no_decode = dict.fromkeys(("dense_tokens_per_s", "frozen_tokens_per_s", "speedup"), float("nan"))
         decode = report["decode"] or no_decode  # --decode-repeats 0: not measured
+        distilled = report["distillation"]
+        recovery = (f"{distilled['steps']} steps of {distilled['loss']}, {distilled['seconds']:.0f} s" if distilled
+                    else "none")
         lines.append(
-            f"| {report['method']} | {report['flops_ratio']:.3f} | {ppl['dense']:.3f} | {ppl['converted']:.3f} "
-            f"| {report['perplexity_final']:.3f} | {report['timings']['convert_seconds']:.0f} "
+            f"| {report['method']} | {report['conversion']['allocation']} | {report['flops_ratio']:.3f} "
+            f"| {ppl['dense']:.3f} | {ppl['converted']:.3f} "
+            f"| {report['perplexity_final']:.3f} | {report['timings']['convert_seconds']:.0f} | {recovery} "
             f"| {decode['dense_tokens_per_s']:.1f} | {decode['frozen_tokens_per_s']:.1f} "
             f"| {decode['speedup']:.2f}x | {report['peak_rss_mb']:.0f} |"
         )
