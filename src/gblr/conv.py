@@ -429,10 +429,7 @@ class FrozenGBLRConv2d(ConvGeometry, FrozenGBLRLinear):
 
     def observe_batch(self, x: torch.Tensor, seconds: float) -> None:
         """Tell the watch a call on the batch ``x`` took ``seconds`` (see :meth:`FrozenGBLRLinear.observe`)."""
-        key = self.choice_key(x)
-        kept = self.choices.get(key)
-        if kept is not None and self.watch.observe(key, kept, x.shape[0], seconds):
-            del self.choices[key]
+        self._watch_call(self.choice_key(x), x.shape[0], seconds)
 
     def choice_key(self, x: torch.Tensor) -> tuple:
         return choice.choice_key(x.shape[0], x.device, x.dtype) + tuple(x.shape[1:])

@@ -337,14 +337,17 @@ class FrozenGBLRLinear(nn.Module):
             y = self.run(path, flat)
             if bias is not None:
                 y = y + bias
-        if watched and self.watch.observe(key, kept, tokens, time.perf_counter() - start):
-            self.choices.pop(key, None)  # measured again on the next call
+        if watched:
+            self._watch_call(key, tokens, time.perf_counter() - start)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def observe(self, tokens: int, x: torch.Tensor, seconds: float) -> None:
         """Tell the watch a call over ``tokens`` rows like ``x`` took ``seconds``; drop the choice
         (it is measured again on the next call) if its calls keep drifting from its time."""
-        key = self.choice_key(tokens, x)
+        self._watch_call(self.choice_key(tokens, x), tokens, seconds)
+
+    def _watch_call(self, key: tuple, tokens: int, seconds: float) -> None:
+        """:meth:`observe` for the choice kept under ``key``: drop it if the watch says so."""
         kept = self.choices.get(key)
         if kept is not None and self.watch.observe(key, kept, tokens, seconds):
             del self.choices[key]
