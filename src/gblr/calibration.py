@@ -260,5 +260,9 @@ def fisher_sensitivities(
             weight.requires_grad_(flag)
         for module, training in modes:
             module.training = training
-    return {target.name: (sums[target.name][0] / sums[target.name][2]) * (sums[target.name][1] / sums[target.name][2])
-            / target.out_features if sums[target.name][2] else 0.0 for target in targets}
+    sensitivities = {}
+    for target in targets:
+        outputs_energy, gradients_energy, positions = sums[target.name]
+        sensitivities[target.name] = (outputs_energy / positions) * (gradients_energy / positions) / target.out_features \
+            if positions else 0.0
+    return sensitivities

@@ -117,6 +117,11 @@ class CompressConfig:
             calibration=self.calibration, allocation=allocation,
         )
 
+    def recovery_loss(self, kind: str) -> str:
+        """The loss :func:`gblr.distill` recovers a model of ``kind`` with: ``distill_loss``, or
+        the kind's default (the next-token KL for a causal LM, the embeddings' cosine otherwise)."""
+        return self.distill_loss or ("kl" if kind == CAUSAL_LM else "cosine")
+
     def validate(self) -> None:
         """Raise a ValueError naming the field (and its option) of the first bad value."""
         check_flops_ratio(self.flops, option_name("flops"))
@@ -196,18 +201,20 @@ def with_option(error: Exception, field: str) -> Exception:
     return kind(f"{prefix}: {error}")
 
 
-def run_distillation(student: nn.Module, teacher: nn.Module, batches: list, config: CompressConfig,
+def run_distillation(student: nn.Module, teacher: nn.Module, batches: list, config: CompressConfig, kind: str,
                      **options) -> tuple[dict, list[float]]:
-    """:func:`gblr.distill` with the config's steps, time limit and learning rate (``options``:
-    its other keywords); returns the report's ``distillation`` entry and the losses."""
+    """:func:`gblr.distill` of a model of ``kind`` with the config's steps, time limit, learning
+    rate and loss (``options``: its other keywords); returns the report's ``distillation`` entry
+    and the losses."""
     steps = config.distill_steps or 1_000_000  # with only distill_minutes: as many steps as fit
     max_seconds = None if config.distill_minutes is None else 60.0 * config.distill_minutes
+    loss = config.recovery_loss(kind)
     start = time.perf_counter()
-    losses = distill(student, teacher, batches, steps, lr=config.lr, max_seconds=max_seconds,
+    losses = distill(student, teacher, batches, steps, lr=config.lr, loss=loss, max_seconds=max_seconds,
                      progress=config.progress, **options)
     seconds = time.perf_counter() - start
-    return {"steps": len(losses), "lr": config.lr, "loss": options.get("loss", "cosine"), "first_loss": losses[0],
-            "last_loss": losses[-1], "seconds": seconds}, losses
+    return {"steps": len(losses), "lr": config.lr, "loss": loss, "first_loss": losses[0], "last_loss": losses[-1],
+            "seconds": seconds}, losses
 
 
 def compress(config: CompressConfig) -> dict:
@@ -295,7 +302,7 @@ def _compress_encoder(config: CompressConfig, gblr_config: GBLRConfig, started: 
 
     distillation = None
     if config.distill_steps or config.distill_minutes:
-        distillation, _ = run_distillation(student, teacher, train_batches, config, loss=config.distill_loss or "cosine")
+        distillation, _ = run_distillation(student, teacher, train_batches, config, ENCODER)
         fidelity["distilled"] = text.embedding_fidelity(student, reference, eval_batches)
         flops = target_flops(student, targets)
         print(f"distilled {distillation['steps']} steps in {distillation['seconds']:.1f} s: fidelity "

@@ -137,7 +137,7 @@ def compress_causal_lm(config: CompressConfig, gblr_config: GBLRConfig, started:
         # beyond distill's cache of its logits).
         distill_windows = _windows(tokenizer, calibration_files, config, config.distill_tokens, "distillation")
         distillation, _ = run_distillation(student, teacher, window_batches(distill_windows, batch_size), config,
-                                           output_fn=logits_output, loss=config.distill_loss or "kl")
+                                           CAUSAL_LM, output_fn=logits_output)
         distillation |= {"output": "logits", "windows": len(distill_windows)}
         ppl["distilled"] = perplexity(student, eval_batches)
         flops = target_flops(student, targets)
