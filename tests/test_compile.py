@@ -34,3 +34,25 @@ def test_compiled_frozen_model_matches_eager():
     x = torch.randn(8, 32)
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(model)(x), model(x))
+
+
+def test_compiled_compact_model_matches_eager(monkeypatch):
+    monkeypatch.setattr(gblr.linear, "masked_cost", lambda *args: float("inf"))  # the compact product even here
+    model = small_model()
+    for layer in model[0], model[2]:
+        layer.sigma = None
+        layer.compact = True
+    x = torch.randn(8, 32, requires_grad=True)
+    reference = model(x)  # plans the groups
+    assert all(layer._compact_plan[1] is not None for layer in (model[0], model[2]))
+    reference.square().sum().backward()
+    expected = [x.grad.clone()] + [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    model.zero_grad()
+    x.grad = None
+    y = torch.compile(model)(x)
+    y.square().sum().backward()
+    torch.testing.assert_close(y, reference)
+    got = [x.grad] + [p.grad for p in model.parameters() if p.grad is not None]
+    assert len(got) == len(expected)
+    for grad, want in zip(got, expected):
+        torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-5)

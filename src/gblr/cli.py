@@ -172,6 +172,8 @@ def _train_options() -> Options:
             "weight_decay": None,
             "warmup_epochs": None,
             "structure_fraction": "share of training spent learning the structure; the rest trains contents only",
+            "settle_steps": "end the structure phase early once no block has moved for N steps (after the budget "
+                            "warm-up); report.json gives the step it ended at (default: never early)",
             "sigma_start": "mask smoothing at the start",
             "sigma_end": "mask smoothing at the end of its ramp",
             "seed": None,

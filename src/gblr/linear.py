@@ -25,6 +25,7 @@ from ._validation import (
     check_sigma,
     layer_name,
 )
+from .compact import CompactProduct, masked_cost, plan_compact
 from .flops import Structure, cyclic_indices, group_macs, square_block_fraction
 from .frozen import FrozenGBLRLinear
 from .masks import element_supports, mask_from_supports, masked_factor
@@ -56,6 +57,12 @@ class GBLRLinear(nn.Module):
         product: how the forward product runs: ``"auto"`` (default) materialises the weight
             where that costs fewer MACs than two thin products (:func:`gblr.product.materialise_is_cheaper`),
             ``"materialise"`` or ``"factored"`` force one way. All give the same result.
+
+    ``compact`` (attribute, default False): with the structure fixed and ``sigma=None``, the
+    forward and backward passes run on the cropped blocks only (:mod:`gblr.compact`), at about
+    the layer's FLOPs ratio of a dense layer's cost; widths and locations then get no gradient.
+    :class:`gblr.StructureLearner` turns it on for the content phase. The tiles are planned from
+    the supports at the first forward pass after it is set: set it again after changing them.
 
     Structural parameters (``in_width``, ``in_location``, ``out_width``, ``out_location``, all
     normalised to ``[0, 1]``) are kept in float32 (float64 for a float64 layer), whatever the
@@ -97,6 +104,7 @@ class GBLRLinear(nn.Module):
         self.init_flops_ratio = check_flops_ratio(init_flops_ratio, "init_flops_ratio")
         self.init_full_width_share = check_share(init_full_width_share, "init_full_width_share")
         self.product = product
+        self.compact = False
         factory = {"device": device, "dtype": dtype}
         structure = {"device": device, "dtype": _structure_dtype(dtype)}
         self.in_width = nn.Parameter(torch.empty(components, **structure))
@@ -119,6 +127,17 @@ class GBLRLinear(nn.Module):
         if value not in PRODUCTS:
             raise ValueError(f"product must be one of {PRODUCTS}, got {value!r}")
         self._product = value
+
+    @property
+    def compact(self) -> bool:
+        return self._compact
+
+    @compact.setter
+    def compact(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise ValueError(f"compact must be True or False, got {value!r}")
+        self._compact = value
+        self._compact_plan = None  # planned again from the supports at the next forward pass
 
     @property
     def sigma(self) -> float | None:
@@ -221,6 +240,11 @@ class GBLRLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.in_features)
         check_input_dtype(x, self.u.dtype, self)
+        if self.compact:
+            plan = self._compact_plan_for(x.numel() // self.in_features)
+            if plan is not None:
+                y = CompactProduct.apply(x.reshape(-1, self.in_features), self.u, self.v, self.bias, plan)
+                return y.reshape(*x.shape[:-1], self.out_features)
         supports = self._supports("forward", always=False)
         revived = None
         if torch.is_grad_enabled() and self.in_width.requires_grad:
@@ -229,6 +253,24 @@ class GBLRLinear(nn.Module):
                            self.materialises(x.numel() // self.in_features))
         return GBLRProduct.apply(x, self.u, self.v, self.bias, self.in_width, self.in_location, self.out_width,
                                  self.out_location, plan, supports, revived)
+
+    def _compact_plan_for(self, tokens: int):
+        """The compact product's plan for this layer (planned at the first call after ``compact``
+        was set, for ``tokens`` rows), or None where the masked product is predicted cheaper
+        (small layers, few blocks of little padding to save): the same output and gradients."""
+        if self.sigma is not None:
+            raise ValueError(f"{layer_name(self)}: compact=True needs sigma=None (a fixed structure of exact boxcars), "
+                             f"got sigma={self.sigma}; set compact=False while the structure is learned")
+        cached = self._compact_plan
+        if cached is None or cached[0] != self.u.device:
+            supports = self._supports("forward", always=False)
+            tokens = max(1, tokens)
+            plan = plan_compact(supports, self.rank, self.in_features, self.out_features, tokens=tokens)
+            device_type = self.u.device.type
+            faster = plan.cost(tokens, device_type) < masked_cost(
+                tokens, self.in_features, self.out_features, self.components * self.rank, device_type)
+            cached = self._compact_plan = (self.u.device, plan if faster else None)
+        return cached[1]
 
     @staticmethod
     def revived_widths(supports) -> tuple[torch.Tensor, torch.Tensor]:

@@ -58,6 +58,17 @@ def test_train_writes_report_log_checkpoint_and_pictures(data_dir, tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temporary files left
 
 
+def test_settle_steps_ends_the_structure_phase_early(data_dir, tmp_path):
+    # a vanishing structural learning rate: only the budget moves the supports, and only in its warm-up
+    report = train(config(data_dir, tmp_path, struct_lr=1e-9, settle_steps=2))
+    assert report["total_steps"] == 2 * (512 // 32)
+    assert report["planned_structure_steps"] == round(0.8 * report["total_steps"])
+    assert report["planned_structure_steps"] / 2 <= report["structure_steps"] < report["planned_structure_steps"]
+    assert report["accuracy"] == report["accuracy_before_freeze"]
+    baseline = train(config(data_dir, tmp_path / "lowrank", layer="lowrank"))
+    assert baseline["structure_steps"] is None
+
+
 def test_resume_gives_the_same_result_as_an_uninterrupted_run(data_dir, tmp_path):
     straight = train(config(data_dir, tmp_path / "straight", epochs=3))
     interrupted = train(config(data_dir, tmp_path / "resumed", epochs=3, stop_after=1))

@@ -78,6 +78,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     warmup_epochs: float = 0.3
     structure_fraction: float = 0.8
+    settle_steps: int | None = None  # end the structure phase once no support moved for this many steps
     sigma_start: float = 1.0
     sigma_end: float = 100.0
     seed: int = 0
@@ -120,7 +121,7 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "eval_batch_size", "rank", "dim", "depth", "heads", "patch_size", "width",
                      "stage_depth", "seq_len"):
             check_positive_int(self, name)
-        for name in ("image_size", "limit_train", "limit_test", "threads", "stop_after"):  # None: not set
+        for name in ("image_size", "limit_train", "limit_test", "threads", "stop_after", "settle_steps"):  # None: not set
             check_positive_int(self, name, optional=True)
         for name in ("lr", "mlp_ratio", "sigma_start", "sigma_end", "struct_lr"):  # struct_lr None: lr
             check_number(self, name, positive=True, optional=name == "struct_lr")
@@ -322,6 +323,7 @@ def fit(config: TrainConfig) -> tuple[nn.Module, dict]:
     learner = (
         StructureLearner(
             model, optimizer, config.flops_target, total_steps, structure_fraction=config.structure_fraction,
+            settle_steps=config.settle_steps,
             sigma_schedule=SigmaSchedule(config.sigma_start, config.sigma_end),
         )
         if config.layer == "gblr"
@@ -474,6 +476,10 @@ def _finish(config, model, learner, data, rows, train_seconds, started, main) ->
             "total_seconds": time.perf_counter() - started,
         },
         "dataset": _dataset_entry(data),
+        # where the structure phase ended (earlier than planned with --settle-steps); null for baselines
+        "structure_steps": None if learner is None else learner.structure_steps,
+        "planned_structure_steps": None if learner is None else learner.planned_structure_steps,
+        "total_steps": None if learner is None else learner.total_steps,
         "config": dataclasses.asdict(config),
         "pictures": [],
     }
