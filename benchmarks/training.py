@@ -5,23 +5,26 @@
 A step is forward + backward of one layer given an upstream gradient (no loss function, so the
 layers alone are timed), structural parameters included. Two cases: an inner layer, whose input
 needs a gradient (most layers of a network), and a first layer, whose input does not (both
-layers then skip the input gradient). GBLR layers are in a mid-training state: K = min(in, out)
-rank-1 components, sigma = 10, widths uniform in [0.3, 0.7], random locations. Both layers run
-interleaved in one process on the same input; the table gives medians and the ratio GBLR /
-dense. Peak memory = parameters + input + upstream gradient + the largest growth of allocated
+layers then skip the input gradient). GBLR layers have K = min(in, out) rank-1 components at
+random locations, in one of two phases: *structure* (mid-way through structure learning: sigma =
+10, widths uniform in [0.3, 0.7]) or *content* (the last phase: sigma = None, the structure
+fixed, ``compact`` on; widths uniform in [0.1, 0.4], about 0.3 of the dense FLOPs, hundreds of
+overlapping blocks). Both layers run interleaved in one process on the same input; the table
+gives medians and the ratio GBLR / dense. Peak memory = parameters + input + upstream gradient + the largest growth of allocated
 memory during the step (the profiler's allocation events).
 
 End to end (``--model-steps``, default 40): training steps of the Fashion-MNIST ViT recipe
 (`gblr train`'s default architecture, batch 128, AdamW with foreach=True as the recipe uses)
-with dense layers and with GBLR layers at FLOPs target 0.3 mid-way through structure learning
-(the StructureLearner's step included), in alternating blocks of 5 steps; an epoch is 468 such
-steps, so the ratio of step times is the ratio of epoch times.
+with dense layers and with GBLR layers at FLOPs target 0.3, mid-way through structure learning
+and in the content phase (the StructureLearner's step included), in alternating blocks of 5
+steps; an epoch is 468 such steps, so the ratio of step times is the ratio of epoch times.
 Writes docs/benchmarks/training.{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 
 import torch
 from common import machine, median_ms, time_interleaved, write_outputs
@@ -29,6 +32,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 import gblr
+from gblr.learning import gblr_layers
 from gblr.recipes.models import build_model
 
 SHAPES = [(768, 3072), (3072, 768)]
@@ -44,6 +48,26 @@ def mid_training_layer(in_features: int, out_features: int, dtype=torch.float32)
         layer.in_location.uniform_(0.0, 1.0)
         layer.out_location.uniform_(0.0, 1.0)
     return layer
+
+
+def content_phase_layer(in_features: int, out_features: int, dtype=torch.float32) -> gblr.GBLRLinear:
+    layer = gblr.GBLRLinear(in_features, out_features, sigma=None, dtype=dtype)
+    with torch.no_grad():
+        layer.in_width.uniform_(0.1, 0.4)
+        layer.out_width.uniform_(0.1, 0.4)
+        layer.in_location.uniform_(0.0, 1.0)
+        layer.out_location.uniform_(0.0, 1.0)
+    layer.compact = True
+    return layer
+
+
+PHASES = {"structure": mid_training_layer, "content": content_phase_layer}
+
+
+def path_of(layer: gblr.GBLRLinear, tokens: int) -> str:
+    if layer.compact:
+        return "compact"
+    return "materialise" if layer.materialises(tokens) else "thin"
 
 
 def step(layer: nn.Module, x: torch.Tensor, grad_y: torch.Tensor):
@@ -79,14 +103,19 @@ def peak_bytes(layer: nn.Module, x: torch.Tensor, grad_y: torch.Tensor) -> int:
 def model_steps(steps: int, block: int = 5) -> dict:
     """Median seconds per training step of the ViT recipe, dense and GBLR (see the docstring)."""
     runs = {}
-    for layer in ("dense", "gblr"):
+    for name, start in (("dense", None), ("gblr structure phase", 1800), ("gblr content phase", 4000)):
         torch.manual_seed(0)
-        model = build_model("vit", (1, 28, 28), 10, layer=layer, flops_ratio=0.3)
+        model = build_model("vit", (1, 28, 28), 10, layer="dense" if start is None else "gblr", flops_ratio=0.3)
         optimizer = torch.optim.AdamW(gblr.param_groups(model, lr=2e-3, weight_decay=0.05), foreach=True)
         learner = None
-        if layer == "gblr":  # 10 epochs' worth of steps, starting in the middle of the structure phase
+        if start is not None:  # 10 epochs' worth of steps (3744 of structure learning), from step `start`
             learner = gblr.StructureLearner(model, optimizer, 0.3, total_steps=4680)
-            learner.step_count = 1800
+            if start > learner.structure_steps:  # the structure at the target, then fixed
+                with torch.no_grad():
+                    for layer in gblr_layers(model):
+                        layer.in_width.mul_(0.5)
+                        layer.out_width.mul_(0.5)
+            learner.load_state_dict({**learner.state_dict(), "step_count": start})
         images, labels = torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,))
 
         def run(model=model, optimizer=optimizer, learner=learner, images=images, labels=labels):
@@ -98,7 +127,7 @@ def model_steps(steps: int, block: int = 5) -> dict:
                 if learner is not None:
                     learner.step()
 
-        runs[layer] = run
+        runs[name] = run
     samples = time_interleaved(runs, repeats=max(1, steps // block))
     return {name: median_ms(times) / block for name, times in samples.items()}
 
@@ -112,9 +141,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rows = []
-    for in_features, out_features in SHAPES:
+    for (in_features, out_features), phase in itertools.product(SHAPES, PHASES):
         dense = nn.Linear(in_features, out_features)
-        structured = mid_training_layer(in_features, out_features)
+        structured = PHASES[phase](in_features, out_features)
         for tokens in TOKENS:
             grad_y = torch.randn(tokens, out_features)
             for case, input_grad in CASES.items():
@@ -125,34 +154,39 @@ def main() -> None:
                 peaks = {name: peak_bytes(layer, x, grad_y) / 2**20
                          for name, layer in (("dense", dense), ("gblr", structured))}
                 row = {
-                    "shape": f"{in_features}x{out_features}", "tokens": tokens, "case": case,
+                    "shape": f"{in_features}x{out_features}", "phase": phase, "flops_ratio": structured.flops_ratio(),
+                    "tokens": tokens, "case": case,
                     "dense_ms": dense_ms, "gblr_ms": gblr_ms, "time_ratio": gblr_ms / dense_ms,
                     "dense_peak_mb": peaks["dense"], "gblr_peak_mb": peaks["gblr"],
                     "memory_ratio": peaks["gblr"] / peaks["dense"],
-                    "path": "materialise" if structured.materialises(tokens) else "thin",
+                    "path": path_of(structured, tokens),
                 }
                 rows.append(row)
-                print(f"{row['shape']:>9} tokens {tokens:5d} {case:5}: dense {dense_ms:7.2f} ms, GBLR {gblr_ms:7.2f} ms "
+                print(f"{row['shape']:>9} {phase:9} tokens {tokens:5d} {case:5}: dense {dense_ms:7.2f} ms, GBLR {gblr_ms:7.2f} ms "
                       f"({row['time_ratio']:.2f}x, {row['path']}), peak {peaks['dense']:.1f} / {peaks['gblr']:.1f} MB "
                       f"({row['memory_ratio']:.2f}x)", flush=True)
     model = model_steps(args.model_steps)
-    model["ratio"] = model["gblr"] / model["dense"]
-    print(f"ViT recipe step: dense {model['dense']:.1f} ms, GBLR {model['gblr']:.1f} ms ({model['ratio']:.2f}x)")
+    for name, ms in model.items():
+        print(f"ViT recipe step, {name}: {ms:.1f} ms ({ms / model['dense']:.2f}x dense)")
     lines = [
         "# Training step: GBLRLinear vs nn.Linear",
         "",
         f"Machine: {machine()}. float32, median of {args.repeats} interleaved runs. "
         "Command: `python benchmarks/training.py`.",
         "Step = forward + backward of the layer given an upstream gradient, structural parameters included; "
-        "GBLR mid-training (K = min(in, out), r = 1, sigma = 10, widths in [0.3, 0.7]). "
+        "GBLR with K = min(in, out) rank-1 components at random locations, in the *structure* phase (sigma = 10, "
+        "widths in [0.3, 0.7]: the masked product) or the *content* phase (sigma = None, structure fixed, widths in "
+        "[0.1, 0.4]: the compact product over the cropped blocks). "
         "*inner*: the input needs a gradient (most layers); *first*: it does not. "
         "Peak memory: parameters + input + upstream gradient + the largest growth of allocated memory during the step.",
         "",
-        "| in x out | tokens | layer | nn.Linear (ms) | GBLRLinear (ms) | time ratio | GBLR path | peak memory, dense / GBLR (MB) |",
-        "|---|---:|---|---:|---:|---:|---|---:|",
+        "| in x out | phase | GBLR FLOPs ratio | tokens | layer | nn.Linear (ms) | GBLRLinear (ms) | time ratio | "
+        "GBLR path | peak memory, dense / GBLR (MB) |",
+        "|---|---|---:|---:|---|---:|---:|---:|---|---:|",
     ]
     lines += [
-        f"| {r['shape']} | {r['tokens']} | {r['case']} | {r['dense_ms']:.2f} | {r['gblr_ms']:.2f} | "
+        f"| {r['shape']} | {r['phase']} | {r['flops_ratio']:.3f} | {r['tokens']} | {r['case']} | {r['dense_ms']:.2f} | "
+        f"{r['gblr_ms']:.2f} | "
         f"{r['time_ratio']:.2f}x | {r['path']} | {r['dense_peak_mb']:.1f} / {r['gblr_peak_mb']:.1f} "
         f"({r['memory_ratio']:.2f}x) |"
         for r in rows
@@ -163,15 +197,15 @@ def main() -> None:
         "",
         f"Training step (forward, backward, AdamW, structural step) of `gblr train`'s default ViT, batch 128, "
         f"median over {args.model_steps} steps in alternating blocks of 5; GBLR at FLOPs target 0.3, mid-way "
-        "through structure learning. An epoch is 468 steps, so the step ratio is the epoch-time ratio.",
+        "through structure learning, and in the content phase (structure fixed near 0.3, compact layers). An epoch "
+        "is 468 steps, so the step ratio is the epoch-time ratio.",
         "",
         "| layers | ms per step | epoch time vs dense |",
         "|---|---:|---:|",
-        f"| dense | {model['dense']:.1f} | 1.00x |",
-        f"| GBLR | {model['gblr']:.1f} | {model['ratio']:.2f}x |",
     ]
-    rows.append({"shape": "vit-recipe", "dense_ms": model["dense"], "gblr_ms": model["gblr"],
-                 "time_ratio": model["ratio"]})
+    lines += [f"| {name} | {ms:.1f} | {ms / model['dense']:.2f}x |" for name, ms in model.items()]
+    rows += [{"shape": "vit-recipe", "phase": name, "ms": ms, "time_ratio": ms / model["dense"]}
+             for name, ms in model.items()]
     json_path, md_path = write_outputs("training", rows, "\n".join(lines) + "\n")
     print(f"wrote {md_path} and {json_path}")
 
