@@ -3,6 +3,11 @@
     python benchmarks/lm.py [--ratios 0.3 0.5] [--seeds 0 1 2]
     python benchmarks/lm.py --data notes/ --tokenizer models/gpt2 --name lm_notes
     python benchmarks/lm.py --render-only            # rewrite the table from the saved runs
+    python benchmarks/lm.py --kinds gblr --gblr-options init_full_width_share=1   # a learner variant
+
+``--gblr-options NAME=VALUE ...`` sets options of the GBLR runs (fields of
+``gblr.recipes.train.TrainConfig``: ``init_full_width_share``, ``struct_lr``, ``structure_fraction``,
+...); such runs are rows of their own, ``gblr[NAME=VALUE ...]``, beside the default GBLR row.
 
 Every run is ``gblr train --model gpt --dataset text`` (gblr.recipes.train) with the same recipe;
 only the six linear layers inside each block change: dense once per seed, then GBLR, low-rank,
@@ -29,6 +34,7 @@ standard deviations.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -58,6 +64,7 @@ OPTIONS = {
     "lr": ("--lr", 2e-3),
     "limit_train": ("--limit-train", 2048),
     "limit_test": ("--limit-test", 512),
+    "gblr_options": ("--gblr-options", []),
     "threads": ("--threads", 2),
     "name": ("--name", "lm"),
 }
@@ -68,6 +75,30 @@ SETTINGS = ("data", "tokenizer", "dim", "depth", "heads", "mlp_ratio", "seq_len"
 
 def run_key(layer: str, ratio: float, seed: int) -> str:
     return f"{layer}@{ratio:g}#seed{seed}"
+
+
+def gblr_options(pairs: list[str]) -> dict:
+    """``["init_full_width_share=1", ...]`` -> TrainConfig overrides for the GBLR runs."""
+    fields = {field.name for field in dataclasses.fields(TrainConfig)}
+    options = {}
+    for pair in pairs:
+        name, _, text = pair.partition("=")
+        if name not in fields or not text:
+            raise SystemExit(f"--gblr-options takes NAME=VALUE with NAME a TrainConfig field, got {pair!r}")
+        for kind in (int, float):
+            try:
+                options[name] = kind(text)
+                break
+            except ValueError:
+                continue
+        else:
+            options[name] = None if text == "None" else text
+    return options
+
+
+def layer_label(layer: str, pairs: list[str]) -> str:
+    """The row's name: the layer kind, and a GBLR variant's options."""
+    return f"gblr[{' '.join(pairs)}]" if layer == "gblr" and pairs else layer
 
 
 def settings_of(args) -> dict:
@@ -102,6 +133,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=OPTIONS["lr"][1])
     parser.add_argument("--limit-train", type=int, default=OPTIONS["limit_train"][1], help="windows per epoch")
     parser.add_argument("--limit-test", type=int, default=OPTIONS["limit_test"][1], help="held-out windows")
+    parser.add_argument("--gblr-options", nargs="+", default=[], metavar="NAME=VALUE",
+                        help="TrainConfig options of the GBLR runs (a variant: rows of its own)")
     parser.add_argument("--threads", type=int, default=OPTIONS["threads"][1])
     parser.add_argument("--name", default=OPTIONS["name"][1], help="output name under docs/benchmarks")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -127,8 +160,10 @@ def main() -> None:
         return
     plan = [("dense", 1.0, seed) for seed in args.seeds]
     plan += [(kind, ratio, seed) for ratio in args.ratios for kind in args.kinds for seed in args.seeds]
+    variant = gblr_options(args.gblr_options)
     for layer, ratio, seed in plan:
-        key = run_key(layer, ratio, seed)
+        label = layer_label(layer, args.gblr_options)
+        key = run_key(label, ratio, seed)
         if key in finished:
             continue
         with tempfile.TemporaryDirectory() as out:
@@ -137,11 +172,11 @@ def main() -> None:
                 flops_target=ratio, seed=seed, dim=args.dim, depth=args.depth, heads=args.heads,
                 mlp_ratio=args.mlp_ratio, seq_len=args.seq_len, batch_size=args.batch_size, epochs=args.epochs,
                 lr=args.lr, limit_train=args.limit_train, limit_test=args.limit_test, threads=args.threads,
-                out=out, progress=args.progress, pictures=False,
+                out=out, progress=args.progress, pictures=False, **(variant if layer == "gblr" else {}),
             ))
         dataset = report["dataset"]
         finished[key] = {
-            "key": key, "layer": layer, "target": ratio, "seed": seed, "settings": settings_of(args),
+            "key": key, "layer": label, "target": ratio, "seed": seed, "settings": settings_of(args),
             "bits_per_byte": report["bits_per_byte"], "perplexity": report["perplexity"],
             "accuracy": report["accuracy"], "flops_ratio": report["flops_ratio"],
             "train_loss": report["train_loss"], "train_seconds": report["timings"]["train_seconds"],
@@ -149,7 +184,8 @@ def main() -> None:
             "dataset": {name: dataset[name] for name in ("tokenizer", "vocab_size", "train_files", "train_tokens",
                                                          "windows_per_epoch", "test_tokens", "test_bytes")}
             | {"test_files": len(dataset["test_files"])},
-            "layers": report["layers"], "command": command_line(args),
+            "layers": report["layers"], "structure_steps": report["structure_steps"],
+            "planned_structure_steps": report["planned_structure_steps"], "command": command_line(args),
         }
         print(f"{key}: {report['bits_per_byte']:.4f} bits per byte, perplexity {report['perplexity']:.3f}, "
               f"FLOPs ratio {report['flops_ratio']:.3f}, {report['timings']['train_seconds']:.0f} s", flush=True)

@@ -15,7 +15,9 @@ down in 30 layers; not the embeddings nor the tied lm_head) are compressed to ea
   error-per-MAC allocation (``allocation="error"``: every layer's relative error alike);
 * whitened SVD, GBLR's allocation: the same, each layer's error weighed by the predictions'
   sensitivity to it (``allocation="fisher"``, what ``gblr compress`` uses for causal LMs);
-* GBLR: structure search per layer (``method="gblr"``) with that allocation.
+* whitened SVD, GBLR's allocation on the next tokens: the same sensitivities judged on the
+  calibration text's own next tokens (``allocation="fisher-next-token"``);
+* GBLR: structure search per layer (``method="gblr"``) with the ``"fisher"`` allocation.
 
 Text: the Python documentation's reST sources (``/usr/share/doc/python3.11/html/_sources``,
 Debian's ``python3.11-doc``) or ``--text``, split *by file* into calibration and held-out files
@@ -56,6 +58,8 @@ VARIANTS = (
     ("svd-whitened-uniform", "whitened SVD, uniform ranks", "svd", True, "uniform"),
     ("svd-whitened-error", "whitened SVD, error allocation", "svd", True, "error"),
     ("svd-whitened-allocated", "whitened SVD, GBLR's allocation", "svd", True, "fisher"),
+    ("svd-whitened-next-token", "whitened SVD, GBLR's allocation on the next tokens", "svd", True,
+     "fisher-next-token"),
     ("gblr", "GBLR", "gblr", True, "fisher"),
 )
 

@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import gblr
@@ -132,6 +133,47 @@ def test_fisher_sensitivity_is_output_energy_times_the_expected_gradient_energy(
     assert sensitivity == pytest.approx(float(expected), rel=0.05)
     assert [p.requires_grad for p in model.parameters()] == flags and model.training
     assert all(p.grad is None for p in model.parameters())
+
+
+class TokenModel(nn.Module):
+    """Logits at every position of a batch of token ids, from one linear layer."""
+
+    def __init__(self, vocabulary: int = 7, features: int = 5) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocabulary, features)
+        self.head = nn.Linear(features, vocabulary)
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.head(self.embedding(input_ids))
+
+
+def test_fisher_sensitivity_with_next_token_labels_is_the_empirical_fisher():
+    from gblr.calibration import fisher_sensitivities
+    from gblr.targets import find_targets
+
+    torch.manual_seed(0)
+    model = TokenModel()
+    ids = torch.randint(0, 7, (3, 9))
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, 6:] = 0  # padding: positions whose next token is not real carry no label
+    (target,) = find_targets(model, gblr.GBLRConfig(target_modules=["head"]))
+    for batch in (ids, {"input_ids": ids, "attention_mask": mask}):
+        sensitivity = fisher_sensitivities(model, [target], [batch], progress=False, labels="next-token")["head"]
+        real = torch.ones(3, 9, dtype=torch.bool) if isinstance(batch, torch.Tensor) else mask.bool()
+        with torch.no_grad():
+            logits = model(ids)
+        keep = real[:, 1:] & real[:, :-1]
+        # the gradient of the cross-entropy of the next token is p - onehot(next token), zero where there is none
+        gradients = torch.zeros_like(logits)
+        gradients[:, :-1][keep] = logits[:, :-1][keep].softmax(-1) - F.one_hot(ids[:, 1:][keep], 7).float()
+        expected = logits[real].square().sum(-1).mean() * gradients[real].square().sum(-1).mean() / 7
+        assert sensitivity == pytest.approx(float(expected), rel=1e-5)
+    features = TwoBranches()
+    (loud,) = find_targets(features, gblr.GBLRConfig(target_modules=["loud"]))
+    with pytest.raises(ValueError, match="needs batches of token ids"):  # a batch of features, not of tokens
+        fisher_sensitivities(features, [loud], [torch.randn(4, 24)], progress=False, labels="next-token")
+    with pytest.raises(ValueError, match="labels must be one of"):
+        fisher_sensitivities(model, [target], [ids], progress=False, labels="true")
 
 
 def test_fisher_allocation_gives_the_budget_to_the_layer_the_predictions_depend_on():

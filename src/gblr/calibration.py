@@ -178,6 +178,17 @@ def collect_stats(
     return {name: layer_stats for name, layer_stats in stats.items() if layer_stats.tokens > 0}
 
 
+def _next_token_pairs(logits: torch.Tensor, batch, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits (P, vocabulary), next tokens (P,))`` of every position that has a real next token."""
+    ids = batch.get("input_ids") if isinstance(batch, Mapping) else batch[0] if isinstance(batch, (tuple, list)) \
+        else batch
+    if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int32, torch.int64) or ids.shape != logits.shape[:-1]:
+        raise ValueError("fisher labels='next-token' needs batches of token ids (a tensor, or a dict with input_ids) "
+                         f"and logits at every position of them; got logits of shape {tuple(logits.shape)}")
+    keep = torch.ones_like(ids[:, 1:], dtype=torch.bool) if mask is None else mask[:, 1:] & mask[:, :-1]
+    return logits[:, :-1][keep].float(), ids[:, 1:][keep]
+
+
 def _logits(output) -> torch.Tensor:
     """The logits of a model's output: the output itself (a tensor) or its ``.logits``."""
     logits = output if isinstance(output, torch.Tensor) else getattr(output, "logits", None)
@@ -199,8 +210,12 @@ def _per_position(tensor: torch.Tensor, conv: bool, mask: torch.Tensor | None) -
     return tensor.reshape(-1, tensor.shape[-1])
 
 
+FISHER_LABELS = ("sampled", "next-token")
+
+
 def fisher_sensitivities(
-    model: nn.Module, targets: list[Target], calibration: Iterable, progress: bool = True, seed: int = 0
+    model: nn.Module, targets: list[Target], calibration: Iterable, progress: bool = True, seed: int = 0,
+    labels: str = "sampled",
 ) -> dict[str, float]:
     """How much the model's predictions depend on each target's output, by target name.
 
@@ -212,9 +227,13 @@ def fisher_sensitivities(
     ``m`` output features then costs about ``e * E||y||^2 * E||g||^2 / m`` of the expected KL
     divergence of the predictions (to second order), so this returns ``E||y||^2 E||g||^2 / m``
     (means over the positions: tokens, a convolution's output pixels). No labels are needed.
+    ``labels="next-token"`` (causal LMs) uses the batch's own next tokens instead of drawn ones
+    (the empirical Fisher): each position's logits against the token that follows it.
     The model runs in eval mode; its parameters get no gradients.
     """
     check_batches(calibration)
+    if labels not in FISHER_LABELS:
+        raise ValueError(f"labels must be one of {FISHER_LABELS}, got {labels!r}")
     outputs: dict[str, list[torch.Tensor]] = {target.name: [] for target in targets}
     sums = {target.name: [0.0, 0.0, 0] for target in targets}  # sum ||y||^2, sum ||g||^2, positions
     conv = {target.name: target.is_conv for target in targets}
@@ -234,14 +253,17 @@ def fisher_sensitivities(
                 batch = to_device(batch, device)
                 mask = token_mask(batch)
                 logits = _logits(call_model(model, batch))
-                if mask is not None and logits.shape[:-1] == mask.shape:
-                    logits = logits[mask]
-                flat = logits.reshape(-1, logits.shape[-1]).float()
-                if generator is None:
-                    generator = torch.Generator(device=flat.device).manual_seed(seed)
-                labels = torch.multinomial(flat.detach().softmax(-1), 1, generator=generator).squeeze(1)
+                if labels == "next-token":
+                    flat, drawn = _next_token_pairs(logits, batch, mask)
+                else:
+                    if mask is not None and logits.shape[:-1] == mask.shape:
+                        logits = logits[mask]
+                    flat = logits.reshape(-1, logits.shape[-1]).float()
+                    if generator is None:
+                        generator = torch.Generator(device=flat.device).manual_seed(seed)
+                    drawn = torch.multinomial(flat.detach().softmax(-1), 1, generator=generator).squeeze(1)
                 seen = [(name, y) for name, ys in outputs.items() for y in ys if y.requires_grad]
-                loss = F.cross_entropy(flat, labels, reduction="sum")
+                loss = F.cross_entropy(flat, drawn, reduction="sum")
                 grads = torch.autograd.grad(loss, [y for _, y in seen], allow_unused=True)
                 for (name, y), g in zip(seen, grads):
                     if g is None:

@@ -249,7 +249,8 @@ def _compress_options() -> Options:
             "allocation": {"choices": list(ALLOCATIONS),
                            "help": "how the FLOPs budget is split among the layers: error: by each layer's relative "
                                    "output error; fisher: that error weighed by how much the predictions depend on "
-                                   "the layer (needs logits); uniform: every layer at --flops (default: fisher for "
+                                   "the layer (needs logits); fisher-next-token: the same, judged on the text's own next "
+                                   "tokens (causal LMs); uniform: every layer at --flops (default: fisher for "
                                    "causal LMs, error for encoders)"},
         },
         "text": {

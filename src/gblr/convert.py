@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ._progress import progress_bar
-from .allocation import Plan, plan_targets, shares_budget
+from .allocation import FISHER_LABELS, Plan, plan_targets, shares_budget
 from .calibration import fisher_sensitivities, check_batches, collect_stats, warn_unseen
 from .config import GBLRConfig
 from .conv import GBLRConv2d
@@ -229,17 +229,19 @@ def _convert_one(
 
 
 def _sensitivities(model, targets, config, batches, tied, progress) -> dict[str, float] | None:
-    """For ``allocation="fisher"``: the sensitivities of the targets that share the budget, on
+    """For the Fisher allocations: the sensitivities of the targets that share the budget, on
     the original model (None for other allocations)."""
-    if config.allocation != "fisher":
+    if config.allocation not in FISHER_LABELS:
         return None
     pooled = [target for target in targets if shares_budget(target, config, tied)]
-    return fisher_sensitivities(model, pooled, batches, progress) if pooled else {}
+    if not pooled:
+        return {}
+    return fisher_sensitivities(model, pooled, batches, progress, labels=FISHER_LABELS[config.allocation])
 
 
 def _convert_one_shot(model, targets, config, calibration, tied, progress):
     """Rows and new layers by target name: statistics of the original model, then every target."""
-    if config.allocation == "fisher":  # two passes over the batches: hold them
+    if config.allocation in FISHER_LABELS:  # two passes over the batches: hold them
         check_batches(calibration)
         calibration = list(calibration)
     sensitivities = _sensitivities(model, targets, config, calibration, tied, progress)
@@ -341,9 +343,9 @@ def convert_(
     start = time.perf_counter()
     targets = find_targets(model, config)
     tied = tied_weights(model)
-    if config.allocation == "fisher" and calibration is None:
-        raise ValueError("allocation='fisher' weighs each layer by its calibrated sensitivity: pass calibration "
-                         "batches, or use allocation='error'")
+    if config.allocation in FISHER_LABELS and calibration is None:
+        raise ValueError(f"allocation={config.allocation!r} weighs each layer by its calibrated sensitivity: pass "
+                         "calibration batches, or use allocation='error'")
     mode = None if calibration is None else config.calibration
     stages = None
     if mode == "sequential":
