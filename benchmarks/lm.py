@@ -117,7 +117,7 @@ def main() -> None:
     parser.add_argument("--ratios", type=float, nargs="+", default=OPTIONS["ratios"][1],
                         help="FLOPs ratios of the structured layers")
     parser.add_argument("--seeds", type=int, nargs="+", default=OPTIONS["seeds"][1],
-                        help="seeds (each also picks the held-out files)")
+                        help="seeds (of the model and the data order; the held-out files are the same for all)")
     parser.add_argument("--kinds", nargs="+", default=OPTIONS["kinds"][1], choices=KINDS,
                         help="structured layers to compare (default: all)")
     parser.add_argument("--data", nargs="+", default=None,
@@ -225,7 +225,7 @@ def render(finished: dict, args) -> str:
     sizes = ""
     if finished:
         first = next(iter(finished.values()))["dataset"]
-        sizes = (f" (seed {next(iter(finished.values()))['seed']}: {first['train_files']} training files, "
+        sizes = (f" ({first['train_files']} training files, "
                  f"{first['train_tokens']} tokens; {first['test_files']} held-out files, of which "
                  f"{first['test_tokens']} tokens, {first['test_bytes']} bytes, are evaluated)")
     lines = [
@@ -233,12 +233,12 @@ def render(finished: dict, args) -> str:
         "",
         f"Machine: {machine()}. {commands(finished, args)}.",
         f"GPT (dim {args.dim}, depth {args.depth}, {args.heads} heads, MLP ratio {args.mlp_ratio:g}, "
-        f"seq-len {args.seq_len}) trained on {data}, tokens: {tokens}; the files are split by file with each "
-        f"run's seed{sizes}. {args.epochs} epoch{'' if args.epochs == 1 else 's'} of {args.limit_train} random windows, AdamW, lr {args.lr:g}, "
+        f"seq-len {args.seq_len}) trained on {data}, tokens: {tokens}; the files are split by file, the same "
+        f"split for every seed{sizes}. {args.epochs} epoch{'' if args.epochs == 1 else 's'} of {args.limit_train} random windows, AdamW, lr {args.lr:g}, "
         f"batch {args.batch_size}, the same recipe for every row; only the {6 * args.depth} linear layers inside "
         "the blocks change (embeddings and head stay dense). "
         f"Bits per byte: on the first {args.limit_test} held-out windows, of the deployed (for GBLR: frozen) "
-        "model, mean ± standard deviation over seeds (each seed also holds out other files). Perplexity: per "
+        "model, mean ± standard deviation over seeds. Perplexity: per "
         "token, mean over seeds. FLOPs ratio: MACs of the replaced layers / dense MACs, as achieved, mean over "
         "seeds. Train time: the median over seeds of the training seconds, relative to dense's median, runs "
         "one after another (docs/training.md, \"Language models on text\").",

@@ -125,10 +125,12 @@ def recovery_text(args) -> str:
 
 
 def render(rows: list[dict], args, extra: dict) -> str:
+    ratios = sorted({row["ratio"] for row in rows}, reverse=True) or args.ratios
     lines = [
         "# SmolLM2-135M-Instruct: held-out perplexity, compression time and decode speed",
         "",
-        (f"Machine: {machine()}. Command: `python benchmarks/smollm2.py --ratios {' '.join(map(str, args.ratios))} "
+        (f"Machine: {machine()}. Command (rows may come from several runs of it, `--variants` choosing some): "
+         f"`python benchmarks/smollm2.py --ratios {' '.join(map(str, ratios))} "
          f"--seq-len {args.seq_len} --calibration-tokens {args.calibration_tokens} --eval-tokens {args.eval_tokens} "
          f"--calibration {args.calibration} --recovery-steps {args.recovery_steps} --recovery-lr {args.recovery_lr:g} "
          f"--recovery-tokens {args.recovery_tokens}`."),
@@ -218,15 +220,18 @@ def main() -> None:
         finished = {(row["ratio"], row["key"]): row for row in json.loads(results_path.read_text())["rows"]
                     if row.get("settings") == settings(args)}
     order = [(ratio, key) for ratio in args.ratios for key, *_ in VARIANTS if key in args.variants]
+    # the table keeps every finished row of these settings (an earlier run may have made other rows)
+    shown = [(ratio, key) for ratio in sorted({ratio for ratio, _ in [*finished, *order]}, reverse=True)
+             for key, *_ in VARIANTS if (ratio, key) in finished or (ratio, key) in order]
     for ratio, key in order:
         if (ratio, key) in finished:
             continue
         _, _, method, calibrated, allocation = next(variant for variant in VARIANTS if variant[0] == key)
         finished[ratio, key] = run_variant(ratio, key, method, calibrated, allocation, teacher, tokenizer, targets,
                                            train, recovery_batches, held_out, args)
-        rows = [finished[item] for item in order if item in finished]
+        rows = [finished[item] for item in shown if item in finished]
         write_outputs(args.name, rows, render(rows, args, extra))
-    rows = [finished[item] for item in order if item in finished]
+    rows = [finished[item] for item in shown if item in finished]
     print(render(rows, args, extra))
     print(f"wrote {DOCS / (args.name + '.md')}")
 
