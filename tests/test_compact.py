@@ -60,7 +60,7 @@ def test_output_and_gradients_equal_the_masked_product(n, m, components, rank, b
 
 
 def test_a_compact_layer_takes_the_cheaper_product():
-    # many local blocks in a large layer: the compact product; the structure then gets no gradient
+    # many local blocks in a large layer: the compact product
     large = content_layer(512, 512, 512, dtype=torch.float32)
     with torch.no_grad():
         large.in_width.uniform_(0.05, 0.1)
@@ -76,7 +76,8 @@ def test_a_compact_layer_takes_the_cheaper_product():
         assert (layer._compact_plan[1] is not None) == compact
         torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
         y.sum().backward()
-        assert (layer.in_width.grad is None) == compact
+        # compact: the structure takes part with zero gradients (DistributedDataParallel needs every parameter)
+        assert (layer.in_width.grad.abs().max() == 0) == compact
 
 
 @pytest.mark.parametrize("group", [1, 16, 64, 256, None])

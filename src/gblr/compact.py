@@ -8,22 +8,22 @@ by materialising the weight; the compact product reads only the blocks, at about
 ratio of a dense layer's cost, forward and backward.
 
 The live rank rows (those of components with both widths non-zero) are sorted by where their
-support starts on each side and cut into groups of ``group`` rows; a group multiplies the span
-that covers its rows' supports (the union, rounded out to one contiguous, possibly wrapping, run).
-For ``x (T, n)``:
+support starts on each side and cut into groups; a group multiplies the span that covers its rows'
+supports (the union, rounded out to one contiguous, possibly wrapping, run). For ``x (T, n)`` and
+the hidden activations ``h (T, live rows)``:
 
-    h[group g]        = V_g @ x[:, span of g].T        stage 1: one GEMM per group of input rows
-    y[:, span of g'] += h'[group g'].T @ U_g'          stage 2: one GEMM per group of output rows
+    h[:, group g]      = x[:, span of g] @ V_g.T        stage 1: one GEMM per group of input rows
+    y[:, span of g']  += h'[:, group g'] @ U_g'         stage 2: one GEMM per group of output rows
 
-where ``h'`` is ``h`` with its rows in the output side's order, ``V_g`` and ``U_g'`` are gathered
-from ``v`` and ``u``, zero off each row's own support. Every GEMM writes whole rows of ``h`` or adds
-into a contiguous run of ``y``'s columns (a span that wraps past the last column is two runs), so
-nothing is scattered element by element; ``x`` and ``y`` are handled transposed, so that every
-large operand streams contiguous runs of tokens. The backward pass runs
-the same GEMMs transposed and writes the group gradients back into ``u`` and ``v``: entries outside
-the supports get exactly zero, as under the boxcar masks. Each row pays its group's span, so large
-groups pad more, and small ones run slower GEMMs; :func:`plan_compact` cuts the sorted rows where a
-measured cost model (:data:`GROUP_OVERHEAD_ROWS`, a price per GEMM call) predicts the least time.
+where ``h'`` is ``h`` with its columns in the output side's order, ``V_g`` and ``U_g'`` are
+gathered from ``v`` and ``u``, zero off each row's own support. Every GEMM writes a block of ``h``'s
+columns or adds into a contiguous run of ``y``'s columns (a span that wraps past the last column is
+two runs), so nothing is scattered element by element, and every large operand stays token-major
+(no transposes of ``x`` or ``y``). The backward pass runs the same GEMMs transposed and writes the
+group gradients back into ``u`` and ``v``: entries outside the supports get exactly zero, as under
+the boxcar masks. Each row pays its group's span, so large groups pad more and small ones run
+slower GEMMs; :func:`plan_compact` cuts the sorted rows where a measured cost model
+(:data:`GROUP_OVERHEAD_ROWS`, a price per GEMM call) predicts the least time.
 """
 
 from __future__ import annotations
@@ -228,11 +228,14 @@ class CompactProduct(torch.autograd.Function):
     the module docstring), with the gradients of ``x``, ``u``, ``v`` and the bias: the masked
     product's at ``sigma=None``, up to rounding. ``x`` is ``(T, in_features)``.
 
-    The token dimension is kept contiguous in every large operand (``x`` and ``y`` transposed,
-    ``h`` as rank rows by tokens), so each GEMM streams whole rows."""
+    Every large operand (``x``, ``y``, the hidden activations ``h`` and their gradients) is
+    token-major, so each GEMM reads and writes contiguous runs without a transpose.
+    ``structure`` (a layer's widths and locations, optional) are taken into the graph with zero
+    gradients: they do not move the output of a fixed structure, and DistributedDataParallel
+    expects every parameter to take part in the loss."""
 
     @staticmethod
-    def forward(ctx, x, u, v, bias, plan: CompactPlan):
+    def forward(ctx, x, u, v, bias, plan: CompactPlan, *structure):
         dtype, x_dtype = compute_dtype(x), x.dtype
         tokens = x.shape[0]
         inputs, outputs = plan.inputs, plan.outputs
@@ -253,6 +256,7 @@ class CompactProduct(torch.autograd.Function):
         ctx.save_for_backward(x, h, *V, *U)
         ctx.plan, ctx.shapes = plan, (u.shape, v.shape)
         ctx.dtypes = (x_dtype, u.dtype, v.dtype, None if bias is None else bias.dtype)
+        ctx.structure = [(t.shape, t.dtype, t.device) for t in structure]
         return y
 
     @staticmethod
@@ -290,4 +294,6 @@ class CompactProduct(torch.autograd.Function):
             grad_v = grad_right.view(v_shape).to(v_dtype)
         if want_x:
             grad_x = grad_x.to(x_dtype)
-        return grad_x, grad_u, grad_v, grad_bias, None
+        zeros = [torch.zeros(shape, dtype=dtype, device=device) if wanted else None
+                 for (shape, dtype, device), wanted in zip(ctx.structure, ctx.needs_input_grad[5:])]
+        return grad_x, grad_u, grad_v, grad_bias, None, *zeros

@@ -60,7 +60,8 @@ class GBLRLinear(nn.Module):
 
     ``compact`` (attribute, default False): with the structure fixed and ``sigma=None``, the
     forward and backward passes run on the cropped blocks only (:mod:`gblr.compact`), at about
-    the layer's FLOPs ratio of a dense layer's cost; widths and locations then get no gradient.
+    the layer's FLOPs ratio of a dense layer's cost (where that is predicted cheaper than the
+    masked product); widths and locations then get zero gradients.
     :class:`gblr.StructureLearner` turns it on for the content phase. The tiles are planned from
     the supports at the first forward pass after it is set: set it again after changing them.
 
@@ -243,7 +244,8 @@ class GBLRLinear(nn.Module):
         if self.compact:
             plan = self._compact_plan_for(x.numel() // self.in_features)
             if plan is not None:
-                y = CompactProduct.apply(x.reshape(-1, self.in_features), self.u, self.v, self.bias, plan)
+                y = CompactProduct.apply(x.reshape(-1, self.in_features), self.u, self.v, self.bias, plan,
+                                         *self.structural_parameters())
                 return y.reshape(*x.shape[:-1], self.out_features)
         supports = self._supports("forward", always=False)
         revived = None
