@@ -39,12 +39,13 @@ from .flops import largest_cheaper_rank, low_rank_macs, max_low_rank
 from .stats import InputStats
 from .targets import Target, name_matches
 
-__all__ = ["GLOBAL_ALLOCATIONS", "FISHER_LABELS", "Plan", "allocate_ranks", "plan_targets", "shares_budget"]
+__all__ = ["GLOBAL_ALLOCATIONS", "FISHER_ALLOCATIONS", "Plan", "allocate_ranks", "plan_targets", "shares_budget"]
 
 # The allocations that split one budget among the layers by their error curves.
 GLOBAL_ALLOCATIONS = ("error", "fisher", "fisher-next-token")
-# the allocations weighed by sensitivities, and the labels gblr.calibration.fisher_sensitivities draws them with
-FISHER_LABELS = {"fisher": "sampled", "fisher-next-token": "next-token"}
+# the allocations weighed by sensitivities -> the labels gblr.calibration.fisher_sensitivities judges them with
+# (one of gblr.calibration.FISHER_LABELS)
+FISHER_ALLOCATIONS = {"fisher": "sampled", "fisher-next-token": "next-token"}
 
 
 def allocate_ranks(

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ._progress import progress_bar
-from .allocation import FISHER_LABELS, Plan, plan_targets, shares_budget
+from .allocation import FISHER_ALLOCATIONS, Plan, plan_targets, shares_budget
 from .calibration import fisher_sensitivities, check_batches, collect_stats, warn_unseen
 from .config import GBLRConfig
 from .conv import GBLRConv2d
@@ -231,17 +231,17 @@ def _convert_one(
 def _sensitivities(model, targets, config, batches, tied, progress) -> dict[str, float] | None:
     """For the Fisher allocations: the sensitivities of the targets that share the budget, on
     the original model (None for other allocations)."""
-    if config.allocation not in FISHER_LABELS:
+    if config.allocation not in FISHER_ALLOCATIONS:
         return None
     pooled = [target for target in targets if shares_budget(target, config, tied)]
     if not pooled:
         return {}
-    return fisher_sensitivities(model, pooled, batches, progress, labels=FISHER_LABELS[config.allocation])
+    return fisher_sensitivities(model, pooled, batches, progress, labels=FISHER_ALLOCATIONS[config.allocation])
 
 
 def _convert_one_shot(model, targets, config, calibration, tied, progress):
     """Rows and new layers by target name: statistics of the original model, then every target."""
-    if config.allocation in FISHER_LABELS:  # two passes over the batches: hold them
+    if config.allocation in FISHER_ALLOCATIONS:  # two passes over the batches: hold them
         check_batches(calibration)
         calibration = list(calibration)
     sensitivities = _sensitivities(model, targets, config, calibration, tied, progress)
@@ -343,7 +343,7 @@ def convert_(
     start = time.perf_counter()
     targets = find_targets(model, config)
     tied = tied_weights(model)
-    if config.allocation in FISHER_LABELS and calibration is None:
+    if config.allocation in FISHER_ALLOCATIONS and calibration is None:
         raise ValueError(f"allocation={config.allocation!r} weighs each layer by its calibrated sensitivity: pass "
                          "calibration batches, or use allocation='error'")
     mode = None if calibration is None else config.calibration
