@@ -33,6 +33,7 @@ import dataclasses
 import torch
 
 from ._validation import compute_dtype
+from .flops import low_rank_macs
 from .kernels.choice import predicted_cost
 
 __all__ = ["CompactGroup", "CompactSide", "CompactPlan", "CompactProduct", "plan_compact", "masked_cost",
@@ -101,7 +102,7 @@ def masked_cost(tokens: int, in_features: int, out_features: int, total_rank: in
     """Predicted cost of a training step of the masked product (:mod:`gblr.product`) in the same
     units as :meth:`CompactPlan.cost`: the cheaper of materialising the weight and two thin products."""
     m, n, kr = out_features, in_features, total_rank
-    thin = predicted_cost(kr * (m + n), 2, tokens, device_type)
+    thin = predicted_cost(low_rank_macs(kr, m, n), 2, tokens, device_type)
     materialise = predicted_cost(m * n, 2, tokens, device_type) + kr * m * n
     return 3 * min(thin, materialise)
 

@@ -62,7 +62,7 @@ class GBLRLinear(nn.Module):
     forward and backward passes run on the cropped blocks only (:mod:`gblr.compact`), at about
     the layer's FLOPs ratio of a dense layer's cost (where that is predicted cheaper than the
     masked product); widths and locations then get zero gradients.
-    :class:`gblr.StructureLearner` turns it on for the content phase. The tiles are planned from
+    :class:`gblr.StructureLearner` turns it on for the content phase. The groups are planned from
     the supports at the first forward pass after it is set: set it again after changing them.
 
     Structural parameters (``in_width``, ``in_location``, ``out_width``, ``out_location``, all
