@@ -40,32 +40,26 @@ TOKENS = [64, 4096]
 CASES = {"inner": True, "first": False}  # case -> does the input need a gradient
 
 
-def mid_training_layer(in_features: int, out_features: int, dtype=torch.float32) -> gblr.GBLRLinear:
-    layer = gblr.GBLRLinear(in_features, out_features, sigma=10.0, dtype=dtype)
+# phase -> (sigma, the range widths are drawn from, compact)
+PHASES = {"structure": (10.0, (0.3, 0.7), False), "content": (None, (0.1, 0.4), True)}
+
+
+def phase_layer(in_features: int, out_features: int, phase: str, dtype=torch.float32) -> gblr.GBLRLinear:
+    """A layer of K = min(in, out) rank-1 components at random locations, as in ``phase``."""
+    sigma, (low, high), compact = PHASES[phase]
+    layer = gblr.GBLRLinear(in_features, out_features, sigma=sigma, dtype=dtype)
     with torch.no_grad():
-        layer.in_width.uniform_(0.3, 0.7)
-        layer.out_width.uniform_(0.3, 0.7)
+        layer.in_width.uniform_(low, high)
+        layer.out_width.uniform_(low, high)
         layer.in_location.uniform_(0.0, 1.0)
         layer.out_location.uniform_(0.0, 1.0)
+    layer.compact = compact
     return layer
-
-
-def content_phase_layer(in_features: int, out_features: int, dtype=torch.float32) -> gblr.GBLRLinear:
-    layer = gblr.GBLRLinear(in_features, out_features, sigma=None, dtype=dtype)
-    with torch.no_grad():
-        layer.in_width.uniform_(0.1, 0.4)
-        layer.out_width.uniform_(0.1, 0.4)
-        layer.in_location.uniform_(0.0, 1.0)
-        layer.out_location.uniform_(0.0, 1.0)
-    layer.compact = True
-    return layer
-
-
-PHASES = {"structure": mid_training_layer, "content": content_phase_layer}
 
 
 def path_of(layer: gblr.GBLRLinear, tokens: int) -> str:
-    if layer.compact:
+    """The product the layer's last forward pass took (a compact layer may keep the masked one)."""
+    if layer.compact and layer._compact_plan[1] is not None:
         return "compact"
     return "materialise" if layer.materialises(tokens) else "thin"
 
@@ -143,7 +137,7 @@ def main() -> None:
     rows = []
     for (in_features, out_features), phase in itertools.product(SHAPES, PHASES):
         dense = nn.Linear(in_features, out_features)
-        structured = PHASES[phase](in_features, out_features)
+        structured = phase_layer(in_features, out_features, phase)
         for tokens in TOKENS:
             grad_y = torch.randn(tokens, out_features)
             for case, input_grad in CASES.items():
