@@ -78,9 +78,9 @@ class Structure:
         members, group, first = self.groups()
         if members.numel() == 0:
             return macs
-        count = torch.bincount(group, minlength=first.numel())
+        ranks = torch.zeros(first.numel(), dtype=torch.long, device=first.device).index_add_(0, group, self.ranks[members])
         a, b = self.in_widths[first], self.out_widths[first]
-        costs = group_macs(count * self.ranks[first], a, b)
+        costs = group_macs(ranks, a, b)
         return macs.index_add_(0, self.layers[first], costs)
 
     def support_groups(self) -> dict[Support, list[int]]:

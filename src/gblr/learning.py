@@ -393,7 +393,7 @@ class StructureLearner:
                 ratio = self._keep_floor()
             lam, in_rate, out_rate = self._choose_lambda(target, ratio, self._struct_lr())
             if lam > 0:
-                sizes = [layer.components for layer in self.layers]
+                sizes = [layer.in_width.numel() for layer in self.layers]
                 for layer, in_shrink, out_shrink in zip(
                     self.layers, (lam * in_rate).split(sizes), (lam * out_rate).split(sizes)
                 ):

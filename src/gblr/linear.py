@@ -1,9 +1,12 @@
 """GBLRLinear: a linear layer whose weight is a sum of learned, overlapping low-rank blocks.
 
     W = sum_k (mask_out[k] * u[k]) @ (v[k] * mask_in[k])        (docs/method.md section 1)
+      + B * sum_j mask_out[K + j] (x) mask_in[K + j]          (optional dense blocks, section 10)
 
 ``mask_in[k]`` and ``mask_out[k]`` are Gaudi masks (:mod:`gblr.masks`) of the structural
-parameters ``in_width``, ``in_location``, ``out_width``, ``out_location``. The product runs in
+parameters ``in_width``, ``in_location``, ``out_width``, ``out_location``: one entry per
+low-rank component, then one per dense block (``dense_blocks``, default none): a block whose
+values are the entries of one full-size matrix ``B`` (``block_weight``) under its mask. The product runs in
 one autograd function (:mod:`gblr.product`); :meth:`GBLRLinear.freeze` gives the deployed form
 (:mod:`gblr.frozen`): exact boxcars, zero-width components dropped, factors cropped to their
 supports, components of identical support merged.
@@ -14,6 +17,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ._validation import (
@@ -54,6 +58,13 @@ class GBLRLinear(nn.Module):
         init_full_width_share: share of that budget given to full-width components (the top
             singular directions of a standard dense init), in ``[0, 1]`` (default 0.5, the
             paper's); the rest goes to partial blocks at random locations.
+        dense_blocks: number of dense blocks ``J`` (default 0): blocks of full rank whose
+            positions and sizes are learned like the components' (docs/method.md section 10); a
+            block ``a`` columns by ``b`` rows wide costs ``a * b`` MACs, the rank-``r`` component
+            costs ``min(r * (a + b), a * b)``. They start on the diagonal, side by side.
+        init_dense_share: share of the initial budget in the dense blocks, in ``[0, 1]``
+            (default 0.5; ignored without dense blocks); ``init_full_width_share`` then splits
+            the rest.
         product: how the forward product runs: ``"auto"`` (default) materialises the weight
             where that costs fewer MACs than two thin products (:func:`gblr.product.materialise_is_cheaper`),
             ``"materialise"`` or ``"factored"`` force one way. All give the same result.
@@ -88,6 +99,8 @@ class GBLRLinear(nn.Module):
         *,
         init_flops_ratio: float = 0.5,
         init_full_width_share: float = 0.5,
+        dense_blocks: int = 0,
+        init_dense_share: float = 0.5,
         product: str = "auto",
     ) -> None:
         super().__init__()
@@ -104,16 +117,23 @@ class GBLRLinear(nn.Module):
         self.sigma = sigma
         self.init_flops_ratio = check_flops_ratio(init_flops_ratio, "init_flops_ratio")
         self.init_full_width_share = check_share(init_full_width_share, "init_full_width_share")
+        if isinstance(dense_blocks, bool) or not isinstance(dense_blocks, int) or dense_blocks < 0:
+            raise ValueError(f"dense_blocks must be an int >= 0, got {dense_blocks!r}")
+        self.dense_blocks = dense_blocks
+        self.init_dense_share = check_share(init_dense_share, "init_dense_share")
         self.product = product
         self.compact = False
         factory = {"device": device, "dtype": dtype}
         structure = {"device": device, "dtype": _structure_dtype(dtype)}
-        self.in_width = nn.Parameter(torch.empty(components, **structure))
-        self.in_location = nn.Parameter(torch.empty(components, **structure))
-        self.out_width = nn.Parameter(torch.empty(components, **structure))
-        self.out_location = nn.Parameter(torch.empty(components, **structure))
+        entries = components + dense_blocks
+        self.in_width = nn.Parameter(torch.empty(entries, **structure))
+        self.in_location = nn.Parameter(torch.empty(entries, **structure))
+        self.out_width = nn.Parameter(torch.empty(entries, **structure))
+        self.out_location = nn.Parameter(torch.empty(entries, **structure))
         self.u = nn.Parameter(torch.empty(components, out_features, rank, **factory))
         self.v = nn.Parameter(torch.empty(components, rank, in_features, **factory))
+        block_weight = torch.empty(out_features, in_features, **factory) if dense_blocks else None
+        self.block_weight = None if block_weight is None else nn.Parameter(block_weight)
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
         self.reset_parameters()
 
@@ -153,32 +173,42 @@ class GBLRLinear(nn.Module):
         """Initialise per docs/method.md section 4 at ``init_flops_ratio``.
 
         A dense ``nn.Linear`` init is split by SVD into ``K`` rank-``r`` components (top
-        singular directions first). Full-width components take ``init_full_width_share`` of the
-        MACs budget; the other components share the rest as square-ish partial blocks (the same
-        fraction of rows and columns) at uniformly random locations.
+        singular directions first). Dense blocks (if any) take ``init_dense_share`` of the MACs
+        budget as ``J`` equal square-ish blocks on the diagonal (block ``j`` starts at ``j / J`` of
+        both sides), their values drawn as ``nn.Linear``'s. Of the rest, full-width components
+        take ``init_full_width_share``; the other components share what remains as square-ish
+        partial blocks (the same fraction of rows and columns) at uniformly random locations.
         """
-        m, n, K, r = self.out_features, self.in_features, self.components, self.rank
+        m, n, K, r, J = self.out_features, self.in_features, self.components, self.rank, self.dense_blocks
         left, right = _dense_init_factors(m, n, K * r, device=self.u.device, dtype=_structure_dtype(self.u.dtype))
         self.u.copy_(left.reshape(m, K, r).permute(1, 0, 2))
         self.v.copy_(right.reshape(K, r, n))
 
         budget = self.init_flops_ratio * m * n
+        bound = 1.0 / math.sqrt(n)
+        if J:
+            side = min(1.0, math.sqrt(self.init_dense_share * budget / J / (m * n)))
+            self.in_width[K:] = side
+            self.out_width[K:] = side
+            self.in_location[K:] = torch.arange(J, dtype=self.in_location.dtype) / J
+            self.out_location[K:] = torch.arange(J, dtype=self.out_location.dtype) / J
+            self.block_weight.uniform_(-bound, bound)
+            budget -= J * side * side * m * n
         full_cost = group_macs(r, n, m)
         full = min(K, int(self.init_full_width_share * budget // full_cost))
         partial = K - full
         fraction = 0.0
         if partial:
             fraction = square_block_fraction((budget - full * full_cost) / partial, r, m, n)
-        self.in_width.fill_(fraction)
-        self.out_width.fill_(fraction)
+        self.in_width[:K] = fraction
+        self.out_width[:K] = fraction
         self.in_width[:full] = 1.0
         self.out_width[:full] = 1.0
-        self.in_location.uniform_(0.0, 1.0)
-        self.out_location.uniform_(0.0, 1.0)
+        self.in_location[:K].uniform_(0.0, 1.0)
+        self.out_location[:K].uniform_(0.0, 1.0)
         self.in_location[:full] = 0.0
         self.out_location[:full] = 0.0
         if self.bias is not None:
-            bound = 1.0 / math.sqrt(n)
             self.bias.uniform_(-bound, bound)
 
     def structural_parameters(self) -> list[nn.Parameter]:
@@ -186,8 +216,26 @@ class GBLRLinear(nn.Module):
         return [self.in_width, self.in_location, self.out_width, self.out_location]
 
     def content_parameters(self) -> list[nn.Parameter]:
-        """``u``, ``v`` and the bias: the parameters of the values."""
-        return [p for p in (self.u, self.v, self.bias) if p is not None]
+        """``u``, ``v``, the dense blocks' ``block_weight`` and the bias: the parameters of the values."""
+        return [p for p in (self.u, self.v, self.block_weight, self.bias) if p is not None]
+
+    def entry_ranks(self) -> torch.Tensor:
+        """The rank of each structural entry, ``(components + dense_blocks,)`` int64: ``rank`` for
+        the components, ``min(in_features, out_features)`` for the dense blocks (a rank at which
+        :func:`gblr.flops.group_macs` always charges a block its area)."""
+        ranks = torch.full((self.components + self.dense_blocks,), self.rank, dtype=torch.long,
+                           device=self.in_width.device)
+        ranks[self.components:] = min(self.in_features, self.out_features)
+        return ranks
+
+    def _low_rank_part(self, supports):
+        """The components' widths, locations and rounded supports: the structural parameters
+        themselves, or their first ``components`` entries when there are dense blocks."""
+        structure = self.structural_parameters()
+        if not self.dense_blocks:
+            return structure, supports
+        K = self.components
+        return [p[:K] for p in structure], None if supports is None else tuple(s[:K] for s in supports)
 
     def supports(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Rounded supports in elements: ``(in_width, in_location, out_width, out_location)``."""
@@ -210,7 +258,8 @@ class GBLRLinear(nn.Module):
     # -- the computation ------------------------------------------------------------------------
 
     def masks(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(mask_in (K, in_features), mask_out (K, out_features))`` at the current sigma."""
+        """``(mask_in (K + J, in_features), mask_out (K + J, out_features))`` at the current sigma
+        (components, then dense blocks)."""
         w_in, l_in, w_out, l_out = self._supports("masks()", always=False)
         mask_in = mask_from_supports(self.in_width, self.in_location, self.in_features, self.sigma, w_in, l_in)
         mask_out = mask_from_supports(self.out_width, self.out_location, self.out_features, self.sigma, w_out, l_out)
@@ -227,10 +276,39 @@ class GBLRLinear(nn.Module):
         ``left_t.T @ right`` with the masks applied to ``u`` and ``v`` on the fly
         (:func:`gblr.masks.masked_factor`: no mask tensors, nothing of their size kept for
         backward)."""
-        w_in, l_in, w_out, l_out = self._supports("weight", always=False)
-        left = masked_factor(self.u, self.out_width, self.out_location, self.out_features, self.sigma, w_out, l_out, 1)
-        right = masked_factor(self.v, self.in_width, self.in_location, self.in_features, self.sigma, w_in, l_in, 2)
-        return left.transpose(1, 2).reshape(-1, self.out_features).T @ right.reshape(-1, self.in_features)
+        supports = self._supports("weight", always=False)
+        (in_width, in_location, out_width, out_location), (w_in, l_in, w_out, l_out) = self._low_rank_part(supports)
+        left = masked_factor(self.u, out_width, out_location, self.out_features, self.sigma, w_out, l_out, 1)
+        right = masked_factor(self.v, in_width, in_location, self.in_features, self.sigma, w_in, l_in, 2)
+        matrix = left.transpose(1, 2).reshape(-1, self.out_features).T @ right.reshape(-1, self.in_features)
+        if self.dense_blocks:
+            matrix = matrix + self._dense_weight(supports)
+        return matrix
+
+    def _dense_weight(self, supports) -> torch.Tensor:
+        """``B * sum_j mask_out[K + j] (x) mask_in[K + j]``: the dense blocks' ``(out, in)`` matrix
+        (differentiable in ``B`` and in the blocks' widths and locations)."""
+        K = self.components
+        w_in, l_in, w_out, l_out = (s[K:] for s in supports)
+        mask_in = mask_from_supports(self.in_width[K:], self.in_location[K:], self.in_features, self.sigma, w_in, l_in)
+        mask_out = mask_from_supports(self.out_width[K:], self.out_location[K:], self.out_features, self.sigma,
+                                      w_out, l_out)
+        return self.block_weight * (mask_out.T @ mask_in).to(self.block_weight.dtype)
+
+    def _dense_blocks_cropped(self, x: torch.Tensor, supports) -> torch.Tensor:
+        """The dense blocks' output for ``x (T, in)`` at ``sigma=None``, from the cropped blocks
+        only: ``y[:, rows_j] += x[:, cols_j] @ B[rows_j, cols_j].T`` (``(T, out)``)."""
+        K = self.components
+        y = x.new_zeros(x.shape[0], self.out_features)
+        w_in, l_in, w_out, l_out = (s[K:].tolist() for s in supports)
+        for a, start_in, b, start_out in zip(w_in, l_in, w_out, l_out):
+            if a == 0 or b == 0:
+                continue
+            rows = cyclic_indices(start_out, b, self.out_features, x.device)
+            cols = cyclic_indices(start_in, a, self.in_features, x.device)
+            block = self.block_weight.index_select(0, rows).index_select(1, cols)
+            y = y.index_add(1, rows, x.index_select(1, cols) @ block.T)
+        return y
 
     def materialises(self, tokens: int) -> bool:
         """Whether a forward pass over ``tokens`` rows builds the weight (see ``product``)."""
@@ -241,22 +319,34 @@ class GBLRLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.in_features)
         check_input_dtype(x, self.u.dtype, self)
+        planned = self.compact and self._compact_plan is not None and self._compact_plan[0] == self.u.device
+        supports = None if planned else self._supports("forward", always=False)
+        structure, low_rank = self._low_rank_part(supports)
+        y = None
         if self.compact:
-            plan = self._compact_plan_for(x.numel() // self.in_features)
+            plan = self._compact_plan_for(x.numel() // self.in_features, low_rank)
             if plan is not None:
-                y = CompactProduct.apply(x.reshape(-1, self.in_features), self.u, self.v, self.bias, plan,
-                                         *self.structural_parameters())
-                return y.reshape(*x.shape[:-1], self.out_features)
-        supports = self._supports("forward", always=False)
-        revived = None
-        if torch.is_grad_enabled() and self.in_width.requires_grad:
-            revived = self.revived_widths(supports)
-        plan = ProductPlan(self.in_features, self.out_features, self.sigma, self.in_width.dtype,
-                           self.materialises(x.numel() // self.in_features))
-        return GBLRProduct.apply(x, self.u, self.v, self.bias, self.in_width, self.in_location, self.out_width,
-                                 self.out_location, plan, supports, revived)
+                y = CompactProduct.apply(x.reshape(-1, self.in_features), self.u, self.v, self.bias, plan, *structure)
+                y = y.reshape(*x.shape[:-1], self.out_features)
+        if y is None or self.dense_blocks:
+            supports = supports or self._supports("forward", always=False)
+            structure, low_rank = self._low_rank_part(supports)
+        if y is None:
+            revived = None
+            if torch.is_grad_enabled() and self.in_width.requires_grad:
+                revived = self.revived_widths(low_rank)
+            plan = ProductPlan(self.in_features, self.out_features, self.sigma, self.in_width.dtype,
+                               self.materialises(x.numel() // self.in_features))
+            y = GBLRProduct.apply(x, self.u, self.v, self.bias, *structure, plan, low_rank, revived)
+        if self.dense_blocks:
+            if self.compact:
+                flat = x.reshape(-1, self.in_features)
+                y = y + self._dense_blocks_cropped(flat, supports).reshape(*x.shape[:-1], self.out_features)
+            else:
+                y = y + F.linear(x, self._dense_weight(supports))
+        return y
 
-    def _compact_plan_for(self, tokens: int):
+    def _compact_plan_for(self, tokens: int, supports):
         """The compact product's plan for this layer (planned at the first call after ``compact``
         was set, for ``tokens`` rows), or None where the masked product is predicted cheaper
         (small layers, few blocks of little padding to save): the same output and gradients."""
@@ -265,7 +355,6 @@ class GBLRLinear(nn.Module):
                              f"got sigma={self.sigma}; set compact=False while the structure is learned")
         cached = self._compact_plan
         if cached is None or cached[0] != self.u.device:
-            supports = self._supports("forward", always=False)
             tokens = max(1, tokens)
             plan = plan_compact(supports, self.rank, self.in_features, self.out_features, tokens=tokens)
             device_type = self.u.device.type
@@ -301,16 +390,22 @@ class GBLRLinear(nn.Module):
     @torch.no_grad()
     def freeze(self) -> "FrozenGBLRLinear":
         """The deployed form: exact boxcars (``sigma=None``), zero-width components dropped,
-        factors cropped to their supports, components with identical supports merged. Its output
+        factors cropped to their supports, components with identical supports merged (into a
+        dense block where a dense block shares their support). Its output
         equals this layer's output at ``sigma=None``, and so does its ``flops()``."""
         groups = structure_of([self], where="in freeze()").support_groups()
         blocks = []
         for support, members in sorted(groups.items()):
             rows = cyclic_indices(support.out_start, support.out_width, self.out_features, self.u.device)
             cols = cyclic_indices(support.in_start, support.in_width, self.in_features, self.v.device)
-            index = torch.tensor(members, device=self.u.device)
+            low_rank = [index for index in members if index < self.components]
+            index = torch.tensor(low_rank, dtype=torch.long, device=self.u.device)
             left = self.u[index][:, rows, :].permute(1, 0, 2).reshape(support.out_width, -1)
             right = self.v[index][:, :, cols].reshape(-1, support.in_width)
+            dense = len(members) - len(low_rank)
+            if dense:  # one dense block (the factors' product added): right is the identity
+                left = dense * self.block_weight[rows][:, cols] + left @ right
+                right = torch.eye(support.in_width, dtype=left.dtype, device=left.device)
             blocks.append((support, left.clone(), right.clone()))
         bias = None if self.bias is None else self.bias.detach().clone()
         return self._frozen_form(blocks, bias)
@@ -326,7 +421,9 @@ class GBLRLinear(nn.Module):
         ratio = "invalid (non-finite widths or locations)" if nonfinite_layers([self]) else f"{self.flops_ratio():.3f}"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"components={self.components}, rank={self.rank}, sigma={self.sigma}, flops_ratio={ratio}"
+            f"components={self.components}, rank={self.rank}, "
+            + (f"dense_blocks={self.dense_blocks}, " if self.dense_blocks else "")
+            + f"sigma={self.sigma}, flops_ratio={ratio}"
         )
 
     def _apply(self, fn, recurse=True):
@@ -424,7 +521,7 @@ def structure_of(layers: list[GBLRLinear], *, where: str = "in structure_of()") 
     device = layers[0].in_width.device
 
     def per_component(value):
-        return torch.cat([torch.full((layer.components,), value(layer), dtype=torch.long, device=device)
+        return torch.cat([torch.full((layer.in_width.numel(),), value(layer), dtype=torch.long, device=device)
                           for layer in layers])
 
     in_sizes, out_sizes = per_component(lambda l: l.in_features), per_component(lambda l: l.out_features)
@@ -432,8 +529,8 @@ def structure_of(layers: list[GBLRLinear], *, where: str = "in structure_of()") 
                                   in_sizes)
     w_out, l_out = element_supports(torch.cat([l.out_width for l in layers]),
                                     torch.cat([l.out_location for l in layers]), out_sizes)
-    ranks = per_component(lambda l: l.rank)
-    indices = torch.cat([torch.full((layer.components,), i, dtype=torch.long, device=device)
+    ranks = torch.cat([layer.entry_ranks().to(device) for layer in layers])
+    indices = torch.cat([torch.full((layer.in_width.numel(),), i, dtype=torch.long, device=device)
                          for i, layer in enumerate(layers)])
     return Structure(w_in, l_in, w_out, l_out, in_sizes, out_sizes, ranks, indices, len(layers))
 

@@ -69,6 +69,8 @@ def _layer_entry(name: str, layer: nn.Module) -> dict:
         entry["conv"] = layer.geometry_config()
     if isinstance(layer, GBLRLinear):
         entry.update(components=layer.components, rank=layer.rank, sigma=layer.sigma, dtype=_dtype_name(layer.u.dtype))
+        if layer.dense_blocks:
+            entry["dense_blocks"] = layer.dense_blocks
     else:
         entry["dtype"] = _dtype_name(layer.dtype)
         entry["blocks"] = [
@@ -144,6 +146,8 @@ def _build_layer(entry: dict, name: str, device: torch.device) -> nn.Module:
         structure = {"bias": bias, "components": _entry_value(entry, "components", int, name),
                      "rank": _entry_value(entry, "rank", int, name), "sigma": entry.get("sigma"), "device": "meta",
                      "dtype": dtype}
+        if "dense_blocks" in entry:
+            structure["dense_blocks"] = _entry_value(entry, "dense_blocks", int, name)
         layer = GBLRLinear(in_features, out_features, **structure) if conv is None else GBLRConv2d(**conv, **structure)
     elif kind in ("FrozenGBLRLinear", "FrozenGBLRConv2d"):
         blocks = []

@@ -29,7 +29,11 @@ def coverage(layer: GBLRLinear | FrozenGBLRLinear) -> torch.Tensor:
         with torch.no_grad():
             mask_in = boxcar(layer.in_width, layer.in_location, layer.in_features)
             mask_out = boxcar(layer.out_width, layer.out_location, layer.out_features)
-            ranks = torch.full((layer.components,), float(layer.rank), dtype=mask_in.dtype, device=mask_in.device)
+            ranks = layer.entry_ranks()
+            w_in, _, w_out, _ = layer.supports()
+            dense = slice(layer.components, None)  # a dense block's rank: the smaller side of its support
+            ranks[dense] = torch.minimum(w_in[dense], w_out[dense])
+            ranks = ranks.to(mask_in.dtype)
             return (mask_out.T * ranks) @ mask_in
     if isinstance(layer, FrozenGBLRLinear):
         counts = torch.zeros(layer.out_features, layer.in_features)

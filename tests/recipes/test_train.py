@@ -42,6 +42,8 @@ def test_train_writes_report_log_checkpoint_and_pictures(data_dir, tmp_path):
                 if 2 * support.in_width >= layer.in_features and 2 * support.out_width >= layer.out_features]
         assert row["blocks"] == len(layer.supports) > 0
         assert row["wide_macs_share"] == pytest.approx(sum(wide) / layer.flops())
+        dense = [s.in_width * s.out_width for s, _, right in layer.blocks() if right is None]
+        assert row["dense_macs_share"] == pytest.approx(sum(dense) / layer.flops())
     assert set(report["timings"]) >= {"train_seconds", "epoch_seconds", "eval_seconds"}
     # the deployed model is frozen, and its cost is the reported one
     assert all(isinstance(m, FrozenGBLRLinear) for m in (model.blocks[0].mlp.fc1, model.blocks[0].attention.key))

@@ -48,18 +48,21 @@ def make_linear(
     init_flops_ratio: float | None = None,
     init_full_width_share: float = 0.5,
     rank: int = 1,
+    dense_blocks: int = 0,
+    init_dense_share: float = 0.5,
 ) -> nn.Module:
     """One linear layer of the given kind. Baselines are built at ``flops_ratio``; a GBLR layer
     starts at ``init_flops_ratio`` (default: the smaller of 1 and twice ``flops_ratio``) and
-    is brought to the budget by :class:`gblr.StructureLearner`, with ``init_full_width_share``
-    of the initial budget in full-width components. GBLR layers have components of
-    rank ``rank``, as many as make up the rank of a dense layer (``min(in, out) / rank``,
-    rounded up)."""
+    is brought to the budget by :class:`gblr.StructureLearner`, with ``init_dense_share`` of the
+    initial budget in ``dense_blocks`` dense blocks (if any) and ``init_full_width_share`` of
+    the rest in full-width components. GBLR layers have components of rank ``rank``, as many as
+    make up the rank of a dense layer (``min(in, out) / rank``, rounded up)."""
     if kind == "gblr":
         start = min(1.0, 2 * flops_ratio) if init_flops_ratio is None else init_flops_ratio
         components = -(-min(in_features, out_features) // rank)
         return GBLRLinear(in_features, out_features, components=components, rank=rank, init_flops_ratio=start,
-                          init_full_width_share=init_full_width_share)
+                          init_full_width_share=init_full_width_share, dense_blocks=dense_blocks,
+                          init_dense_share=init_dense_share)
     if kind == "dense":
         return nn.Linear(in_features, out_features)
     if kind == "lowrank":

@@ -71,6 +71,8 @@ class TrainConfig:
     init_flops_ratio: float | None = None  # GBLR start; default min(1, 2 * flops_target)
     init_full_width_share: float = 0.5  # of the starting budget, in full-width GBLR components
     rank: int = 1  # rank of each GBLR component
+    dense_blocks: int = 0  # GBLR dense blocks per linear layer (learned places and sizes; not for resnet)
+    init_dense_share: float = 0.5  # of the starting budget, in the dense blocks (when there are any)
     epochs: int = 3
     batch_size: int = 128  # global, across ranks
     lr: float = 2e-3
@@ -117,6 +119,12 @@ class TrainConfig:
         if self.init_flops_ratio is not None:
             check_flops_ratio(self.init_flops_ratio, option_name("init_flops_ratio"))
         check_share(self.init_full_width_share, option_name("init_full_width_share"))
+        check_share(self.init_dense_share, option_name("init_dense_share"))
+        if isinstance(self.dense_blocks, bool) or not isinstance(self.dense_blocks, int) or self.dense_blocks < 0:
+            raise ValueError(f"{option_name('dense_blocks')} must be an int >= 0, got {self.dense_blocks!r}")
+        if self.dense_blocks and self.model == "resnet":
+            raise ValueError(f"{option_name('dense_blocks')} is for linear layers; resnet replaces convolutions "
+                             "(GBLRConv2d has no dense blocks)")
         check_share(self.structure_fraction, option_name("structure_fraction"))
         for name in ("epochs", "batch_size", "eval_batch_size", "rank", "dim", "depth", "heads", "patch_size", "width",
                      "stage_depth", "seq_len"):
@@ -302,6 +310,8 @@ def fit(config: TrainConfig) -> tuple[nn.Module, dict]:
     torch.manual_seed(config.seed)  # the same initial model on every rank
     layer_options = {"init_flops_ratio": config.init_flops_ratio, "init_full_width_share": config.init_full_width_share,
                      "rank": config.rank} if config.layer == "gblr" else {}
+    if config.layer == "gblr" and config.dense_blocks:
+        layer_options.update(dense_blocks=config.dense_blocks, init_dense_share=config.init_dense_share)
     input_shape, classes = ((config.seq_len,), data.vocab_size) if text else (data.image_shape, data.num_classes)
     model = build_model(
         config.model, input_shape, classes, layer=config.layer, flops_ratio=config.flops_target,
@@ -494,7 +504,8 @@ def _layer_rows(model: nn.Module, flops) -> list[dict]:
     """Per replaced layer: name, shape, FLOPs ratio; for a frozen GBLR layer also how many
     blocks it kept and ``wide_macs_share``, the share of its MACs in blocks that span at least
     half of the layer's rows and half of its columns (low-rank-like bands, as opposed to local
-    blocks)."""
+    blocks), and ``dense_macs_share``, the share in blocks deployed as one dense matrix (dense
+    blocks, and components whose support is cheaper as a dense block)."""
     frozen = {f"blocks.{name}": module for name, module in model.blocks.named_modules()
               if isinstance(module, FrozenGBLRLinear)}
     rows = []
@@ -504,7 +515,9 @@ def _layer_rows(model: nn.Module, flops) -> list[dict]:
             module = frozen[layer.name]
             wide = sum(block_macs for support, block_macs in module.block_macs()
                        if 2 * support.in_width >= module.in_features and 2 * support.out_width >= module.out_features)
-            row.update(blocks=len(module.supports), wide_macs_share=wide / max(1, layer.gblr_macs))
+            dense = sum(support.in_width * support.out_width for support, _, right in module.blocks() if right is None)
+            row.update(blocks=len(module.supports), wide_macs_share=wide / max(1, layer.gblr_macs),
+                       dense_macs_share=dense / max(1, layer.gblr_macs))
         rows.append(row)
     return rows
 
