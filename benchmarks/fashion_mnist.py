@@ -13,7 +13,7 @@ docs/benchmarks/fashion_mnist.md.
 ``--ablation`` trains GBLR only, once per variant of the structure-learning recipe (ABLATION:
 the default, other starting ratios, other splits of the starting budget between full-width
 components and partial blocks, a 2.5x structural learning rate, a shorter structure phase,
-components of higher rank), and writes docs/benchmarks/fashion_mnist_ablation.md with the final
+components of higher rank, dense blocks), and writes docs/benchmarks/fashion_mnist_ablation.md with the final
 training loss and the share of the learned MACs in wide blocks beside the accuracy: it is how we
 look for why GBLR trails a baseline.
 """
@@ -41,6 +41,7 @@ ABLATION = {  # variant -> TrainConfig overrides, given the FLOPs target
     "structure-fraction 0.6": lambda ratio: {"structure_fraction": 0.6},
     "rank-4 components (a quarter as many)": lambda ratio: {"rank": 4},
     "rank-16 components (a sixteenth as many)": lambda ratio: {"rank": 16},
+    "4 dense blocks": lambda ratio: {"dense_blocks": 4},
 }
 
 

@@ -160,3 +160,27 @@ def test_the_train_recipe_refuses_blocks_for_convolutions():
 
     with pytest.raises(ValueError, match="dense-blocks"):
         TrainConfig(model="resnet", dense_blocks=2).validate()
+
+
+@pytest.mark.parametrize("sigma", [None, 4.0])
+def test_one_gemm_for_both_terms_gives_the_thin_products_output_and_gradients(sigma):
+    layer = layer_with_blocks(sigma=sigma)
+    x = torch.randn(2, 5, 48, dtype=torch.float64, requires_grad=True)
+    results = []
+    for product in ("factored", "materialise"):
+        layer.product = product
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        y = layer(x)
+        (y * torch.linspace(-1, 1, 40, dtype=torch.float64)).sum().backward()
+        results.append([y.detach(), x.grad] + [p.grad for p in layer.parameters()])
+    assert layer.materialises(10) and not layer_with_blocks(product="factored").materialises(10)
+    for factored, materialised in zip(*results):
+        assert torch.allclose(factored, materialised, atol=1e-10)
+
+
+def test_blocks_make_materialising_the_weight_pay_sooner():
+    layer = layer_with_blocks(n=256, m=256, components=64, blocks=2)
+    plain = gblr.GBLRLinear(256, 256, components=64)
+    tokens = 200  # two thin products beat building the weight, unless a dense product is due anyway
+    assert not plain.materialises(tokens) and layer.materialises(tokens)

@@ -27,13 +27,14 @@ from ._validation import (
     check_positive_int,
     check_share,
     check_sigma,
+    compute_dtype,
     layer_name,
 )
 from .compact import CompactProduct, masked_cost, plan_compact
 from .flops import Structure, cyclic_indices, group_macs, square_block_fraction
 from .frozen import FrozenGBLRLinear
 from .masks import element_supports, mask_from_supports, masked_factor
-from .product import PRODUCTS, GBLRProduct, ProductPlan, materialise_is_cheaper
+from .product import PRODUCTS, GBLRProduct, GBLRWeight, ProductPlan, materialise_is_cheaper
 
 __all__ = ["STRUCTURAL_NAMES", "GBLRLinear", "check_finite_structure", "nonfinite_layers", "structure_of"]
 
@@ -314,7 +315,8 @@ class GBLRLinear(nn.Module):
         """Whether a forward pass over ``tokens`` rows builds the weight (see ``product``)."""
         if self.product != "auto":
             return self.product == "materialise"
-        return materialise_is_cheaper(tokens, self.in_features, self.out_features, self.components * self.rank)
+        return materialise_is_cheaper(tokens, self.in_features, self.out_features, self.components * self.rank,
+                                      dense_term=self.dense_blocks > 0 and not self.compact)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.in_features)
@@ -337,6 +339,11 @@ class GBLRLinear(nn.Module):
                 revived = self.revived_widths(low_rank)
             plan = ProductPlan(self.in_features, self.out_features, self.sigma, self.in_width.dtype,
                                self.materialises(x.numel() // self.in_features))
+            if self.dense_blocks and not self.compact and plan.materialise:
+                # one GEMM for both terms: the components' weight plus the blocks' masked matrix
+                dtype = compute_dtype(x)
+                weight = GBLRWeight.apply(self.u, self.v, *structure, plan, low_rank, revived, dtype)
+                return F.linear(x, weight + self._dense_weight(supports).to(dtype), self.bias)
             y = GBLRProduct.apply(x, self.u, self.v, self.bias, *structure, plan, low_rank, revived)
         if self.dense_blocks:
             if self.compact:

@@ -21,11 +21,14 @@ __all__ = ["PRODUCTS", "GBLRProduct", "GBLRWeight", "ProductPlan", "materialise_
 PRODUCTS = ("auto", "materialise", "factored")  # GBLRLinear(product=...): how the forward product runs
 
 
-def materialise_is_cheaper(tokens: int, in_features: int, out_features: int, total_rank: int) -> bool:
+def materialise_is_cheaper(tokens: int, in_features: int, out_features: int, total_rank: int, *,
+                           dense_term: bool = False) -> bool:
     """Whether building the ``(out, in)`` weight and one GEMM (``K r m n + T m n`` MACs) costs less
-    than two thin products through the hidden activations (``T K r (m + n)``)."""
+    than two thin products through the hidden activations (``T K r (m + n)``), plus, with
+    ``dense_term`` (a layer with dense blocks), the dense product the thin way needs beside them."""
     m, n, kr = out_features, in_features, total_rank
-    return kr * m * n + tokens * m * n < tokens * low_rank_macs(kr, m, n)
+    thin = tokens * low_rank_macs(kr, m, n) + (tokens * m * n if dense_term else 0)
+    return kr * m * n + tokens * m * n < thin
 
 
 
