@@ -59,7 +59,7 @@ def phase_layer(in_features: int, out_features: int, phase: str, dtype=torch.flo
 
 def path_of(layer: gblr.GBLRLinear, tokens: int) -> str:
     """The product the layer's last forward pass took (a compact layer may keep the masked one)."""
-    if layer.compact and layer._compact_plan[1] is not None:
+    if layer.compact and layer.compact_plan(tokens) is not None:
         return "compact"
     return "materialise" if layer.materialises(tokens) else "thin"
 

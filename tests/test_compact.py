@@ -73,7 +73,7 @@ def test_a_compact_layer_takes_the_cheaper_product():
         expected = layer(x).detach()
         layer.compact = True
         y = layer(x)
-        assert (layer._compact_plan[1] is not None) == compact
+        assert (layer.compact_plan(2048) is not None) == compact
         torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
         y.sum().backward()
         # compact: the structure takes part with zero gradients (DistributedDataParallel needs every parameter)
@@ -186,3 +186,21 @@ def test_settle_steps_is_checked():
     optimizer = torch.optim.AdamW(gblr.param_groups(model, lr=1e-3))
     with pytest.raises(ValueError, match="settle_steps"):
         gblr.StructureLearner(model, optimizer, flops_target=0.5, total_steps=10, settle_steps=0)
+
+
+def test_plans_are_made_per_bucket_of_token_counts():
+    layer = content_layer(512, 512, 512, dtype=torch.float32)
+    with torch.no_grad():
+        layer.in_width.uniform_(0.05, 0.1)
+        layer.out_width.uniform_(0.05, 0.1)
+    layer.sigma = None
+    layer.compact = True
+    few, many = layer.compact_plan(16), layer.compact_plan(4096)
+    assert few is not None and many is not None and few is not many
+    assert layer.compact_plan(9) is few and layer.compact_plan(3000) is many  # same power-of-two bucket
+    assert few.gemms <= many.gemms  # a GEMM's fixed price weighs more with few tokens: fewer, larger groups
+    layer.compact = True  # setting it again plans afresh
+    assert layer.compact_plan(16) is not few
+    layer.sigma = 2.0
+    with pytest.raises(ValueError, match="compact=True needs sigma=None"):
+        layer.compact_plan(16)

@@ -44,7 +44,7 @@ def test_compiled_compact_model_matches_eager(monkeypatch):
         layer.compact = True
     x = torch.randn(8, 32, requires_grad=True)
     reference = model(x)  # plans the groups
-    assert all(layer._compact_plan[1] is not None for layer in (model[0], model[2]))
+    assert all(layer.compact_plan(8) is not None for layer in (model[0], model[2]))
     reference.square().sum().backward()
     expected = [x.grad.clone()] + [p.grad.clone() for p in model.parameters() if p.grad is not None]
     model.zero_grad()

@@ -184,3 +184,15 @@ def test_blocks_make_materialising_the_weight_pay_sooner():
     plain = gblr.GBLRLinear(256, 256, components=64)
     tokens = 200  # two thin products beat building the weight, unless a dense product is due anyway
     assert not plain.materialises(tokens) and layer.materialises(tokens)
+
+
+def test_the_gpt_recipe_gives_every_replaced_linear_its_dense_blocks():
+    from gblr.learning import gblr_layers
+    from gblr.recipes.models import build_model
+
+    model = build_model("gpt", (16,), 256, layer="gblr", flops_ratio=0.3, dim=32, depth=1, heads=2,
+                        layer_options={"dense_blocks": 2, "init_dense_share": 0.8})
+    layers = gblr_layers(model)
+    assert len(layers) == 6 and all(layer.dense_blocks == 2 and layer.init_dense_share == 0.8 for layer in layers)
+    tokens = torch.randint(0, 256, (2, 16))
+    assert model(tokens).shape == (2, 16, 256)

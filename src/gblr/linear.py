@@ -75,7 +75,8 @@ class GBLRLinear(nn.Module):
     the layer's FLOPs ratio of a dense layer's cost (where that is predicted cheaper than the
     masked product); widths and locations then get zero gradients.
     :class:`gblr.StructureLearner` turns it on for the content phase. The groups are planned from
-    the supports at the first forward pass after it is set: set it again after changing them.
+    the supports at the first forward pass of each size after it is set (:meth:`compact_plan`):
+    set it again after changing them.
 
     Structural parameters (``in_width``, ``in_location``, ``out_width``, ``out_location``, all
     normalised to ``[0, 1]``) are kept in float32 (float64 for a float64 layer), whatever the
@@ -159,7 +160,7 @@ class GBLRLinear(nn.Module):
         if not isinstance(value, bool):
             raise ValueError(f"compact must be True or False, got {value!r}")
         self._compact = value
-        self._compact_plan = None  # planned again from the supports at the next forward pass
+        self._compact_plans = {}  # (device, token bucket) -> plan or None; planned again from the supports
 
     @property
     def sigma(self) -> float | None:
@@ -321,31 +322,29 @@ class GBLRLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.in_features)
         check_input_dtype(x, self.u.dtype, self)
-        planned = self.compact and self._compact_plan is not None and self._compact_plan[0] == self.u.device
-        supports = None if planned else self._supports("forward", always=False)
-        structure, low_rank = self._low_rank_part(supports)
-        y = None
-        if self.compact:
-            plan = self._compact_plan_for(x.numel() // self.in_features, low_rank)
-            if plan is not None:
-                y = CompactProduct.apply(x.reshape(-1, self.in_features), self.u, self.v, self.bias, plan, *structure)
-                y = y.reshape(*x.shape[:-1], self.out_features)
-        if y is None or self.dense_blocks:
-            supports = supports or self._supports("forward", always=False)
+        tokens = x.numel() // self.in_features
+        plan = self.compact_plan(tokens) if self.compact else None
+        supports = None
+        if plan is not None:
+            structure, _ = self._low_rank_part(None)
+            y = CompactProduct.apply(x.reshape(-1, self.in_features), self.u, self.v, self.bias, plan, *structure)
+            y = y.reshape(*x.shape[:-1], self.out_features)
+        else:
+            supports = self._supports("forward", always=False)
             structure, low_rank = self._low_rank_part(supports)
-        if y is None:
             revived = None
             if torch.is_grad_enabled() and self.in_width.requires_grad:
                 revived = self.revived_widths(low_rank)
-            plan = ProductPlan(self.in_features, self.out_features, self.sigma, self.in_width.dtype,
-                               self.materialises(x.numel() // self.in_features))
-            if self.dense_blocks and not self.compact and plan.materialise:
+            product = ProductPlan(self.in_features, self.out_features, self.sigma, self.in_width.dtype,
+                                  self.materialises(tokens))
+            if self.dense_blocks and not self.compact and product.materialise:
                 # one GEMM for both terms: the components' weight plus the blocks' masked matrix
                 dtype = compute_dtype(x)
-                weight = GBLRWeight.apply(self.u, self.v, *structure, plan, low_rank, revived, dtype)
+                weight = GBLRWeight.apply(self.u, self.v, *structure, product, low_rank, revived, dtype)
                 return F.linear(x, weight + self._dense_weight(supports).to(dtype), self.bias)
-            y = GBLRProduct.apply(x, self.u, self.v, self.bias, *structure, plan, low_rank, revived)
+            y = GBLRProduct.apply(x, self.u, self.v, self.bias, *structure, product, low_rank, revived)
         if self.dense_blocks:
+            supports = supports or self._supports("forward", always=False)
             if self.compact:
                 flat = x.reshape(-1, self.in_features)
                 y = y + self._dense_blocks_cropped(flat, supports).reshape(*x.shape[:-1], self.out_features)
@@ -353,22 +352,25 @@ class GBLRLinear(nn.Module):
                 y = y + F.linear(x, self._dense_weight(supports))
         return y
 
-    def _compact_plan_for(self, tokens: int, supports):
-        """The compact product's plan for this layer (planned at the first call after ``compact``
-        was set, for ``tokens`` rows), or None where the masked product is predicted cheaper
-        (small layers, few blocks of little padding to save): the same output and gradients."""
+    def compact_plan(self, tokens: int):
+        """The compact product's plan (:func:`gblr.compact.plan_compact`) for a forward pass over
+        ``tokens`` rows, or None where the masked product is predicted cheaper (small layers, few
+        blocks of little padding to save): the same output and gradients. Planned from the
+        supports once per device and power-of-two bucket of token counts after ``compact`` was
+        set (training batches and evaluation batches each get the groups that suit them)."""
         if self.sigma is not None:
             raise ValueError(f"{layer_name(self)}: compact=True needs sigma=None (a fixed structure of exact boxcars), "
                              f"got sigma={self.sigma}; set compact=False while the structure is learned")
-        cached = self._compact_plan
-        if cached is None or cached[0] != self.u.device:
-            tokens = max(1, tokens)
-            plan = plan_compact(supports, self.rank, self.in_features, self.out_features, tokens=tokens)
+        bucket = 1 << max(0, tokens - 1).bit_length()  # the power of two at or above tokens
+        key = (self.u.device, bucket)
+        if key not in self._compact_plans:
+            _, low_rank = self._low_rank_part(self._supports("forward", always=False))
+            plan = plan_compact(low_rank, self.rank, self.in_features, self.out_features, tokens=bucket)
             device_type = self.u.device.type
-            faster = plan.cost(tokens, device_type) < masked_cost(
-                tokens, self.in_features, self.out_features, self.components * self.rank, device_type)
-            cached = self._compact_plan = (self.u.device, plan if faster else None)
-        return cached[1]
+            faster = plan.cost(bucket, device_type) < masked_cost(
+                bucket, self.in_features, self.out_features, self.components * self.rank, device_type)
+            self._compact_plans[key] = plan if faster else None
+        return self._compact_plans[key]
 
     @staticmethod
     def revived_widths(supports) -> tuple[torch.Tensor, torch.Tensor]:
