@@ -42,6 +42,7 @@ ABLATION = {  # variant -> TrainConfig overrides, given the FLOPs target
     "rank-4 components (a quarter as many)": lambda ratio: {"rank": 4},
     "rank-16 components (a sixteenth as many)": lambda ratio: {"rank": 16},
     "4 dense blocks": lambda ratio: {"dense_blocks": 4},
+    "4 dense blocks with 0.8 of the start": lambda ratio: {"dense_blocks": 4, "init_dense_share": 0.8},
 }
 
 

@@ -263,8 +263,9 @@ def render(finished: dict, args) -> str:
 
 
 def verdict(groups: dict[tuple[str, float], list[dict]], target: float) -> str:
-    """Which row at ``target`` has the lowest mean bits per byte, and whether GBLR beats every
-    baseline by more than the larger of the two seed standard deviations."""
+    """Which row at ``target`` has the lowest mean bits per byte, and whether each GBLR row (the
+    default and every variant measured on 2 seeds or more) beats every baseline by more than the
+    larger of the two seed standard deviations."""
     stats = {}
     for (layer, ratio), rows in groups.items():
         if ratio == target:
@@ -273,19 +274,27 @@ def verdict(groups: dict[tuple[str, float], list[dict]], target: float) -> str:
     best = min(stats, key=lambda layer: stats[layer][0])
     line = f"Ratio {target:g}: lowest mean bits per byte: {best} ({stats[best][0]:.3f})."
     baselines = [layer for layer in BASELINES if layer in stats]
-    if "gblr" not in stats or not baselines:
+    candidates = [layer for layer in stats if layer == "gblr" or (layer.startswith("gblr[") and stats[layer][1])]
+    if not candidates or not baselines:
         return line + " GBLR against the baselines: not measured (GBLR and at least one baseline are needed)."
-    if any(stats[layer][1] is None for layer in ["gblr", *baselines]):
+    if any(stats[layer][1] is None for layer in baselines):
         return line + " GBLR against the baselines: undecided (a standard deviation needs at least 2 seeds)."
-    gblr_mean, gblr_std = stats["gblr"]
+    return "\n".join([line, *(f"  - {comparison(stats, layer, baselines)}" for layer in sorted(candidates))])
+
+
+def comparison(stats: dict[str, tuple[float, float | None]], gblr: str, baselines: list[str]) -> str:
+    """Whether the GBLR row ``gblr`` beats every baseline by more than the larger seed standard deviation."""
+    gblr_mean, gblr_std = stats[gblr]
+    if gblr_std is None:
+        return f"{gblr}: undecided (a standard deviation needs at least 2 seeds)."
     margins = {layer: (stats[layer][0] - gblr_mean, max(gblr_std, stats[layer][1])) for layer in baselines}
     failed = [layer for layer, (gain, std) in margins.items() if gain <= std]
     detail = "; ".join(f"{layer} {gain:+.3f} (needs > {std:.3f})" for layer, (gain, std) in margins.items())
     if failed:
-        return line + (f" GBLR does not beat every baseline by more than the larger seed standard deviation "
-                       f"(not {', '.join(failed)}); baseline minus GBLR bits per byte: {detail}.")
-    return line + (" GBLR beats every baseline by more than the larger seed standard deviation; baseline minus "
-                   f"GBLR bits per byte: {detail}.")
+        return (f"{gblr} does not beat every baseline by more than the larger seed standard deviation "
+                f"(not {', '.join(failed)}); baseline minus GBLR bits per byte: {detail}.")
+    return (f"{gblr} beats every baseline by more than the larger seed standard deviation; baseline minus "
+            f"GBLR bits per byte: {detail}.")
 
 
 if __name__ == "__main__":
