@@ -86,9 +86,15 @@ def test_a_component_on_a_blocks_support_merges_into_that_dense_block():
     assert torch.allclose(frozen(x), layer(x), atol=1e-12)
 
 
-def test_compact_gives_the_masked_products_output_and_gradients():
+@pytest.mark.parametrize("cropped", [False, True])
+def test_compact_gives_the_masked_products_output_and_gradients(cropped, monkeypatch):
+    if cropped:  # the compact product and cropped blocks, as in a large layer
+        monkeypatch.setattr(gblr.linear, "masked_cost", lambda *args: float("inf"))
     layer = layer_with_blocks()
     layer.sigma = None
+    with torch.no_grad():
+        K = layer.components
+        layer.in_location[K], layer.in_width[K] = 0.9, 0.4  # a block that wraps past the last column
     x = torch.randn(9, 48, dtype=torch.float64, requires_grad=True)
     results = []
     for compact in (False, True):
@@ -98,6 +104,7 @@ def test_compact_gives_the_masked_products_output_and_gradients():
         y = layer(x)
         (y * torch.linspace(-1, 1, 40, dtype=torch.float64)).sum().backward()
         results.append([y.detach(), x.grad, layer.u.grad, layer.v.grad, layer.block_weight.grad, layer.bias.grad])
+    assert (layer.compact_plan(9) is not None) == cropped
     for masked, compact in zip(*results):
         assert torch.allclose(masked, compact, atol=1e-12)
 

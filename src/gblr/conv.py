@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._validation import check_input_dtype, check_positive_int, compute_dtype
-from .frozen import FrozenGBLRLinear, _cyclic_ranges
+from .flops import cyclic_ranges
+from .frozen import FrozenGBLRLinear
 from .kernels import choice
 from .linear import GBLRLinear
 from .product import GBLRWeight, ProductPlan
@@ -288,7 +289,7 @@ class _BlockConvolutions:
         for support, left, right in layer.blocks():
             if right is None:  # a dense block: hidden channels are its rows, the 1x1 step is the identity
                 right, left = left, torch.eye(left.shape[0], device=left.device, dtype=left.dtype)
-            for at, start, stop in _cyclic_ranges(support.in_start, support.in_width, n):
+            for at, start, stop in cyclic_ranges(support.in_start, support.in_width, n):
                 first, last = at // taps, -(-(at + stop - start) // taps)
                 kernel = right.new_zeros(right.shape[0], (last - first) * taps)
                 kernel[:, at - first * taps : at - first * taps + stop - start] = right[:, start:stop]
@@ -307,7 +308,7 @@ class _BlockConvolutions:
         for key, left, support in lefts:
             start = hidden_of[key] + filled[key]
             filled[key] += left.shape[1]
-            for at, lo, hi in _cyclic_ranges(support.out_start, support.out_width, layer.out_features):
+            for at, lo, hi in cyclic_ranges(support.out_start, support.out_width, layer.out_features):
                 mixing[at : at + hi - lo, start : start + left.shape[1]] = left[lo:hi].to(device, dtype)
         self.mixing = mixing.reshape(layer.out_features, offset, 1, 1)
         self.hidden = offset

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 __all__ = [
-    "Support", "Structure", "group_macs", "group_macs_slopes", "low_rank_macs", "max_low_rank", "rank_for_ratio",
-    "largest_cheaper_rank", "square_block_fraction", "LayerFlops", "FlopsReport", "flops_report",
+    "Support", "Structure", "cyclic_indices", "cyclic_ranges", "group_macs", "group_macs_slopes", "low_rank_macs",
+    "max_low_rank", "rank_for_ratio", "largest_cheaper_rank", "square_block_fraction", "LayerFlops", "FlopsReport", "flops_report",
 ]
 
 
@@ -104,6 +104,18 @@ def cyclic_indices(start: int, width: int, size: int, device=None) -> torch.Tens
     """The indices ``start, start + 1, ...`` (``width`` of them) modulo ``size``: one side of a
     block's cyclic support."""
     return torch.remainder(torch.arange(start, start + width, device=device), size)
+
+
+def cyclic_ranges(start: int, width: int, size: int) -> list[tuple[int, int, int]]:
+    """The cyclic range ``start .. start + width`` of ``0 .. size`` as contiguous pieces
+    ``(position, offset_from, offset_to)``: elements ``offset_from:offset_to`` of the range sit
+    at ``position ..`` (one piece, or two when it wraps)."""
+    start %= size
+    first = min(width, size - start)
+    pieces = [(start, 0, first)]
+    if width > first:
+        pieces.append((0, first, width))
+    return pieces
 
 
 def group_macs(rank, in_width, out_width):

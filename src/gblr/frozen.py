@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._validation import check_input, check_input_dtype, compute_dtype, check_positive_int, layer_name
-from .flops import Support, cyclic_indices, group_macs
+from .flops import Support, cyclic_indices, cyclic_ranges, group_macs
 from .kernels import choice, segmented
 from .kernels.tiled import batch, batched_forward, pack, stack, stacked_forward, tiled_forward
 
@@ -26,18 +26,6 @@ __all__ = ["FrozenGBLRLinear", "freeze_", "KERNELS", "COARSE_TILE_FACTOR", "SUPP
 KERNELS = choice.KERNELS
 COARSE_TILE_FACTOR = 3  # "tiled-coarse": 3x wider tiles, fewer GEMMs (small token counts), more padding
 SUPPORTS_KEY = "block_supports"  # the state-dict buffer of the block supports, (blocks, 4) int64
-
-
-def _cyclic_ranges(start: int, width: int, size: int) -> list[tuple[int, int, int]]:
-    """The cyclic range ``start .. start + width`` of ``0 .. size`` as contiguous pieces
-    ``(position, offset_from, offset_to)``: elements ``offset_from:offset_to`` of the range sit
-    at ``position ..`` (one piece, or two when it wraps)."""
-    start %= size
-    first = min(width, size - start)
-    pieces = [(start, 0, first)]
-    if width > first:
-        pieces.append((0, first, width))
-    return pieces
 
 
 class FrozenGBLRLinear(nn.Module):
@@ -134,8 +122,8 @@ class FrozenGBLRLinear(nn.Module):
             block = left if right is None else left @ right
             # a cyclic support is at most two contiguous ranges per side: add through views
             # (advanced indexing would keep a block-sized index tensor per block for autograd)
-            for out_at, out_from, out_to in _cyclic_ranges(support.out_start, support.out_width, self.out_features):
-                for in_at, in_from, in_to in _cyclic_ranges(support.in_start, support.in_width, self.in_features):
+            for out_at, out_from, out_to in cyclic_ranges(support.out_start, support.out_width, self.out_features):
+                for in_at, in_from, in_to in cyclic_ranges(support.in_start, support.in_width, self.in_features):
                     weight[out_at : out_at + out_to - out_from, in_at : in_at + in_to - in_from] += (
                         block[out_from:out_to, in_from:in_to]
                     )

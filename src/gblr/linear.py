@@ -31,7 +31,7 @@ from ._validation import (
     layer_name,
 )
 from .compact import CompactProduct, masked_cost, plan_compact
-from .flops import Structure, cyclic_indices, group_macs, square_block_fraction
+from .flops import Structure, cyclic_indices, cyclic_ranges, group_macs, square_block_fraction
 from .frozen import FrozenGBLRLinear
 from .masks import element_supports, mask_from_supports, masked_factor
 from .product import PRODUCTS, GBLRProduct, GBLRWeight, ProductPlan, materialise_is_cheaper
@@ -299,17 +299,19 @@ class GBLRLinear(nn.Module):
 
     def _dense_blocks_cropped(self, x: torch.Tensor, supports) -> torch.Tensor:
         """The dense blocks' output for ``x (T, in)`` at ``sigma=None``, from the cropped blocks
-        only: ``y[:, rows_j] += x[:, cols_j] @ B[rows_j, cols_j].T`` (``(T, out)``)."""
+        only: ``y[:, rows_j] += x[:, cols_j] @ B[rows_j, cols_j].T`` (``(T, out)``), on contiguous
+        slices (a block that wraps is two or four pieces)."""
         K = self.components
         y = x.new_zeros(x.shape[0], self.out_features)
         w_in, l_in, w_out, l_out = (s[K:].tolist() for s in supports)
         for a, start_in, b, start_out in zip(w_in, l_in, w_out, l_out):
             if a == 0 or b == 0:
                 continue
-            rows = cyclic_indices(start_out, b, self.out_features, x.device)
-            cols = cyclic_indices(start_in, a, self.in_features, x.device)
-            block = self.block_weight.index_select(0, rows).index_select(1, cols)
-            y = y.index_add(1, rows, x.index_select(1, cols) @ block.T)
+            for row, row_from, row_to in cyclic_ranges(start_out, b, self.out_features):
+                rows = slice(row, row + row_to - row_from)
+                for col, col_from, col_to in cyclic_ranges(start_in, a, self.in_features):
+                    cols = slice(col, col + col_to - col_from)
+                    y[:, rows] += x[:, cols] @ self.block_weight[rows, cols].T
         return y
 
     def materialises(self, tokens: int) -> bool:
@@ -317,7 +319,7 @@ class GBLRLinear(nn.Module):
         if self.product != "auto":
             return self.product == "materialise"
         return materialise_is_cheaper(tokens, self.in_features, self.out_features, self.components * self.rank,
-                                      dense_term=self.dense_blocks > 0 and not self.compact)
+                                      dense_term=self.dense_blocks > 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.in_features)
@@ -337,8 +339,9 @@ class GBLRLinear(nn.Module):
                 revived = self.revived_widths(low_rank)
             product = ProductPlan(self.in_features, self.out_features, self.sigma, self.in_width.dtype,
                                   self.materialises(tokens))
-            if self.dense_blocks and not self.compact and product.materialise:
-                # one GEMM for both terms: the components' weight plus the blocks' masked matrix
+            if self.dense_blocks and product.materialise:
+                # one GEMM for both terms: the components' weight plus the blocks' masked matrix (also
+                # for a compact layer that keeps the masked product: the layer is small)
                 dtype = compute_dtype(x)
                 weight = GBLRWeight.apply(self.u, self.v, *structure, product, low_rank, revived, dtype)
                 return F.linear(x, weight + self._dense_weight(supports).to(dtype), self.bias)
