@@ -91,7 +91,7 @@ def test_help_shows_every_options_default(command, capsys, monkeypatch):
         elif line.startswith("   ") and entries and entries[-1].startswith("--"):
             entries[-1] += " " + line.strip()
     lines = [entry for entry in entries if entry.startswith("--")]
-    assert len(lines) == {"train": 42, "compress": 28, "demo": 1}[command]  # every option but -h
+    assert len(lines) == {"train": 43, "compress": 28, "demo": 1}[command]  # every option but -h
     for line in lines:
         assert "(default: " in line, line
     shown = {line.split()[0]: line for line in lines}

@@ -279,3 +279,34 @@ def test_the_learner_says_when_the_structure_does_not_require_gradients():
     optimizer = torch.optim.AdamW(gblr.param_groups(model, lr=1e-3))
     with pytest.raises(ValueError, match=r"widths and locations of 1 GBLR layer\(s\) \('0'\) have requires_grad=False"):
         gblr.StructureLearner(model, optimizer, flops_target=0.5, total_steps=10)
+
+
+def test_a_per_layer_budget_brings_every_layer_to_the_target():
+    torch.manual_seed(0)
+    model = nn.Sequential(gblr.GBLRLinear(32, 32, init_flops_ratio=0.8), nn.GELU(),
+                          gblr.GBLRLinear(32, 32, init_flops_ratio=0.4), nn.GELU(), gblr.GBLRLinear(32, 8))
+    optimizer = torch.optim.AdamW(gblr.param_groups(model, lr=1e-2))
+    learner = gblr.StructureLearner(model, optimizer, flops_target=0.3, total_steps=40, budget="per-layer")
+    x, target = torch.randn(128, 32), torch.randn(128, 8)
+    for _ in range(40):
+        (model(x) - target).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        learner.step()
+    assert learner.layer_ratios() == pytest.approx([0.3, 0.3, 0.3], abs=0.03)
+    state = learner.state_dict()
+    assert state["initial_layer_ratios"] == pytest.approx([0.8, 0.4, 0.5], abs=0.06)
+
+
+def test_a_global_budget_may_split_unevenly_and_an_unknown_budget_is_refused():
+    torch.manual_seed(0)
+    model = nn.Sequential(gblr.GBLRLinear(32, 32), nn.GELU(), gblr.GBLRLinear(32, 8))
+    optimizer = torch.optim.AdamW(gblr.param_groups(model, lr=1e-2))
+    with pytest.raises(ValueError, match="budget must be one of 'global', 'per-layer'"):
+        gblr.StructureLearner(model, optimizer, flops_target=0.3, total_steps=10, budget="uniform")
+
+
+def test_lambda_search_runs_one_search_per_row():
+    answers = torch.tensor([3e-3, 0.7, 2e5], dtype=torch.float64)
+    found = _first_true(lambda lams: lams >= answers[:, None], torch.full((3,), 1e6, dtype=torch.float64))
+    assert torch.allclose(found, answers, rtol=1e-5)

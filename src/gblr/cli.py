@@ -122,6 +122,7 @@ def _check_seed(seed: int, parser: argparse.ArgumentParser) -> None:
 def _train_options() -> Options:
     from .recipes.corpus import PYTHON_DOCS
     from .recipes.data import DATASETS
+    from .learning import BUDGETS
     from .recipes.models import LAYER_KINDS, MODELS
 
     return {
@@ -175,6 +176,9 @@ def _train_options() -> Options:
             "weight_decay": None,
             "warmup_epochs": None,
             "structure_fraction": "share of training spent learning the structure; the rest trains contents only",
+            "budget": {"choices": list(BUDGETS),
+                       "help": "GBLR: one FLOPs budget that learning splits among the layers, or every layer at "
+                               "--flops-target on its own"},
             "settle_steps": "end the structure phase early once no block has moved for N steps (after the budget "
                             "warm-up); report.json gives the step it ended at (default: never early)",
             "sigma_start": "mask smoothing at the start",

@@ -67,9 +67,10 @@ from ._validation import check_finite_number, check_flops_ratio, check_share
 from .flops import group_macs, group_macs_slopes
 from .linear import GBLRLinear, check_finite_structure, structure_of
 
-__all__ = ["param_groups", "StructureLearner", "SigmaSchedule", "gblr_layers"]
+__all__ = ["BUDGETS", "param_groups", "StructureLearner", "SigmaSchedule", "gblr_layers"]
 
 STRUCTURE_GROUP = "gblr_structure"  # marker key in the optimizer's structural parameter group
+BUDGETS = ("global", "per-layer")  # StructureLearner(budget=...): one budget for all layers, or one each
 
 
 def gblr_layers(model: nn.Module) -> list[GBLRLinear]:
@@ -138,27 +139,37 @@ class SigmaSchedule:
         return self.start + (self.end - self.start) * fraction
 
 
-def _reach(in_w: torch.Tensor, in_rate: torch.Tensor, out_w: torch.Tensor, out_rate: torch.Tensor) -> float:
-    """The lambda at which every width that lambda moves has shrunk to 0; a width whose cost
-    slope is 0 (its partner is 0 wide) is not moved."""
+def _reach(in_w: torch.Tensor, in_rate: torch.Tensor, out_w: torch.Tensor, out_rate: torch.Tensor,
+           groups: torch.Tensor, count: int) -> torch.Tensor:
+    """Per group of components, the lambda at which every width that lambda moves has shrunk to
+    0; a width whose cost slope is 0 (its partner is 0 wide) is not moved. ``(count,)``."""
     reach = torch.cat([in_w / in_rate, out_w / out_rate])
-    reach = reach[torch.isfinite(reach)]
-    return float(reach.max()) if reach.numel() else 0.0
+    reach = torch.where(torch.isfinite(reach), reach, torch.zeros_like(reach))
+    return torch.zeros(count, dtype=reach.dtype, device=reach.device).scatter_reduce(
+        0, torch.cat([groups, groups]), reach, "amax")
 
 
-def _first_true(predicate, high: float) -> float:
-    """The first lambda in [0, high] where ``predicate`` (monotone: False, then True) holds, to
-    about 1e-6 of itself (or 1e-12 of ``high``); ``high`` if none. Each round evaluates a 33-point
-    grid at once: the first spans 12 decades below ``high`` (with 0), because ``high`` (the
-    reach of the slowest-shrinking width) can exceed the answer a millionfold; four linear rounds
-    refine the bracket it finds. (A linear first round, as before, could stop a whole grid step
-    past the answer: 0.030 for a true 0.003, and the step took 0.016 of the FLOPs ratio too much.)"""
-    grid = torch.cat([torch.zeros(1, dtype=torch.float64), high * torch.logspace(-12, 0, 32, dtype=torch.float64)])
+def _first_true(predicate, high):
+    """Per row, the first lambda in [0, high] where ``predicate`` (monotone: False, then True)
+    holds, to about 1e-6 of itself (or 1e-12 of ``high``); ``high`` if none. ``predicate`` maps a
+    ``(rows, points)`` grid of lambdas to booleans of that shape; ``high`` is a float (one row,
+    a float returned) or a ``(rows,)`` tensor. Each round evaluates a 33-point grid per row at
+    once: the first spans 12 decades below ``high`` (with 0), because ``high`` (the reach of the
+    slowest-shrinking width) can exceed the answer a millionfold; four linear rounds refine the
+    bracket it finds. (A linear first round, as before, could stop a whole grid step past the
+    answer: 0.030 for a true 0.003, and the step took 0.016 of the FLOPs ratio too much.)"""
+    scalar = not isinstance(high, torch.Tensor)
+    high = torch.as_tensor(high, dtype=torch.float64).reshape(-1)
+    zero = torch.zeros(high.numel(), 1, dtype=torch.float64, device=high.device)
+    grid = torch.cat([zero, high[:, None] * torch.logspace(-12, 0, 32, dtype=torch.float64, device=high.device)], 1)
+    steps = torch.linspace(0.0, 1.0, 33, dtype=torch.float64, device=high.device)
     for _ in range(5):
-        first = int((~predicate(grid)).long().sum())  # grid[first] is the first point where it holds
-        low, high = float(grid[max(first - 1, 0)]), float(grid[min(first, 32)])
-        grid = torch.linspace(low, high, 33, dtype=torch.float64)
-    return high
+        first = (~predicate(grid)).long().sum(1, keepdim=True)  # grid[:, first] is the first point where it holds
+        low = grid.gather(1, (first - 1).clamp(min=0))
+        high = grid.gather(1, first.clamp(max=32))
+        grid = low + (high - low) * steps
+    high = high[:, 0]
+    return float(high[0]) if scalar else high
 
 
 class StructureLearner:
@@ -178,6 +189,9 @@ class StructureLearner:
         settle_steps: end the structure phase early once the budget warm-up is over and no
             rounded support has changed for this many steps (default None: never early);
             :attr:`structure_steps` then says where it ended.
+        budget: ``"global"`` (default): one budget for all layers, split among them by the
+            gradients; ``"per-layer"``: every layer is brought to ``flops_target`` on its own
+            (one lambda per layer), as the fixed baselines are built.
     """
 
     def __init__(
@@ -191,6 +205,7 @@ class StructureLearner:
         structure_fraction: float = 0.8,
         budget_warmup: float = 0.5,
         settle_steps: int | None = None,
+        budget: str = "global",
     ) -> None:
         self.layers = gblr_layers(model)
         names = {id(module): name for name, module in model.named_modules()}
@@ -214,6 +229,9 @@ class StructureLearner:
         self._last_supports: torch.Tensor | None = None
         self.sigma_schedule = sigma_schedule if sigma_schedule is not None else SigmaSchedule()
         self.budget_warmup = budget_warmup
+        if budget not in BUDGETS:
+            raise ValueError(f"budget must be one of {', '.join(map(repr, BUDGETS))}, got {budget!r}")
+        self.budget = budget
         self._check_optimizer_holds_structure()
         check_finite_structure(self.layers, "before the first step", names=self.names,
                                cause="the model was built or loaded with them; check its checkpoint")
@@ -229,6 +247,7 @@ class StructureLearner:
         self.step_count = 0
         self._warmup_steps = self.budget_warmup * self.structure_steps
         self.initial_ratio = self.flops_ratio()
+        self.initial_layer_ratios = self.layer_ratios()
         self.last: dict[str, float] = {}
         self._frozen_structure: list[torch.Tensor] | None = None
         self._floor: list[torch.Tensor] | None = None  # widths after the last structural step
@@ -263,10 +282,25 @@ class StructureLearner:
 
     def target_now(self) -> float:
         """The budget trajectory: initial ratio -> flops_target over the warm-up, then flat."""
+        return self._trajectory(self.initial_ratio)
+
+    def _trajectory(self, initial: float) -> float:
         warmup_steps = self._warmup_steps  # of the planned structure phase (settling may end it early)
         fraction = 1.0 if warmup_steps <= 0 else min(1.0, self.step_count / warmup_steps)
-        start = max(self.initial_ratio, self.flops_target)
+        start = max(initial, self.flops_target)
         return start + (self.flops_target - start) * fraction
+
+    def _budget_groups(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(ratios, targets, group of each layer)``, one entry per budget: the global ratio and
+        target, or each layer's (``budget="per-layer"``)."""
+        if self.budget == "global":
+            ratios = torch.tensor([self.flops_ratio()], dtype=torch.float64)
+            targets = torch.tensor([self.target_now()], dtype=torch.float64)
+            return ratios, targets, torch.zeros(len(self.layers), dtype=torch.long)
+        ratios = torch.tensor(self.layer_ratios(), dtype=torch.float64)
+        targets = torch.tensor([self._trajectory(initial) for initial in self.initial_layer_ratios],
+                               dtype=torch.float64)
+        return ratios, targets, torch.arange(len(self.layers))
 
     @property
     def structure_phase(self) -> bool:
@@ -322,13 +356,16 @@ class StructureLearner:
         scale = component_weights / self._cost_unit
         return in_size * slope_a * scale, out_size * slope_b * scale
 
-    def _choose_lambda(self, target: float, exact_ratio: float, struct_lr: float) -> tuple[float, torch.Tensor, torch.Tensor]:
-        """The smallest lambda >= 0 whose shrink brings the cost estimate down to the target.
+    def _choose_lambda(self, targets: torch.Tensor, exact_ratios: torch.Tensor, layer_groups: torch.Tensor,
+                       struct_lr: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per budget (:meth:`_budget_groups`), the smallest lambda >= 0 whose shrink brings the
+        cost estimate of its layers down to its target.
 
         The estimate counts ``min(r * (W_in + W_out), W_in * W_out)`` per component (no grouping
-        of identical supports), so its goal is rescaled by estimate / exact at the current
-        point. All layers are evaluated at once, for a grid of lambdas per round (a 32-way
-        bisection). Returns lambda and the in and out shrink rates (shrink = lambda * rate).
+        of identical supports), so each goal is rescaled by estimate / exact at the current
+        point. All budgets are evaluated at once, for a grid of lambdas per round (a 32-way
+        bisection). Returns the lambdas ``(budgets,)`` and the in and out shrink rates per
+        component (shrink = lambda of its budget * rate).
         """
         in_widths = [layer.in_width for layer in self.layers]
         out_widths = [layer.out_width for layer in self.layers]
@@ -336,8 +373,12 @@ class StructureLearner:
         stored_out = torch.cat([w.detach() for w in out_widths])
         in_w, out_w = stored_in.double(), stored_out.double()
         weights = self.layer_weights()
-        dense_macs = self._dense_macs(weights)
-        component_weights = weights.to(in_w.device)[self._structure.layers]
+        count = int(targets.numel())
+        dense_macs = torch.zeros(count, dtype=torch.float64).index_add_(0, layer_groups, self._layer_dense * weights)
+        device = in_w.device
+        groups = layer_groups.to(device)[self._structure.layers]  # the budget of each component
+        dense_macs = dense_macs.to(device)
+        component_weights = weights.to(device)[self._structure.layers]
         in_weight, out_weight = self._shrink_weights(in_w, out_w, component_weights)
         in_rate = struct_lr * in_weight / self._preconditioners(in_widths)
         out_rate = struct_lr * out_weight / self._preconditioners(out_widths)
@@ -347,20 +388,26 @@ class StructureLearner:
         def widths_after(stored, rate, lams):  # the step as step() applies it, in the widths' dtype
             return (stored - (lams * rate).to(stored.dtype)).clamp(0.0, 1.0).double()
 
-        def estimate(lams: torch.Tensor) -> torch.Tensor:  # (L,) -> (L,)
-            lams = lams[:, None]
+        def estimate(lams: torch.Tensor) -> torch.Tensor:  # (budgets, P) -> (budgets, P)
+            lams = lams.to(device)[groups].T  # (P, components)
             count_in = torch.round(widths_after(stored_in, in_rate, lams) * in_size)
             count_out = torch.round(widths_after(stored_out, out_rate, lams) * out_size)
-            return (group_macs(rank, count_in, count_out) * component_weights).sum(1) / dense_macs
+            costs = group_macs(rank, count_in, count_out) * component_weights
+            sums = torch.zeros(costs.shape[0], count, dtype=torch.float64, device=device).index_add_(1, groups, costs)
+            return (sums / dense_macs).T
 
-        now = float(estimate(torch.zeros(1, dtype=torch.float64))[0])
-        if now <= 0.0:
-            return 0.0, in_rate, out_rate
-        goal = target * now / exact_ratio
-        if now <= goal:
-            return 0.0, in_rate, out_rate
-        # the smallest lambda > 0 at or below the goal
-        return _first_true(lambda lams: estimate(lams) <= goal, _reach(in_w, in_rate, out_w, out_rate)), in_rate, out_rate
+        now = estimate(torch.zeros(count, 1, dtype=torch.float64))[:, 0].cpu()
+        goals = targets * now / exact_ratios.clamp(min=1e-300)
+        lams = torch.zeros(count, dtype=torch.float64)
+        active = (now > 0.0) & (now > goals)  # budgets already at or below their goal keep lambda 0
+        if bool(active.any()):
+            reach = _reach(in_w, in_rate, out_w, out_rate, groups, count).cpu()
+
+            def reached(grid):  # (budgets, P): inactive budgets hold from the start
+                return estimate(grid).cpu() <= goals[:, None]
+
+            lams = torch.where(active, _first_true(reached, reach), lams)
+        return lams, in_rate, out_rate
 
     # -- the step --------------------------------------------------------------------------------
 
@@ -387,15 +434,17 @@ class StructureLearner:
             cause="probably from a non-finite loss or gradient; lower the learning rate or check the data",
         )
         if self.structure_phase:
-            ratio = self.flops_ratio()
-            target = self.target_now()
-            if ratio < target and self._floor is not None:
-                ratio = self._keep_floor()
-            lam, in_rate, out_rate = self._choose_lambda(target, ratio, self._struct_lr())
-            if lam > 0:
+            ratios, targets, layer_groups = self._budget_groups()
+            below = ratios < targets
+            if bool(below.any()) and self._floor is not None:
+                self._keep_floor(below[layer_groups])
+                ratios, _, _ = self._budget_groups()
+            lams, in_rate, out_rate = self._choose_lambda(targets, ratios, layer_groups, self._struct_lr())
+            if bool((lams > 0).any()):
+                per_component = lams.to(in_rate.device)[layer_groups.to(in_rate.device)[self._structure.layers]]
                 sizes = [layer.in_width.numel() for layer in self.layers]
                 for layer, in_shrink, out_shrink in zip(
-                    self.layers, (lam * in_rate).split(sizes), (lam * out_rate).split(sizes)
+                    self.layers, (per_component * in_rate).split(sizes), (per_component * out_rate).split(sizes)
                 ):
                     layer.in_width.sub_(in_shrink.to(layer.in_width.dtype))
                     layer.out_width.sub_(out_shrink.to(layer.out_width.dtype))
@@ -405,7 +454,8 @@ class StructureLearner:
                 layer.in_location.remainder_(1.0)
                 layer.out_location.remainder_(1.0)
             self._floor = [width.detach().clone() for width in self._widths()]
-            self.last = {"flops_ratio": ratio, "target": target, "lambda": lam}
+            ratio = float(ratios[0]) if self.budget == "global" else self.flops_ratio()
+            self.last = {"flops_ratio": ratio, "target": self.target_now(), "lambda": float(lams.max())}
             if self.settle_steps is not None:
                 self._watch_settling()
         else:
@@ -431,12 +481,13 @@ class StructureLearner:
         if self._settled >= self.settle_steps and self.step_count + 1 >= self._warmup_steps:
             self.structure_steps = self.step_count + 1
 
-    def _keep_floor(self) -> float:
+    def _keep_floor(self, layers_below: torch.Tensor) -> None:
         """Below the budget trajectory no width ends a step narrower than the last structural
-        step left it (the optimizer's narrowing is undone; its widening stays). Returns the
-        FLOPs ratio after that."""
-        torch._foreach_maximum_(self._widths(), self._floor)
-        return self.flops_ratio()
+        step left it (the optimizer's narrowing is undone; its widening stays): in the layers
+        whose budget is below its trajectory (``layers_below``, one bool per layer)."""
+        widths, floor = self._widths(), self._floor
+        keep = [k for layer, below in enumerate(layers_below.tolist()) if below for k in (2 * layer, 2 * layer + 1)]
+        torch._foreach_maximum_([widths[i] for i in keep], [floor[i] for i in keep])
 
     def _widths(self) -> list[torch.Tensor]:
         """Every layer's in and out widths, in the order of ``self._floor``."""
@@ -465,6 +516,7 @@ class StructureLearner:
             "settled": self._settled,
             "last_supports": self._last_supports,
             "initial_ratio": self.initial_ratio,
+            "initial_layer_ratios": self.initial_layer_ratios,
             "frozen_structure": self._frozen_structure,
             "floor": self._floor,
             "last": dict(self.last),
@@ -476,6 +528,7 @@ class StructureLearner:
         self._settled = int(state.get("settled", 0))
         self._last_supports = state.get("last_supports")
         self.initial_ratio = float(state["initial_ratio"])
+        self.initial_layer_ratios = list(state.get("initial_layer_ratios", self.initial_layer_ratios))
         self._frozen_structure = state["frozen_structure"]
         self._floor = state.get("floor")
         self.last = dict(state["last"])

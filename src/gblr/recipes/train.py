@@ -42,7 +42,7 @@ from torch import nn
 from .._files import check_writable_folder, write_atomic, write_text_atomic
 from .._progress import progress_bar
 from .._validation import check_flops_ratio, check_share
-from ..learning import SigmaSchedule, StructureLearner, param_groups
+from ..learning import BUDGETS, SigmaSchedule, StructureLearner, param_groups
 from ..frozen import FrozenGBLRLinear, freeze_
 from .corpus import default_text
 from .data import DATASETS, ImageData, TextData, batches, load_dataset, load_text
@@ -80,6 +80,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     warmup_epochs: float = 0.3
     structure_fraction: float = 0.8
+    budget: str = "global"  # GBLR: one FLOPs budget split among the layers by learning, or "per-layer"
     settle_steps: int | None = None  # end the structure phase once no support moved for this many steps
     sigma_start: float = 1.0
     sigma_end: float = 100.0
@@ -126,6 +127,8 @@ class TrainConfig:
             raise ValueError(f"{option_name('dense_blocks')} is for linear layers; resnet replaces convolutions "
                              "(GBLRConv2d has no dense blocks)")
         check_share(self.structure_fraction, option_name("structure_fraction"))
+        if self.budget not in BUDGETS:
+            raise ValueError(f"{option_name('budget')} must be one of {', '.join(BUDGETS)}; got {self.budget!r}")
         for name in ("epochs", "batch_size", "eval_batch_size", "rank", "dim", "depth", "heads", "patch_size", "width",
                      "stage_depth", "seq_len"):
             check_positive_int(self, name)
@@ -333,7 +336,7 @@ def fit(config: TrainConfig) -> tuple[nn.Module, dict]:
     learner = (
         StructureLearner(
             model, optimizer, config.flops_target, total_steps, structure_fraction=config.structure_fraction,
-            settle_steps=config.settle_steps,
+            settle_steps=config.settle_steps, budget=config.budget,
             sigma_schedule=SigmaSchedule(config.sigma_start, config.sigma_end),
         )
         if config.layer == "gblr"
