@@ -19,7 +19,8 @@ from torch import nn
 
 __all__ = [
     "Support", "Structure", "cyclic_indices", "cyclic_ranges", "group_macs", "group_macs_slopes", "low_rank_macs",
-    "max_low_rank", "rank_for_ratio", "largest_cheaper_rank", "square_block_fraction", "LayerFlops", "FlopsReport", "flops_report",
+    "max_low_rank", "rank_for_ratio", "largest_cheaper_rank", "square_block_fraction", "LayerFlops", "FlopsReport",
+    "flops_report",
 ]
 
 
@@ -78,7 +79,8 @@ class Structure:
         members, group, first = self.groups()
         if members.numel() == 0:
             return macs
-        ranks = torch.zeros(first.numel(), dtype=torch.long, device=first.device).index_add_(0, group, self.ranks[members])
+        ranks = torch.zeros(first.numel(), dtype=torch.long, device=first.device)
+        ranks.index_add_(0, group, self.ranks[members])  # a group's total rank (a dense block's is min(m, n))
         a, b = self.in_widths[first], self.out_widths[first]
         costs = group_macs(ranks, a, b)
         return macs.index_add_(0, self.layers[first], costs)
