@@ -310,3 +310,20 @@ def test_lambda_search_runs_one_search_per_row():
     answers = torch.tensor([3e-3, 0.7, 2e5], dtype=torch.float64)
     found = _first_true(lambda lams: lams >= answers[:, None], torch.full((3,), 1e6, dtype=torch.float64))
     assert torch.allclose(found, answers, rtol=1e-5)
+
+
+def test_a_per_layer_step_reports_the_global_ratio_it_started_from():
+    torch.manual_seed(0)
+    model = nn.Sequential(gblr.GBLRLinear(32, 32, init_flops_ratio=0.8), nn.GELU(), gblr.GBLRLinear(32, 8))
+    optimizer = torch.optim.AdamW(gblr.param_groups(model, lr=1e-2))
+    learner = gblr.StructureLearner(model, optimizer, flops_target=0.3, total_steps=20, budget="per-layer")
+    x = torch.randn(16, 32)
+    for _ in range(8):
+        model(x).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        before = learner.flops_ratio()  # after the optimizer's step, before the learner's shrink
+        stats = learner.step()
+        if stats["lambda"] > 0:  # the shrink moved it: the report is the ratio the step started from
+            assert learner.flops_ratio() < before
+        assert stats["flops_ratio"] == pytest.approx(before, abs=1e-12)  # as the global budget reports it

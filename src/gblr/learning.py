@@ -454,7 +454,11 @@ class StructureLearner:
                 layer.in_location.remainder_(1.0)
                 layer.out_location.remainder_(1.0)
             self._floor = [width.detach().clone() for width in self._widths()]
-            ratio = float(ratios[0]) if self.budget == "global" else self.flops_ratio()
+            if self.budget == "global":
+                ratio = float(ratios[0])
+            else:  # the layers' ratios before this step's shrink, weighed as flops_ratio() weighs them
+                weighted = self._layer_dense * self.layer_weights()
+                ratio = float((ratios * weighted).sum() / weighted.sum())
             self.last = {"flops_ratio": ratio, "target": self.target_now(), "lambda": float(lams.max())}
             if self.settle_steps is not None:
                 self._watch_settling()
