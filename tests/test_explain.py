@@ -21,8 +21,9 @@ def test_auto_measures_once_per_bucket_and_explain_reports_it():
     torch.testing.assert_close(y, reference, rtol=1e-5, atol=1e-5)
     layer = frozen[0]
     assert len(layer.choices) == 1
-    ((device, dtype, bucket), (path, seconds, tokens, predicted, costs)), = layer.choices.items()
+    ((device, dtype, bucket), (path, seconds, tokens, predicted, costs, measured_in)), = layer.choices.items()
     assert (device, dtype, bucket) == ("cpu", torch.float32, 8) and path in MEASURED_PATHS and tokens == 5
+    assert measured_in >= max(seconds.values())  # the measurement took at least its slowest call
     assert set(predicted) == set(costs) == set(MEASURED_PATHS) and "dense" in seconds  # the plausible are timed
     assert set(seconds) <= set(MEASURED_PATHS) and path == min(seconds, key=seconds.get)
     with torch.no_grad():

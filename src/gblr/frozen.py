@@ -3,9 +3,11 @@
 A frozen layer is a list of blocks, each with a cyclic support and either two cropped factors
 or one dense block (whichever is cheaper, :func:`gblr.flops.group_macs`). Its forward pass
 takes one of several paths that compute the same product (:data:`gblr.kernels.choice.KERNELS`):
-the plain reference, tiled GEMMs (:mod:`gblr.kernels.tiled`), the Triton kernel on CUDA
-(:mod:`gblr.kernels.segmented`) or the dense weight; ``kernel="auto"`` times them and keeps the
-fastest (:mod:`gblr.kernels.choice`).
+the plain reference, tiled GEMMs (:mod:`gblr.kernels.tiled`), two GEMMs over all blocks' factors
+stacked, the Triton kernel on CUDA (:mod:`gblr.kernels.segmented`) or the dense weight, the last two
+also on long-row storage (``"stacked-t"``, ``"dense-t"``: :class:`gblr.kernels.tiled.LongRows`,
+faster at one token on a CPU); ``kernel="auto"`` times them and keeps the fastest
+(:mod:`gblr.kernels.choice`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from torch import nn
 from ._validation import check_input, check_input_dtype, compute_dtype, check_positive_int, layer_name
 from .flops import Support, cyclic_indices, cyclic_ranges, group_macs
 from .kernels import choice, segmented
-from .kernels.tiled import batch, batched_forward, pack, stack, stacked_forward, tiled_forward
+from .kernels.tiled import (LongRows, batch, batched_forward, long_rows_stacked, long_rows_stacked_forward, pack, stack,
+                            stacked_forward, tiled_forward)
 
 __all__ = ["FrozenGBLRLinear", "freeze_", "KERNELS", "COARSE_TILE_FACTOR", "SUPPORTS_KEY"]
 
@@ -155,6 +158,10 @@ class FrozenGBLRLinear(nn.Module):
                     value = self.matrix.to(x.device, x.dtype)
                 elif what == "tiled-batched":
                     value = batch(self.packed("tiled", x), x)
+                elif what == "dense-t":
+                    value = LongRows.of(self.matrix.to(x.device, x.dtype))
+                elif what == "stacked-t":
+                    value = long_rows_stacked(self.packed("stacked", x))
                 elif what == "stacked":
                     value = stack(self.in_features, self.out_features, list(self.blocks()), device=x.device,
                                   dtype=x.dtype)
@@ -232,6 +239,10 @@ class FrozenGBLRLinear(nn.Module):
             return segmented.triton_forward(x, self.packed(path, x))
         if path == "stacked":
             return stacked_forward(x, self.packed(path, x))
+        if path == "stacked-t":
+            return long_rows_stacked_forward(x, self.packed(path, x))
+        if path == "dense-t":
+            return self.packed(path, x).apply(x)
         if path.startswith("tiled"):
             return tiled_forward(x, self.packed(path, x))
         if path == "dense":
@@ -248,6 +259,14 @@ class FrozenGBLRLinear(nn.Module):
                 macs, calls = self.in_features * self.out_features, 1
             elif path == "tiled-batched":
                 macs, calls = self.packed(path, x).macs, 6  # pad, two bmm, scatter, gather, crop
+            elif path == "dense-t":
+                if self.out_features <= self.in_features:
+                    continue  # stored as it is: the same product as "dense"
+                macs, calls = self.in_features * self.out_features, 1
+            elif path == "stacked-t":
+                if not any(factor.transposed for factor in self.packed(path, x)):
+                    continue  # stored as they are: the same products as "stacked"
+                macs, calls = self.packed("stacked", x).macs, 2
             elif path == "stacked":
                 macs, calls = self.packed(path, x).macs, 2
             else:  # the tiled paths, and the Triton kernel reads the same supports
@@ -321,6 +340,8 @@ class FrozenGBLRLinear(nn.Module):
         bias = None if self.bias is None else self.bias.to(dtype)
         if path == "dense":
             y = F.linear(flat, self.packed("dense", flat), bias)  # one call: at a few tokens calls are the cost
+        elif path == "dense-t":
+            y = self.packed("dense-t", flat).apply(flat, bias)
         else:
             y = self.run(path, flat)
             if bias is not None:

@@ -4,7 +4,8 @@
 import torch
 
 from fixtures import frozen_layer
-from gblr.kernels.tiled import batch, batched_forward, pack, stack, stacked_forward, tiled_forward
+from gblr.kernels.tiled import (LongRows, batch, batched_forward, long_rows_stacked, long_rows_stacked_forward, pack, stack,
+                               stacked_forward, tiled_forward)
 
 
 def test_tiled_product_pads_only_partial_tiles():
@@ -47,3 +48,36 @@ def test_stacked_factors_keep_every_rank_row_whole():
     costs = layer.predicted_costs(torch.zeros(1, 24, dtype=torch.float64))
     assert costs["stacked"].macs_per_token == factors.macs and costs["stacked"].calls == 2
 
+
+
+def test_long_rows_store_a_matrix_along_its_longer_side():
+    wide, tall = torch.randn(3, 7, dtype=torch.float64), torch.randn(7, 3, dtype=torch.float64)
+    kept, turned = LongRows.of(wide), LongRows.of(tall)
+    assert not kept.transposed and kept.stored.shape == (3, 7)
+    assert turned.transposed and turned.stored.shape == (3, 7) and turned.stored.is_contiguous()
+    x, bias = torch.randn(5, 3, dtype=torch.float64), torch.randn(7, dtype=torch.float64)
+    torch.testing.assert_close(turned.apply(x), x @ tall.T)
+    torch.testing.assert_close(turned.apply(x, bias), x @ tall.T + bias)
+    z = torch.randn(2, 7, dtype=torch.float64)
+    torch.testing.assert_close(kept.apply(z, bias[:3]), z @ wide.T + bias[:3])
+
+
+def test_long_row_paths_are_offered_only_where_a_matrix_turns():
+    # 16 outputs, 24 inputs, stacked rank 6: the right factor (6, 24) stays, the left (16, 6) turns;
+    # the dense weight (16, 24) stays, so "dense-t" would be "dense" again and is not offered
+    layer = frozen_layer(16, 24, [(12, 8, 20, 8, 2), (0, 4, 4, 4, 3)], tile=8, bias=True)
+    x = torch.randn(1, 24, dtype=torch.float64)
+    right, left = long_rows_stacked(stack(24, 16, list(layer.blocks())))
+    assert not right.transposed and left.transposed and left.stored.shape == (6, 16)
+    costs = layer.predicted_costs(x)
+    assert "dense-t" not in costs and costs["stacked-t"] == costs["stacked"]
+    torch.testing.assert_close(long_rows_stacked_forward(x, (right, left)) + layer.bias, layer.run("reference", x)
+                               + layer.bias)
+    # 24 outputs, 16 inputs: the dense weight turns, and "dense-t" is timed beside "dense"
+    taller = frozen_layer(24, 16, [(0, 8, 0, 24, 2)], tile=8, bias=True)
+    costs = taller.predicted_costs(torch.randn(1, 16, dtype=torch.float64))
+    assert costs["dense-t"] == costs["dense"]
+    taller.kernel = "dense-t"
+    z = torch.randn(3, 16, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(taller(z), z @ taller.matrix.T + taller.bias)

@@ -12,15 +12,21 @@ processes share the cores:
 2. **Timing.** :func:`measure` times the plausible paths on a real input, in interleaved rounds
    so that drifting machine load hits all of them alike, and keeps the fastest as a
    :class:`Choice`, per device, dtype and power-of-two bucket of token counts (:func:`choice_key`).
-3. **Watch.** Each call on the CPU is timed (two clock reads) and compared with what the choice's
-   measurement predicts for its token count (scaled by the cost model). A choice whose calls run
-   :data:`DRIFT` times slower or faster than that, :data:`STRIKES` calls in a row, is dropped and
-   measured again on the next call (the load changed since it was made); each further
-   re-measurement of the same key needs twice as many such calls in a row, so a machine whose
-   load keeps changing does not pay for timing on every call. A choice is also confirmed by a
-   new measurement after :data:`CONFIRM` calls, then after 4x as many each time: a choice made
-   during a burst of load that has since passed cannot stand for long, and the timing costs a
-   vanishing share of the calls.
+3. **Watch.** Each call on the CPU is timed (two clock reads) and compared with what its choice's
+   first calls took (:data:`SETTLE` of them, scaled to its token count by the cost model). The
+   first calls, not the measurement itself, are the yardstick: a layer timed alone keeps its
+   weights in cache, and inside a model (a decoder reading 500 MB of weights per token) the same
+   call can run 3-5x slower for as long as the model runs; that is no change of load. A choice
+   whose calls run :data:`DRIFT` times slower or faster than the yardstick, :data:`STRIKES` calls
+   in a row, is dropped and measured again on the next call (the load changed since it was
+   made); each further re-measurement of the same key needs twice as many such calls in a row. A
+   choice is also confirmed by a new measurement after :data:`CONFIRM` calls, then after 4x as
+   many each time. Neither happens before the calls since the choice have taken :data:`PAYBACK`
+   times as long as its measurement did, so timing stays a small share of the run (a
+   measurement takes at least 20 ms; a decoder's layer call can take 30 us). One exception: first
+   calls that run :data:`DRIFT` times *faster* than the measurement say that it was taken under a
+   burst of load that has passed (out of cache, calls only get slower): the choice is measured
+   again at once, at most :data:`RETAKES` times per key.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import torch
 
 from . import segmented
 
-__all__ = ["KERNELS", "MEASURED_PATHS", "CALL_MACS", "PLAUSIBLE", "DRIFT", "STRIKES", "CONFIRM", "Cost", "Choice",
+__all__ = ["KERNELS", "MEASURED_PATHS", "CALL_MACS", "PLAUSIBLE", "DRIFT", "STRIKES", "CONFIRM", "SETTLE", "PAYBACK", "RETAKES", "Cost", "Choice",
            "Watch", "measured_paths", "choice_key", "measure", "predicted_cost", "plausible_paths", "choose"]
 
 CALL_MACS = 2**18  # what one kernel call costs on the CPU, in MACs of arithmetic (about 5-10 us)
@@ -42,6 +48,9 @@ PLAUSIBLE = 3.0  # paths predicted to cost more than this times the cheapest are
 DRIFT = 2.0  # a call this much slower or faster than its measurement predicts counts as a strike
 STRIKES = 3  # strikes in a row before a choice is measured again (doubling with each re-measurement)
 CONFIRM = 50  # calls after which a choice is measured again, then 4x as many each time
+SETTLE = 3  # a choice's first calls, whose median time is the yardstick of the later ones
+PAYBACK = 20  # a choice is measured again only once its calls have taken this many times its measurement
+RETAKES = 3  # re-measurements at once per key, when the first calls run far faster than the measurement
 
 
 class Cost(NamedTuple):
@@ -59,13 +68,15 @@ class Cost(NamedTuple):
 class Choice(NamedTuple):
     """A kept choice: the ``path``, the ``seconds`` of each timed path (best round), the
     ``tokens`` of the input it was timed on, the ``predicted`` cost of every candidate there (MAC
-    equivalents, :func:`predicted_cost`) and each candidate's :class:`Cost` model."""
+    equivalents, :func:`predicted_cost`), each candidate's :class:`Cost` model and the seconds
+    the measurement took (``measured_in``)."""
 
     path: str
     seconds: dict[str, float]
     tokens: int
     predicted: dict[str, float]
     costs: dict[str, Cost]
+    measured_in: float = 0.0
 
     def expected_seconds(self, tokens: int) -> float:
         """What a call of the chosen path over ``tokens`` tokens should take, from its measured
@@ -89,8 +100,10 @@ def plausible_paths(predicted: dict[str, float], always: tuple[str, ...] = ("den
     best = min(predicted.values())
     return tuple(path for path, cost in predicted.items() if cost <= PLAUSIBLE * best or path in always)
 
-KERNELS = ("auto", "reference", "tiled", "tiled-coarse", "tiled-batched", "stacked", "triton", "dense")
-MEASURED_PATHS = ("tiled", "tiled-coarse", "tiled-batched", "stacked", "dense")  # what kernel="auto" chooses from
+KERNELS = ("auto", "reference", "tiled", "tiled-coarse", "tiled-batched", "stacked", "stacked-t", "triton", "dense",
+           "dense-t")
+# what kernel="auto" chooses from ("-t": the same products on long-row storage, kernels.tiled.LongRows)
+MEASURED_PATHS = ("tiled", "tiled-coarse", "tiled-batched", "stacked", "stacked-t", "dense", "dense-t")
 
 
 def measured_paths(x: torch.Tensor) -> tuple[str, ...]:
@@ -132,41 +145,62 @@ def choose(run: Callable[[str, torch.Tensor], object], costs: dict[str, Cost], x
     """Time the plausible paths among ``costs`` (:func:`plausible_paths` of their predictions over
     ``tokens`` tokens) on ``x`` and return the :class:`Choice` of the fastest."""
     predicted = {path: cost.at(tokens) for path, cost in costs.items()}
+    began = time.perf_counter()
     path, seconds = measure(run, plausible_paths(predicted), x)
-    return Choice(path, seconds, tokens, predicted, dict(costs))
+    return Choice(path, seconds, tokens, predicted, dict(costs), time.perf_counter() - began)
 
 
 class Watch:
-    """Counts, per choice key, the calls and the calls in a row that ran :data:`DRIFT` times
-    slower or faster than their choice predicts, and says when to measure again (see the module
-    docstring). ``remeasured`` counts the re-measurements per key, ``confirmed`` those after
-    :data:`CONFIRM` calls (times a power of 4)."""
+    """Counts, per choice key, the calls of its current choice, the seconds they took, their
+    yardstick (the median ratio of the first :data:`SETTLE` calls' time to what the measurement
+    predicts) and the calls in a row that ran :data:`DRIFT` times slower or faster than the
+    yardstick, and says when to measure again (see the module docstring). ``remeasured`` counts
+    the re-measurements per key, ``confirmed`` those after :data:`CONFIRM` calls (times a power
+    of 4)."""
 
     def __init__(self) -> None:
         self.strikes: dict[tuple, int] = {}
         self.calls: dict[tuple, int] = {}
         self.confirmed: dict[tuple, int] = {}
         self.remeasured: dict[tuple, int] = {}
+        self.watched: dict[tuple, Choice] = {}  # the choice the counts below belong to
+        self.spent: dict[tuple, float] = {}  # seconds of its calls
+        self.first: dict[tuple, list[float]] = {}  # its first calls' time over the predicted time
+        self.yardstick: dict[tuple, float] = {}
 
     def observe(self, key: tuple, choice: Choice, tokens: int, seconds: float) -> bool:
         """Record one call of ``choice`` over ``tokens`` rows that took ``seconds``; True when the
         choice should be dropped and measured again."""
+        if self.watched.get(key) is not choice:  # a new choice: a new yardstick, nothing spent yet
+            self.watched[key], self.spent[key], self.first[key], self.strikes[key] = choice, 0.0, [], 0
+            self.yardstick.pop(key, None)
         calls = self.calls[key] = self.calls.get(key, 0) + 1
-        if calls >= CONFIRM * 4 ** self.confirmed.get(key, 0):
+        spent = self.spent[key] = self.spent[key] + seconds
+        paid = spent >= PAYBACK * choice.measured_in
+        if calls >= CONFIRM * 4 ** self.confirmed.get(key, 0) and paid:
             self.confirmed[key] = self.confirmed.get(key, 0) + 1
-            self.remeasured[key] = self.remeasured.get(key, 0) + 1
-            self.strikes[key] = 0
-            return True
+            return self._again(key)
         expected = choice.expected_seconds(tokens) if tokens > 0 else 0.0
         if expected <= 0.0:
             return False
-        ratio = seconds / expected
+        if key not in self.yardstick:
+            self.first[key].append(seconds / expected)
+            if len(self.first[key]) == SETTLE:
+                self.yardstick[key] = max(sorted(self.first[key])[SETTLE // 2], 1e-9)
+                if self.yardstick[key] < 1.0 / DRIFT and self.remeasured.get(key, 0) < RETAKES:
+                    return self._again(key)  # measured under a burst of load that has passed
+            return False
+        ratio = seconds / (expected * self.yardstick[key])
         if 1.0 / DRIFT <= ratio <= DRIFT:
             self.strikes[key] = 0
             return False
-        self.strikes[key] = self.strikes.get(key, 0) + 1
-        if self.strikes[key] < STRIKES * 2 ** self.remeasured.get(key, 0):
+        self.strikes[key] += 1
+        if self.strikes[key] < STRIKES * 2 ** self.remeasured.get(key, 0) or not paid:
             return False
-        self.strikes[key] = 0
+        return self._again(key)
+
+    def _again(self, key: tuple) -> bool:
+        """Count a re-measurement of ``key``'s choice: True, for :meth:`observe` to return."""
         self.remeasured[key] = self.remeasured.get(key, 0) + 1
+        self.strikes[key] = 0
         return True
