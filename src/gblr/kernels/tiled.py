@@ -218,8 +218,8 @@ class LongRows:
     """A matrix ``W (out, in)`` applied as ``x @ W.T``, stored so that its rows run along its
     longer side: as it is where ``in >= out`` (one ``F.linear``), transposed to ``(in, out)`` where
     ``out > in`` (one ``x @ stored``). At one token the product streams the stored rows, and long
-    rows stream faster: 1.6x on this project's CPU for a 1536x576 matrix read from memory, 1.2x
-    from cache (docs/benchmarks/decode.md); at 8 tokens the plain layout wins again, which is why
+    rows stream faster: 1.6x on this project's CPU for a 1536x576 matrix read from memory
+    (docs/benchmarks/decode.md); at 8 tokens the plain layout wins again, which is why
     the ``-t`` paths are timed, not assumed."""
 
     stored: torch.Tensor
