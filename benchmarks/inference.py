@@ -11,8 +11,11 @@ components for half the budget, partial blocks at random places for the rest), "
 (gblr.decompose of a teacher: a random weight with a decaying spectrum; mostly full-width
 components) and "learned" (a GBLRLinear trained from scratch to imitate the same teacher on
 random inputs with the training recipe's machinery: gblr.param_groups, AdamW and
-gblr.StructureLearner with its sigma schedule and budget controller, 300 steps of 256 tokens).
-The two fitted structures are built for the 4096-wide shapes only with --fit-large.
+gblr.StructureLearner with its sigma schedule and budget controller, 300 steps of 256 tokens);
+"many-random" and "many-diagonal", the paper's own format: min(m, n) rank-1 components of one
+block shape (768 blocks of 154 x 614 elements at 768x3072 and ratio 0.25) at random places or
+marching down the diagonal.
+The structures other than "random" are built for the 4096-wide shapes only with --fit-large.
 Writes docs/benchmarks/inference.{md,json}.
 """
 
@@ -37,7 +40,27 @@ CPU_SHAPES = {  # (in_features, out_features): token counts
 }
 
 
-STRUCTURES = ("random", "decomposed", "learned")
+STRUCTURES = ("random", "decomposed", "learned", "many-random", "many-diagonal")
+
+
+def many_blocks(n: int, m: int, ratio: float, diagonal: bool, dtype) -> gblr.FrozenGBLRLinear:
+    """The paper's own format: ``min(m, n)`` rank-1 components, each a block of the same shape
+    (its sides in proportion to the matrix's, sized so the FLOPs ratio is ``ratio``), at random
+    places or marching down the diagonal (component ``k`` at ``k/K`` of both sides)."""
+    count = min(m, n)
+    share = ratio * m * n / count / (m + n)  # a + b = ratio * m * n / count with a / n = b / m = share
+    width_in, width_out = max(1, round(share * n)), max(1, round(share * m))
+    generator = torch.Generator().manual_seed(0)
+    blocks = []
+    for k in range(count):
+        if diagonal:
+            in_start, out_start = k * n // count, k * m // count
+        else:
+            in_start, out_start = (int(torch.randint(size, (1,), generator=generator)) for size in (n, m))
+        left = torch.randn(width_out, 1, generator=generator, dtype=dtype) / width_in**0.5
+        right = torch.randn(1, width_in, generator=generator, dtype=dtype)
+        blocks.append((gblr.flops.Support(in_start, width_in, out_start, width_out), left, right))
+    return gblr.FrozenGBLRLinear(n, m, blocks, None, dtype=dtype)
 
 
 def teacher(n: int, m: int) -> torch.Tensor:
@@ -67,6 +90,8 @@ def learned(n: int, m: int, ratio: float, steps: int = 300, tokens: int = 256) -
 
 
 def structured(kind: str, n: int, m: int, ratio: float, dtype) -> gblr.FrozenGBLRLinear:
+    if kind.startswith("many-"):
+        return many_blocks(n, m, ratio, kind == "many-diagonal", dtype)
     if kind == "random":
         torch.manual_seed(0)
         layer = gblr.GBLRLinear(n, m, bias=False, init_flops_ratio=ratio)
@@ -206,7 +231,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--fit-large", action="store_true",
-                        help="decomposed and learned structures for the 4096 shapes too")
+                        help="the structures other than random for the 4096 shapes too")
     parser.add_argument("--minilm", action="store_true", help="also time all-MiniLM-L6-v2 end to end")
     parser.add_argument("--cold", action="store_true",
                         help="evict the caches before every timed call (weights read from memory, as inside a model)")

@@ -17,7 +17,8 @@ down in 30 layers; not the embeddings nor the tied lm_head) are compressed to ea
   sensitivity to it (``allocation="fisher"``, what ``gblr compress`` uses for causal LMs);
 * whitened SVD, GBLR's allocation on the next tokens: the same sensitivities judged on the
   calibration text's own next tokens (``allocation="fisher-next-token"``);
-* GBLR: structure search per layer (``method="gblr"``) with the ``"fisher"`` allocation.
+* GBLR: structure search per layer (``method="gblr"``) with the ``"fisher"`` allocation;
+* GBLR, allocation on the next tokens: the same with ``"fisher-next-token"``.
 
 Text: the Python documentation's reST sources (``/usr/share/doc/python3.11/html/_sources``,
 Debian's ``python3.11-doc``) or ``--text``, split *by file* into calibration and held-out files
@@ -61,6 +62,7 @@ VARIANTS = (
     ("svd-whitened-next-token", "whitened SVD, GBLR's allocation on the next tokens", "svd", True,
      "fisher-next-token"),
     ("gblr", "GBLR", "gblr", True, "fisher"),
+    ("gblr-next-token", "GBLR, allocation on the next tokens", "gblr", True, "fisher-next-token"),
 )
 
 
