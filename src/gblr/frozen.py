@@ -321,7 +321,9 @@ class FrozenGBLRLinear(nn.Module):
 
     def _forward(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
-        flat = x.reshape(-1, self.in_features).to(dtype)
+        flat = x.reshape(-1, self.in_features)
+        if flat.dtype != dtype:  # (a .to() that changes nothing still costs microseconds: at one token they count)
+            flat = flat.to(dtype)
         tokens, kept = flat.shape[0], None
         if tokens == 0:
             path = "reference"  # zero rows: the reference path gives the (0, out) zeros
@@ -337,7 +339,9 @@ class FrozenGBLRLinear(nn.Module):
             path = kept.path
         watched = kept is not None and flat.device.type == "cpu"
         start = time.perf_counter() if watched else 0.0
-        bias = None if self.bias is None else self.bias.to(dtype)
+        bias = self.bias
+        if bias is not None and bias.dtype != dtype:
+            bias = bias.to(dtype)
         if path == "dense":
             y = F.linear(flat, self.packed("dense", flat), bias)  # one call: at a few tokens calls are the cost
         elif path == "dense-t":
