@@ -334,3 +334,15 @@ def test_every_path_computes_in_the_autocast_dtype_like_nn_linear(kernel):
         expected = torch.nn.functional.linear(x, layer.weight, layer.bias)  # autocast's own bf16 product
     assert y.dtype == expected.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), expected.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_auto_keeps_only_the_packed_forms_of_its_choices():
+    # timing packs every candidate path; afterwards only the chosen paths' forms stay cached
+    layer = frozen_layer(48, 40, [(0, 24, 0, 20, 2), (30, 18, 25, 15, 1), (0, 48, 0, 40, 1)], tile=8,
+                         dtype=torch.float32)
+    with torch.no_grad():
+        for tokens in (1, 64):
+            x = torch.randn(tokens, 40)
+            torch.testing.assert_close(layer(x), layer.run("reference", x) + layer.bias)
+    chosen = {kept.path for kept in layer.choices.values()}
+    assert set(layer._packed) == chosen

@@ -298,6 +298,12 @@ class FrozenGBLRLinear(nn.Module):
         if kept is None:
             with torch.no_grad():
                 kept = self.choices[key] = choice.choose(self.run, self.predicted_costs(x), x, tokens)
+            # timing packed every candidate (a dense copy, tiles, stacked factors, each also on
+            # long rows): keep only what the kept choices run, or a frozen model holds several
+            # copies of its weights
+            used = {kept.path for kept in self.choices.values()}
+            for what in [what for what in self._packed if what not in used]:
+                del self._packed[what]
         return kept
 
     def choice_key(self, tokens: int, x: torch.Tensor | None = None) -> tuple:

@@ -137,7 +137,7 @@ def test_the_watch_measures_again_only_once_the_calls_paid_for_the_measurement()
 
 
 def test_a_frozen_layer_measures_again_when_its_choice_drifts():
-    from gblr.kernels.choice import SETTLE, STRIKES
+    from gblr.kernels.choice import PAYBACK, SETTLE, STRIKES
 
     torch.manual_seed(0)
     frozen = gblr.GBLRLinear(64, 96, init_flops_ratio=0.25).freeze()
@@ -148,8 +148,9 @@ def test_a_frozen_layer_measures_again_when_its_choice_drifts():
     first = frozen.choices[key]
     for _ in range(SETTLE - 1):  # the first calls set the yardstick
         frozen.observe(20, x, first.seconds[first.path])
+    slow = max(1.0, PAYBACK * first.measured_in)  # far slower, and enough to pay for the measurement
     for _ in range(STRIKES):  # calls far slower than that, as when other processes take the cores
-        frozen.observe(20, x, 1.0)
+        frozen.observe(20, x, slow)
     assert key not in frozen.choices  # dropped: the next call measures again
     with torch.no_grad():
         y = frozen(x)
@@ -158,7 +159,7 @@ def test_a_frozen_layer_measures_again_when_its_choice_drifts():
 
 
 def test_a_frozen_convolution_measures_again_when_its_choice_drifts():
-    from gblr.kernels.choice import SETTLE, STRIKES
+    from gblr.kernels.choice import PAYBACK, SETTLE, STRIKES
 
     torch.manual_seed(0)
     frozen = gblr.GBLRConv2d(8, 8, 3, padding=1, init_flops_ratio=0.3).freeze()
@@ -170,7 +171,7 @@ def test_a_frozen_convolution_measures_again_when_its_choice_drifts():
     for _ in range(SETTLE - 1):
         frozen.observe_batch(x, first.seconds[first.path])
     for _ in range(STRIKES):
-        frozen.observe_batch(x, 1.0)
+        frozen.observe_batch(x, max(1.0, PAYBACK * first.measured_in))
     assert key not in frozen.choices
     with torch.no_grad():
         frozen(x)
