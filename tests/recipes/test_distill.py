@@ -149,6 +149,38 @@ def test_distill_a_tiny_bert_on_sentence_embeddings(tmp_path):
     assert all(p.requires_grad for p in student.parameters())  # flags restored
 
 
+def test_a_time_limit_makes_the_bar_count_seconds(monkeypatch):
+    # with only a time limit the step count is a loose upper bound: a bar over it would show
+    # an ETA of months; it counts seconds instead, up to the limit, the step in its postfix
+    import gblr.recipes.distill as distill_module
+
+    made = []
+
+    class Recorder:
+        def __init__(self, total, description, enabled, *, unit="it"):
+            self.total, self.unit, self.n, self.postfix = total, unit, 0, {}
+            made.append(self)
+
+        def update(self, n=1):
+            self.n += n
+
+        def set_postfix(self, **values):
+            self.postfix = values
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(distill_module, "progress_bar", Recorder)
+    teacher = mlp_teacher()
+    student = svd_student(teacher, 0.5)
+    losses = gblr.distill(student, teacher, data(1), 1_000_000, max_seconds=1.2)
+    (bar,) = made
+    assert bar.unit == "s" and bar.total == 1 and 0 <= bar.n <= bar.total
+    assert bar.postfix["step"] == len(losses)
+    gblr.distill(student, teacher, data(1), 3)  # bounded by steps: a bar of steps
+    assert made[1].unit == "it" and made[1].total == 3 and made[1].n == 3
+
+
 def test_time_limit_and_errors():
     teacher = mlp_teacher()
     student = svd_student(teacher, 0.5)

@@ -225,8 +225,10 @@ def distill(
         warmup = max(1, min(100, steps // 20))
         teacher.eval()
         student.eval()
-        bar = progress_bar(steps, "distill", progress)
-        started = time.perf_counter()
+        # bounded by time: the bar counts seconds (the step count may be a mere upper bound)
+        bar = (progress_bar(steps, "distill", progress) if max_seconds is None
+               else progress_bar(round(max_seconds), "distill", progress, unit="s"))
+        started = shown = time.perf_counter()
         for step in range(steps):
             elapsed = time.perf_counter() - started
             if max_seconds is not None and elapsed >= max_seconds:
@@ -261,8 +263,14 @@ def distill(
 
             losses.append(float(value.detach()))
             if bar is not None:
-                bar.update()
-                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                if max_seconds is None:
+                    bar.update()
+                    bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                else:
+                    now = min(time.perf_counter(), started + max_seconds)
+                    bar.update(round(now - started) - round(shown - started))
+                    shown = now
+                    bar.set_postfix(step=step + 1, loss=f"{losses[-1]:.4f}")
             if log_every and (step + 1) % log_every == 0:
                 recent = losses[-log_every:]
                 print(f"distill step {step + 1}/{steps}: loss {sum(recent) / len(recent):.5f}", flush=True)
