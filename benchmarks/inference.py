@@ -175,6 +175,14 @@ def run_minilm(args) -> list[dict]:
 
 def command_flags(args) -> str:
     flags = " --minilm" if args.minilm else ""
+    defaults = {"ratios": [0.1, 0.25, 0.5], "structures": list(STRUCTURES)}
+    for name, default in defaults.items():
+        if list(getattr(args, name)) != default:
+            flags += f" --{name} " + " ".join(map(str, getattr(args, name)))
+    if args.shapes:
+        flags += " --shapes " + " ".join(args.shapes)
+    if args.fit_large:
+        flags += " --fit-large"
     if args.tokens:
         flags += " --tokens " + " ".join(map(str, args.tokens))
     if args.cold:
@@ -204,7 +212,9 @@ def markdown(rows, model_rows, args) -> str:
         "GBLRLinear's initial structure at the ratio (full-width components for half the budget, partial blocks "
         "at random places for the rest); *decomposed*, `gblr.decompose` of a teacher (a random weight with a "
         "decaying spectrum); *learned*, a GBLRLinear trained from scratch to imitate the same teacher with "
-        "`gblr.StructureLearner` (300 steps of 256 random inputs).",
+        "`gblr.StructureLearner` (300 steps of 256 random inputs); *many-random* and *many-diagonal*, the paper's "
+        "own format: min(m, n) rank-1 blocks of one shape (154 x 614 elements at 768x3072 and 0.25) at random "
+        "places or marching down the diagonal.",
         "",
         "| shape (in x out) | structure | ratio | FLOPs | tiled | tokens | path | dense ms | GBLR ms | speed-up |",
         "|---|---|---:|---:|---:|---:|---|---:|---:|---:|",
