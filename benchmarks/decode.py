@@ -161,7 +161,8 @@ def main() -> None:
               "| out x in | tokens | F.linear us | long rows us | long rows stored transposed | F.linear / long rows |",
               "|---|---:|---:|---:|---|---:|"]
     for r in layouts:
-        lines.append(f"| {r['out']}x{r['in']} | {r['tokens']} | {r['us']['F.linear']:.1f} | {r['us']['long rows']:.1f} | "
+        lines.append(f"| {r['out']}x{r['in']} | {r['tokens']} | {r['us']['F.linear']:.1f} | "
+                     f"{r['us']['long rows']:.1f} | "
                      f"{'yes' if r['transposed'] else 'no (the same product)'} | "
                      f"{r['us']['F.linear'] / r['us']['long rows']:.2f} |")
     write_outputs(args.name, {"runs": rows, "layouts": layouts}, "\n".join(lines) + "\n")

@@ -4,8 +4,8 @@
 import torch
 
 from fixtures import frozen_layer
-from gblr.kernels.tiled import (LongRows, batch, batched_forward, long_rows_stacked, long_rows_stacked_forward, pack, stack,
-                               stacked_forward, tiled_forward)
+from gblr.kernels.tiled import (LongRows, batch, batched_forward, long_rows_stacked, long_rows_stacked_forward, pack,
+                               stack, stacked_forward, tiled_forward)
 
 
 def test_tiled_product_pads_only_partial_tiles():

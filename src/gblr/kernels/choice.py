@@ -40,12 +40,13 @@ import torch
 
 from . import segmented
 
-__all__ = ["KERNELS", "MEASURED_PATHS", "CALL_MACS", "PLAUSIBLE", "DRIFT", "STRIKES", "CONFIRM", "SETTLE", "PAYBACK", "RETAKES", "Cost", "Choice",
-           "Watch", "measured_paths", "choice_key", "measure", "predicted_cost", "plausible_paths", "choose"]
+__all__ = ["KERNELS", "MEASURED_PATHS", "CALL_MACS", "PLAUSIBLE", "DRIFT", "STRIKES", "CONFIRM", "SETTLE", "PAYBACK",
+           "RETAKES", "Cost", "Choice", "Watch", "measured_paths", "choice_key", "measure", "predicted_cost",
+           "plausible_paths", "choose"]
 
 CALL_MACS = 2**18  # what one kernel call costs on the CPU, in MACs of arithmetic (about 5-10 us)
 PLAUSIBLE = 3.0  # paths predicted to cost more than this times the cheapest are not timed
-DRIFT = 2.0  # a call this much slower or faster than its measurement predicts counts as a strike
+DRIFT = 2.0  # a call this much slower or faster than its yardstick (first calls) counts as a strike
 STRIKES = 3  # strikes in a row before a choice is measured again (doubling with each re-measurement)
 CONFIRM = 50  # calls after which a choice is measured again, then 4x as many each time
 SETTLE = 3  # a choice's first calls, whose median time is the yardstick of the later ones
