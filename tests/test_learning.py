@@ -238,10 +238,11 @@ def test_lambda_search_is_precise_when_the_reach_is_a_millionfold_larger(answer)
         calls.append(lams.numel())
         return lams >= answer
 
-    found = _first_true(predicate, 1e6)
+    reach = torch.tensor([1e6], dtype=torch.float64)
+    found = float(_first_true(predicate, reach)[0])
     assert answer <= found <= answer * (1 + 1e-5)
     assert calls == [33] * 5
-    assert _first_true(lambda lams: lams >= 2e6, 1e6) == 1e6  # never true: the upper end
+    assert float(_first_true(lambda lams: lams >= 2e6, reach)[0]) == 1e6  # never true: the upper end
 
 
 # -- bad inputs (the reliability issue) ------------------------------------------------------------

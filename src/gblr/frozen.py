@@ -159,7 +159,7 @@ class FrozenGBLRLinear(nn.Module):
                 elif what == "tiled-batched":
                     value = batch(self.packed("tiled", x), x)
                 elif what == "dense-t":
-                    value = LongRows.of(self.matrix.to(x.device, x.dtype))
+                    value = LongRows.of(self.packed("dense", x))
                 elif what == "stacked-t":
                     value = long_rows_stacked(self.packed("stacked", x))
                 elif what == "stacked":
@@ -260,13 +260,14 @@ class FrozenGBLRLinear(nn.Module):
             elif path == "tiled-batched":
                 macs, calls = self.packed(path, x).macs, 6  # pad, two bmm, scatter, gather, crop
             elif path == "dense-t":
-                if self.out_features <= self.in_features:
+                if not LongRows.turns(self.out_features, self.in_features):
                     continue  # stored as it is: the same product as "dense"
                 macs, calls = self.in_features * self.out_features, 1
             elif path == "stacked-t":
-                if not any(factor.transposed for factor in self.packed(path, x)):
+                stacked = self.packed("stacked", x)
+                if not (LongRows.turns(*stacked.right.shape) or LongRows.turns(*stacked.left.shape)):
                     continue  # stored as they are: the same products as "stacked"
-                macs, calls = self.packed("stacked", x).macs, 2
+                macs, calls = stacked.macs, 2
             elif path == "stacked":
                 macs, calls = self.packed(path, x).macs, 2
             else:  # the tiled paths, and the Triton kernel reads the same supports
@@ -301,7 +302,7 @@ class FrozenGBLRLinear(nn.Module):
             # timing packed every candidate (a dense copy, tiles, stacked factors, each also on
             # long rows): keep only what the kept choices run, or a frozen model holds several
             # copies of its weights
-            used = {kept.path for kept in self.choices.values()}
+            used = {made.path for made in self.choices.values()}
             for what in [what for what in self._packed if what not in used]:
                 del self._packed[what]
         return kept

@@ -149,17 +149,15 @@ def _reach(in_w: torch.Tensor, in_rate: torch.Tensor, out_w: torch.Tensor, out_r
         0, torch.cat([groups, groups]), reach, "amax")
 
 
-def _first_true(predicate, high):
+def _first_true(predicate, high: torch.Tensor) -> torch.Tensor:
     """Per row, the first lambda in [0, high] where ``predicate`` (monotone: False, then True)
     holds, to about 1e-6 of itself (or 1e-12 of ``high``); ``high`` if none. ``predicate`` maps a
-    ``(rows, points)`` grid of lambdas to booleans of that shape; ``high`` is a float (one row,
-    a float returned) or a ``(rows,)`` tensor. Each round evaluates a 33-point grid per row at
-    once: the first spans 12 decades below ``high`` (with 0), because ``high`` (the reach of the
-    slowest-shrinking width) can exceed the answer a millionfold; four linear rounds refine the
-    bracket it finds. (A linear first round, as before, could stop a whole grid step past the
-    answer: 0.030 for a true 0.003, and the step took 0.016 of the FLOPs ratio too much.)"""
-    scalar = not isinstance(high, torch.Tensor)
-    high = torch.as_tensor(high, dtype=torch.float64).reshape(-1)
+    ``(rows, points)`` grid of lambdas to booleans of that shape; ``high`` is ``(rows,)``. Each
+    round evaluates a 33-point grid per row at once: the first spans 12 decades below ``high``
+    (with 0), because ``high`` (the reach of the slowest-shrinking width) can exceed the answer a
+    millionfold; four linear rounds refine the bracket it finds. (A linear first round, as before,
+    could stop a whole grid step past the answer: 0.030 for a true 0.003, and the step took 0.016
+    of the FLOPs ratio too much.)"""
     zero = torch.zeros(high.numel(), 1, dtype=torch.float64, device=high.device)
     grid = torch.cat([zero, high[:, None] * torch.logspace(-12, 0, 32, dtype=torch.float64, device=high.device)], 1)
     steps = torch.linspace(0.0, 1.0, 33, dtype=torch.float64, device=high.device)
@@ -168,8 +166,7 @@ def _first_true(predicate, high):
         low = grid.gather(1, (first - 1).clamp(min=0))
         high = grid.gather(1, first.clamp(max=32))
         grid = low + (high - low) * steps
-    high = high[:, 0]
-    return float(high[0]) if scalar else high
+    return high[:, 0]
 
 
 class StructureLearner:

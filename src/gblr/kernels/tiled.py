@@ -35,8 +35,8 @@ import torch
 
 from ..flops import cyclic_indices
 
-__all__ = ["TiledProduct", "BatchedTiles", "StackedFactors", "pack", "batch", "stack", "tiled_forward", "batched_forward",
-           "stacked_forward", "LongRows", "long_rows_stacked", "long_rows_stacked_forward"]
+__all__ = ["TiledProduct", "BatchedTiles", "StackedFactors", "pack", "batch", "stack", "tiled_forward",
+           "batched_forward", "stacked_forward", "LongRows", "long_rows_stacked", "long_rows_stacked_forward"]
 
 
 @dataclasses.dataclass
@@ -225,11 +225,15 @@ class LongRows:
     stored: torch.Tensor
     transposed: bool
 
+    @staticmethod
+    def turns(out_features: int, in_features: int) -> bool:
+        """Whether a matrix of that shape is stored transposed (more outputs than inputs)."""
+        return out_features > in_features
+
     @classmethod
     def of(cls, weight: torch.Tensor) -> "LongRows":
         """The long-row storage of ``weight (out, in)``."""
-        out_features, in_features = weight.shape
-        if out_features > in_features:
+        if cls.turns(*weight.shape):
             return cls(weight.detach().T.contiguous(), True)
         return cls(weight.detach().contiguous(), False)
 
