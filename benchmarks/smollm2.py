@@ -53,16 +53,17 @@ from gblr.recipes.compress import linear_targets, target_flops
 from gblr.recipes.compress_lm import peak_rss_mb
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# (key, label, method, calibrated, allocation)
+# (key, label, method, calibrated, allocation, structure learned during recovery)
 VARIANTS = (
-    ("svd-plain", "plain SVD (no calibration)", "svd", False, "error"),
-    ("svd-whitened-uniform", "whitened SVD, uniform ranks", "svd", True, "uniform"),
-    ("svd-whitened-error", "whitened SVD, error allocation", "svd", True, "error"),
-    ("svd-whitened-allocated", "whitened SVD, GBLR's allocation", "svd", True, "fisher"),
+    ("svd-plain", "plain SVD (no calibration)", "svd", False, "error", False),
+    ("svd-whitened-uniform", "whitened SVD, uniform ranks", "svd", True, "uniform", False),
+    ("svd-whitened-error", "whitened SVD, error allocation", "svd", True, "error", False),
+    ("svd-whitened-allocated", "whitened SVD, GBLR's allocation", "svd", True, "fisher", False),
     ("svd-whitened-next-token", "whitened SVD, GBLR's allocation on the next tokens", "svd", True,
-     "fisher-next-token"),
-    ("gblr", "GBLR", "gblr", True, "fisher"),
-    ("gblr-next-token", "GBLR, allocation on the next tokens", "gblr", True, "fisher-next-token"),
+     "fisher-next-token", False),
+    ("gblr", "GBLR", "gblr", True, "fisher", True),
+    ("gblr-fixed-structure", "GBLR, structure fixed during recovery", "gblr", True, "fisher", False),
+    ("gblr-next-token", "GBLR, allocation on the next tokens", "gblr", True, "fisher-next-token", True),
 )
 
 
@@ -82,8 +83,8 @@ def settings(args) -> dict:
             "recovery_tokens": args.recovery_tokens}
 
 
-def run_variant(ratio, key, method, calibrated, allocation, teacher, tokenizer, targets, train, recovery_batches,
-                held_out, args):
+def run_variant(ratio, key, method, calibrated, allocation, learn_structure, teacher, tokenizer, targets, train,
+                recovery_batches, held_out, args):
     student = copy.deepcopy(teacher)
     config = gblr.GBLRConfig(flops_ratio=ratio, target_modules=targets, method=method, allocation=allocation,
                              calibration=args.calibration)
@@ -95,10 +96,11 @@ def run_variant(ratio, key, method, calibrated, allocation, teacher, tokenizer, 
     recovery = None
     if args.recovery_steps:
         # The same steps on the same windows for every row; only GBLR's widths and locations move
-        # (each layer's FLOPs bounded by its cost after conversion): the SVD rows keep their ranks.
+        # (each layer's FLOPs bounded by its cost after conversion; not in the fixed-structure row):
+        # the SVD rows keep their ranks.
         start = time.perf_counter()
         losses = gblr.distill(student, teacher, recovery_batches, args.recovery_steps, lr=args.recovery_lr, loss="kl",
-                              output_fn=logits_output, train_structure=method == "gblr", progress=args.progress)
+                              output_fn=logits_output, train_structure=learn_structure, progress=args.progress)
         recovery = {"steps": len(losses), "lr": args.recovery_lr, "first_kl": losses[0], "last_kl": losses[-1],
                     "seconds": time.perf_counter() - start, "perplexity": perplexity(student, held_out),
                     "flops_ratio": target_flops(student, targets).ratio}
@@ -122,8 +124,8 @@ def recovery_text(args) -> str:
     return (f"Recovery: {args.recovery_steps} steps of `gblr.distill` (token-level KL to the original's next-token "
             f"distributions, lr {args.recovery_lr:g}, batches of {args.batch_size} windows from {args.recovery_tokens} tokens "
             f"of the calibration files) for every row; "
-            "GBLR's widths and locations train too (each layer's FLOPs bounded by its cost after conversion), the "
-            "SVD rows keep their ranks.")
+            "GBLR's widths and locations train too (each layer's FLOPs bounded by its cost after conversion) except "
+            "in the fixed-structure row, the SVD rows keep their ranks.")
 
 
 def render(rows: list[dict], args, extra: dict) -> str:
@@ -228,9 +230,10 @@ def main() -> None:
     for ratio, key in order:
         if (ratio, key) in finished:
             continue
-        _, _, method, calibrated, allocation = next(variant for variant in VARIANTS if variant[0] == key)
-        finished[ratio, key] = run_variant(ratio, key, method, calibrated, allocation, teacher, tokenizer, targets,
-                                           train, recovery_batches, held_out, args)
+        _, _, method, calibrated, allocation, learn_structure = next(variant for variant in VARIANTS
+                                                                     if variant[0] == key)
+        finished[ratio, key] = run_variant(ratio, key, method, calibrated, allocation, learn_structure, teacher,
+                                           tokenizer, targets, train, recovery_batches, held_out, args)
         rows = [finished[item] for item in shown if item in finished]
         write_outputs(args.name, rows, render(rows, args, extra))
     rows = [finished[item] for item in shown if item in finished]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from torch import nn
 
 import gblr
 from gblr.learning import gblr_layers
-from gblr.recipes.distill import token_kl
+from gblr.recipes.distill import lr_factor, token_kl
 from gblr.recipes.sentences import generated_sentences, split_sentences
 from gblr.recipes.text import embedding_fidelity, token_batches
 
@@ -201,6 +202,22 @@ def test_time_limit_and_errors():
     dense = mlp_teacher(1)
     losses = gblr.distill(dense, teacher, data(1), 5, lr=1e-2, train_all=True, progress=False)
     assert losses[-1] < losses[0]
+
+
+def test_learning_rate_warms_up_over_the_first_twentieth_of_the_run_by_steps_or_by_time():
+    # by steps: 1000 steps warm up over 50, then a cosine to zero
+    assert lr_factor(0, 1000) == pytest.approx(1 / 50)
+    assert lr_factor(24, 1000) == pytest.approx(0.5 * 0.5 * (1 + math.cos(math.pi * 0.024)))
+    assert lr_factor(500, 1000) == pytest.approx(0.5)
+    assert lr_factor(10**6, 1000) == pytest.approx(0.0)
+    assert lr_factor(99, 10**6) == pytest.approx(1.0, abs=1e-6)  # at most 100 warm-up steps
+    # by time, the step count a mere upper bound: warm after 5 % of the time, not after 100 steps
+    cosine = 0.5 * (1 + math.cos(0.02 * math.pi))
+    assert lr_factor(3, 10**6, elapsed=2.0, max_seconds=100.0) == pytest.approx(0.4 * cosine)
+    assert lr_factor(6, 10**6, elapsed=10.0, max_seconds=100.0) == pytest.approx(0.5 * (1 + math.cos(0.1 * math.pi)))
+    assert lr_factor(50, 10**6, elapsed=100.0, max_seconds=100.0) == pytest.approx(0.0)
+    # whichever bound is nearer leads: 90 % of the steps at 10 % of the time
+    assert lr_factor(900, 1000, elapsed=1.0, max_seconds=10.0) == pytest.approx(0.5 * (1 + math.cos(0.9 * math.pi)))
 
 
 def test_an_error_mid_run_restores_flags_and_modes():

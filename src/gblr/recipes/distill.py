@@ -55,7 +55,7 @@ from ..frozen import FrozenGBLRLinear
 from ..linear import GBLRLinear, check_finite_structure
 from .text import sentence_output
 
-__all__ = ["LOSSES", "distill", "token_kl"]
+__all__ = ["LOSSES", "WARMUP", "WARMUP_STEPS", "distill", "lr_factor", "token_kl"]
 
 LOSSES = ("cosine", "mse", "kl")
 
@@ -79,6 +79,23 @@ def _loss_fn(loss) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     if loss == "kl":
         return token_kl
     raise ValueError(f"loss must be one of {', '.join(LOSSES)} or a callable(student_out, teacher_out), got {loss!r}")
+
+
+WARMUP = 0.05  # of the run (steps, or time with max_seconds), and at most WARMUP_STEPS steps
+WARMUP_STEPS = 100
+
+
+def lr_factor(step: int, steps: int, elapsed: float = 0.0, max_seconds: float | None = None) -> float:
+    """The learning rate of step ``step`` (from 0) as a fraction of the peak: a linear warm-up over
+    the first :data:`WARMUP` of the run (at most :data:`WARMUP_STEPS` steps), then a cosine decay
+    to zero at its end. The run's progress is ``step / steps``, or with ``max_seconds`` whichever
+    of that and ``elapsed / max_seconds`` is further: a run bounded by time (``steps`` a mere
+    upper bound) warms up and decays by the clock."""
+    fraction = step / steps if max_seconds is None else max(step / steps, elapsed / max_seconds)
+    warm = (step + 1) / max(1, min(WARMUP_STEPS, steps // round(1 / WARMUP)))
+    if max_seconds is not None:
+        warm = max(warm, elapsed / (WARMUP * max_seconds))
+    return min(1.0, warm) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, fraction)))
 
 
 class _FlopsBound:
@@ -170,7 +187,7 @@ def distill(
         train_all: train every parameter of the student, not only those of its GBLR layers.
         weight_decay: AdamW weight decay of the matrices (default 0: stay near the teacher).
         max_grad_norm: gradient-norm clipping (None: off).
-        max_seconds: stop after this much wall time; the schedule decays by time as well.
+        max_seconds: stop after this much wall time; the schedule warms up and decays by time as well.
         progress: show a progress bar (tqdm, if installed).
         log_every: print the mean loss every this many steps (0: never).
         teacher_cache_mb: the teacher's outputs are kept for the batches they fit in this many
@@ -222,7 +239,6 @@ def distill(
         optimizer = torch.optim.AdamW(param_groups(student, lr, struct_lr=struct_lr, weight_decay=weight_decay))
         base_lrs = [group["lr"] for group in optimizer.param_groups]
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        warmup = max(1, min(100, steps // 20))
         teacher.eval()
         student.eval()
         # bounded by time: the bar counts seconds (the step count may be a mere upper bound)
@@ -233,8 +249,7 @@ def distill(
             elapsed = time.perf_counter() - started
             if max_seconds is not None and elapsed >= max_seconds:
                 break
-            fraction = step / steps if max_seconds is None else max(step / steps, elapsed / max_seconds)
-            factor = min(1.0, (step + 1) / warmup) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, fraction)))
+            factor = lr_factor(step, steps, elapsed, max_seconds)
             for group, base in zip(optimizer.param_groups, base_lrs):
                 group["lr"] = base * factor
 
