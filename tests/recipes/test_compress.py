@@ -193,3 +193,23 @@ def test_bad_options_are_argument_errors_before_any_work(tmp_path, capsys, argv,
     err = capsys.readouterr().err
     assert "Traceback" not in err and option in err.strip().splitlines()[-1]
     assert err.strip().splitlines()[-1].startswith("gblr compress: error:")
+
+
+@pytest.mark.parametrize("learn", [False, True])
+def test_distillation_keeps_the_converted_structure_unless_asked_to_learn_it(learn):
+    from gblr.recipes.compress import ENCODER as ENCODER_KIND
+    from gblr.recipes.compress import run_distillation
+
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32)).eval()
+    student = nn.Sequential(gblr.GBLRLinear(32, 64, sigma=5.0), nn.GELU(), gblr.GBLRLinear(64, 32, sigma=5.0))
+    layers = [student[0], student[2]]
+    structure = [p.detach().clone() for layer in layers for p in layer.structural_parameters()]
+    batches = [torch.randn(64, 32) for _ in range(2)]
+    config = CompressConfig("unused", distill_steps=30, lr=3e-3, distill_loss="mse", distill_structure=learn,
+                            progress=False)
+    entry, losses = run_distillation(student, teacher, batches, config, ENCODER_KIND, struct_lr=5e-2)
+    assert losses[-1] < losses[0] and entry["structure"] == ("learned" if learn else "fixed")
+    moved = [not torch.equal(p.detach(), q) for p, q in zip(
+        [p for layer in layers for p in layer.structural_parameters()], structure)]
+    assert any(moved) == learn

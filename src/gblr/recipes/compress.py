@@ -91,6 +91,9 @@ class CompressConfig:
     # distill's loss (LOSSES); None: "kl" on the logits for causal LMs, "cosine" of the embeddings for encoders
     distill_loss: str | None = None
     lr: float = 1e-4  # distillation learning rate
+    # distillation also moves widths and locations (each layer's FLOPs bounded); off: the structure
+    # from the conversion stays and only the block contents train (recovered better on SmolLM2)
+    distill_structure: bool = False
     out: str = "runs/compress"
     overwrite: bool = False  # replace the model and report an ``out`` already holds
     seed: int = 0
@@ -211,10 +214,10 @@ def run_distillation(student: nn.Module, teacher: nn.Module, batches: list, conf
     loss = config.recovery_loss(kind)
     start = time.perf_counter()
     losses = distill(student, teacher, batches, steps, lr=config.lr, loss=loss, max_seconds=max_seconds,
-                     progress=config.progress, **options)
+                     train_structure=config.distill_structure, progress=config.progress, **options)
     seconds = time.perf_counter() - start
     return {"steps": len(losses), "lr": config.lr, "loss": loss, "first_loss": losses[0], "last_loss": losses[-1],
-            "seconds": seconds}, losses
+            "structure": "learned" if config.distill_structure else "fixed", "seconds": seconds}, losses
 
 
 def compress(config: CompressConfig) -> dict:
