@@ -38,8 +38,9 @@ def markdown(reports: list[dict], command: str, note: str) -> str:
         no_decode = dict.fromkeys(("dense_tokens_per_s", "frozen_tokens_per_s", "speedup"), float("nan"))
         decode = report["decode"] or no_decode  # --decode-repeats 0: not measured
         distilled = report["distillation"]
-        recovery = (f"{distilled['steps']} steps of {distilled['loss']}, {distilled['seconds']:.0f} s" if distilled
-                    else "none")
+        # reports from before --distill-structure have no "structure": their distillation learned it
+        recovery = (f"{distilled['steps']} steps of {distilled['loss']}, {distilled['seconds']:.0f} s, structure "
+                    f"{distilled.get('structure', 'learned')}" if distilled else "none")
         lines.append(
             f"| {report['method']} | {report['conversion']['allocation']} | {report['flops_ratio']:.3f} "
             f"| {ppl['dense']:.3f} | {ppl['converted']:.3f} "

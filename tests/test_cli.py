@@ -91,7 +91,7 @@ def test_help_shows_every_options_default(command, capsys, monkeypatch):
         elif line.startswith("   ") and entries and entries[-1].startswith("--"):
             entries[-1] += " " + line.strip()
     lines = [entry for entry in entries if entry.startswith("--")]
-    assert len(lines) == {"train": 43, "compress": 28, "demo": 1}[command]  # every option but -h
+    assert len(lines) == {"train": 43, "compress": 29, "demo": 1}[command]  # every option but -h
     for line in lines:
         assert "(default: " in line, line
     shown = {line.split()[0]: line for line in lines}
@@ -102,6 +102,7 @@ def test_help_shows_every_options_default(command, capsys, monkeypatch):
                   "--tokenizer": "vocabulary 256)", "--settle-steps": "(default: never early)", "--resume": "(default: off)", "--no-progress": "(default: off)"},
         "compress": {"--flops": "(default: 0.5)", "--method": "(default: gblr)", "--distill-minutes": "(default: none)",
                      "--distill-loss": "(default: kl for causal LMs, cosine for encoders)",
+                     "--distill-structure": "(default: off)",
                      "--out": "(default: runs/compress)"},
         "demo": {"--seed": "(default: 0)"},
     }[command]

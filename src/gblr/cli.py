@@ -292,9 +292,9 @@ def _compress_options() -> Options:
                                      "outputs (logits or embeddings); cosine: of the sentence embeddings (default: kl "
                                      "for causal LMs, cosine for encoders)", "choices": LOSSES},
             "lr": "distillation learning rate",
-            "distill_structure": "let the distillation move the blocks' widths and locations too (no layer's FLOPs "
-                                 "may grow; default: the structure from the conversion stays, only the blocks' "
-                                 "contents train, which recovered SmolLM2 better)",
+            "distill_structure": "let the distillation move the blocks' widths and locations too, no layer's FLOPs "
+                                 "growing (otherwise the converted structure stays and only the blocks' contents "
+                                 "train, which recovered SmolLM2 better)",
         },
         "run": {
             "out": "output folder (model/, report.json, masks.png); refused if it holds a compressed model, unless "
