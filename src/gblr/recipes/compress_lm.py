@@ -16,9 +16,10 @@ Steps (:func:`compress_causal_lm`, called by :func:`gblr.recipes.compress.compre
    distribution at every position is matched to the original's (``output_fn=logits_output``;
    ``--distill-loss``, default ``"kl"``: the mean token-level KL divergence; ``"mse"``: logit
    matching). Only the blocks' contents train unless ``--distill-structure`` (then widths and
-   locations too, each layer's FLOPs bounded by its cost after conversion). The teacher's logits, ``batch * seq_len * vocab * 4`` bytes per batch (200 MB for
-   4 windows of 256 tokens over a 49k vocabulary), are cached for the first 2 GiB of batches
-   and recomputed for the others.
+   locations too, each layer's FLOPs bounded by its cost after conversion). The teacher's
+   logits, ``batch * seq_len * vocab * 4`` bytes per batch (200 MB for 4 windows of 256 tokens
+   over a 49k vocabulary), are cached for the first 2 GiB of batches and recomputed for the
+   others.
 5. Greedy generations of the compressed model, and decode speed: tokens/s at batch 1 with the
    KV cache, the original against a frozen copy of the compressed model (:func:`gblr.freeze_`,
    under ``torch.inference_mode``), interleaved, median of ``--decode-repeats`` runs.
