@@ -94,6 +94,34 @@ def test_every_grouping_gives_the_same_product(group):
         assert max(sizes) <= (group or MAX_GROUP) and all(size == group for size in sizes[:-1] if group)
 
 
+def test_segments_cover_each_span_once_and_multiply_the_rows_that_reach_them():
+    layer = content_layer(300, 500, 200, seed=2)
+    with torch.no_grad():
+        layer.in_width[7:].uniform_(0.05, 0.4)
+        layer.out_width[7:].uniform_(0.05, 0.4)
+    supports = layer.supports()
+    plan = plan_compact(supports, 1, 300, 500, tokens=4096)
+    w_in, l_in, w_out, l_out = supports
+    shorter = 0
+    for side, widths, locations in ((plan.inputs, w_in, l_in), (plan.outputs, w_out, l_out)):
+        for g in side.groups:
+            covered = [column for begin, end, _, _ in g.segments for column in range(begin, end)]
+            assert sorted(covered) == sorted(c % side.size for c in range(g.start, g.stop))  # each column once
+            counts = [count for *_, count in g.segments]
+            assert counts[0] == g.last - g.first and counts == sorted(counts, reverse=True)
+            for begin, end, offset, count in g.segments:
+                assert (g.start + offset) % side.size == begin
+                # a row after the prefix has no column in the segment
+                for source in g.sources[count:].tolist():
+                    reach = (torch.arange(begin, end) - locations[source]) % side.size < widths[source]
+                    assert not reach.any()
+                shorter += count < g.last - g.first
+    assert shorter > 0  # the plan does use shorter prefixes
+    x = torch.randn(40, 300, dtype=torch.float64, requires_grad=True)
+    y = CompactProduct.apply(x, layer.u, layer.v, layer.bias, plan)
+    torch.testing.assert_close(y, F.linear(x, layer.weight.detach(), layer.bias.detach()), rtol=1e-12, atol=1e-12)
+
+
 def test_factor_gradients_vanish_outside_the_supports():
     layer = content_layer(50, 60, 30)
     x = torch.randn(20, 50, dtype=torch.float64, requires_grad=True)

@@ -8,22 +8,28 @@ by materialising the weight; the compact product reads only the blocks, at about
 ratio of a dense layer's cost, forward and backward.
 
 The live rank rows (those of components with both widths non-zero) are sorted by where their
-support starts on each side and cut into groups; a group multiplies the span that covers its rows'
-supports (the union, rounded out to one contiguous, possibly wrapping, run). For ``x (T, n)`` and
-the hidden activations ``h (T, live rows)``:
+support starts on each side and cut into groups; a group covers the span of its rows' supports
+(the union, rounded out to one contiguous, possibly wrapping, run). Inside a group the rows are
+ordered by where their support ends, last end first, so the rows that reach any column of the span
+are a prefix of the group: the span is cut into segments, and a segment multiplies only the rows
+that reach it. For ``x (T, n)`` and the hidden activations ``h (T, live rows)``:
 
-    h[:, group g]      = x[:, span of g] @ V_g.T        stage 1: one GEMM per group of input rows
-    y[:, span of g']  += h'[:, group g'] @ U_g'         stage 2: one GEMM per group of output rows
+    h[:, group g][:, :k_s]  += x[:, segment s of g] @ V_g[:k_s, s].T      stage 1, per segment
+    y[:, segment s' of g']  += h'[:, group g'][:, :k_s'] @ U_g'[:k_s', s'] stage 2, per segment
 
 where ``h'`` is ``h`` with its columns in the output side's order, ``V_g`` and ``U_g'`` are
-gathered from ``v`` and ``u``, zero off each row's own support. Every GEMM writes a block of ``h``'s
-columns or adds into a contiguous run of ``y``'s columns (a span that wraps past the last column is
-two runs), so nothing is scattered element by element, and every large operand stays token-major
-(no transposes of ``x`` or ``y``). The backward pass runs the same GEMMs transposed and writes the
+gathered from ``v`` and ``u``, zero off each row's own support, and ``k_s`` is the number of rows
+reaching segment ``s`` (the first segment reaches every row). Every GEMM writes a block of ``h``'s
+columns or adds into a contiguous run of ``y``'s columns (a segment never crosses the wrap point),
+so nothing is scattered element by element, and every large operand stays token-major (no
+transposes of ``x`` or ``y``). The backward pass runs the same GEMMs transposed and writes the
 group gradients back into ``u`` and ``v``: entries outside the supports get exactly zero, as under
-the boxcar masks. Each row pays its group's span, so large groups pad more and small ones run
-slower GEMMs; :func:`plan_compact` cuts the sorted rows where a measured cost model
-(:data:`GROUP_OVERHEAD_ROWS`, a price per GEMM call) predicts the least time.
+the boxcar masks. A row pays the columns from its group's start to its own end, so large groups
+pad more and small ones run slower GEMMs; :func:`plan_compact` cuts the rows into groups, and
+each group's span into segments, where a measured cost model (a price per GEMM call, per column
+of a group's span, per row and column a segment moves) predicts the least time. On the many-block
+structures of ``benchmarks/training.py`` the segments cut the padded MACs from 0.59 to 0.44 of a
+dense layer's (the structures' FLOPs ratio is 0.31).
 """
 
 from __future__ import annotations
@@ -44,6 +50,10 @@ __all__ = ["CompactGroup", "CompactSide", "CompactPlan", "CompactProduct", "plan
 # time per padded MAC 3.1x dense's at 16 rows, 2.0x at 32, 1.7x at 64, 1.4x at 128).
 GROUP_OVERHEAD_ROWS = 32
 MAX_GROUP = 256  # rows per group at most
+SEGMENT_STEP = 32  # where a group's span may be cut into GEMMs (columns)
+SEGMENT_OVERHEAD = 64  # a GEMM moves its operands at about this many MACs per row and column (at 4096
+# tokens, a segment of 2 rows and 66 columns takes as long as 70 rows and 66 columns would at full speed)
+SEGMENT = 128  # columns per segment, as the cost model of the groups assumes it
 
 
 @dataclasses.dataclass
@@ -58,6 +68,8 @@ class CompactGroup:
     sources: torch.Tensor  # (rows,) rank rows of the factor (v as (K r, in), u as (K r, out))
     outside: torch.Tensor | None  # (rows, stop - start) bool: off each row's support; None where none is
     pieces: tuple[tuple[int, int, int], ...]  # contiguous runs (column from, column to, offset in the span)
+    # the GEMMs: (column from, column to, offset in the span, leading rows that reach these columns)
+    segments: tuple[tuple[int, int, int, int], ...]
 
 
 @dataclasses.dataclass
@@ -67,7 +79,11 @@ class CompactSide:
 
     @property
     def macs(self) -> int:
-        return sum((g.last - g.first) * (g.stop - g.start) for g in self.groups)
+        return sum(rows * (end - begin) for g in self.groups for begin, end, _, rows in g.segments)
+
+    @property
+    def gemms(self) -> int:
+        return sum(len(g.segments) for g in self.groups)
 
 
 @dataclasses.dataclass
@@ -88,7 +104,7 @@ class CompactPlan:
     @property
     def gemms(self) -> int:
         """GEMMs per forward pass (the backward pass runs twice as many)."""
-        return len(self.inputs.groups) + len(self.outputs.groups)
+        return self.inputs.gemms + self.outputs.gemms
 
     def cost(self, tokens: int, device_type: str = "cpu") -> float:
         """Predicted cost of a training step (forward and backward) over ``tokens`` tokens, in MAC
@@ -109,17 +125,24 @@ def masked_cost(tokens: int, in_features: int, out_features: int, total_rank: in
 
 def _cuts(starts: list[int], ends: list[int], size: int, tokens: int, device_type: str) -> list[int]:
     """Where to cut rows sorted by start into groups: the least predicted cost, by dynamic
-    programming over the cut points. A group of ``B`` rows over a span of ``s`` columns costs
-    ``s * (B + GROUP_OVERHEAD_ROWS)`` MACs per token (its MACs, and reading its span of the input)
-    plus one GEMM call (:func:`gblr.kernels.choice.predicted_cost`)."""
+    programming over the cut points. A group of ``B`` rows over a span of ``s`` columns runs
+    ``s / SEGMENT`` GEMMs (:func:`_segments`); each row pays the columns from the group's start to
+    its own end, half a segment more on average (at most the span), and reading the span costs
+    ``s * GROUP_OVERHEAD_ROWS`` MACs per token more (:func:`gblr.kernels.choice.predicted_cost`)."""
     count = len(starts)
+    reach_sum = [0]
+    for end in ends:
+        reach_sum.append(reach_sum[-1] + end)
     best, cut = [0.0] + [float("inf")] * count, [0] * (count + 1)
     for last in range(1, count + 1):
         reach = 0
         for first in range(last - 1, max(0, last - MAX_GROUP) - 1, -1):
             reach = max(reach, ends[first])
             span = min(reach - starts[first], size)
-            cost = best[first] + predicted_cost(span * (last - first + GROUP_OVERHEAD_ROWS), 1, tokens, device_type)
+            rows = last - first
+            padded = min(reach_sum[last] - reach_sum[first] - rows * starts[first] + rows * SEGMENT // 2, rows * span)
+            gemms = -(-span // SEGMENT)
+            cost = best[first] + predicted_cost(padded + span * GROUP_OVERHEAD_ROWS, gemms, tokens, device_type)
             if cost < best[last]:
                 best[last], cut[last] = cost, first
     cuts, last = [], count
@@ -129,11 +152,45 @@ def _cuts(starts: list[int], ends: list[int], size: int, tokens: int, device_typ
     return [0] + cuts[::-1]
 
 
+def _segments(start: int, stop: int, size: int, ends: list[int], tokens: int,
+              device_type: str) -> tuple[tuple[int, int, int, int], ...]:
+    """The GEMMs of a group over the (unwrapped) span ``start:stop``, as (column from, column to,
+    offset in the span, rows): the columns are cut where the predicted cost is least (dynamic
+    programming over every :data:`SEGMENT_STEP` columns, and at ``size`` where the span wraps);
+    a segment multiplies the rows that reach it, a prefix of the group's rows, ordered by their
+    unwrapped ``ends`` (decreasing). A segment of ``k`` rows and ``w`` columns costs ``k w`` MACs
+    per token, ``SEGMENT_OVERHEAD (k + w)`` more for moving its operands, and one call."""
+    points = sorted(set(range(start, stop, SEGMENT_STEP)) | ({size} if start < size < stop else set()) | {stop})
+    reach = [sum(1 for end in ends if end > point) for point in points]
+    best, cut = [0.0] + [float("inf")] * (len(points) - 1), [0] * len(points)
+    for last in range(1, len(points)):
+        for first in range(last - 1, -1, -1):
+            if points[first] < size < points[last]:  # no segment crosses the wrap point
+                break
+            rows, width = reach[first], points[last] - points[first]
+            cost = best[first] + predicted_cost(rows * width + SEGMENT_OVERHEAD * (rows + width), 1, tokens,
+                                                device_type)
+            if cost < best[last]:
+                best[last], cut[last] = cost, first
+    bounds, last = [], len(points) - 1
+    while last > 0:
+        bounds.append(last)
+        last = cut[last]
+    bounds = [0] + bounds[::-1]
+    segments = []
+    for first, last in zip(bounds[:-1], bounds[1:]):
+        begin, end = points[first], points[last]
+        shift = size if begin >= size else 0
+        segments.append((begin - shift, end - shift, begin - start, reach[first]))
+    return tuple(segments)
+
+
 def _side(widths: torch.Tensor, starts: torch.Tensor, live: torch.Tensor, size: int, group: int | None, tokens: int):
     """The groups of one side (``group`` rows each, or cut by :func:`_cuts`), and the order of its
-    rows (indices into the live rows)."""
+    rows (indices into the live rows): by start across groups, by end (decreasing) within one."""
     full = widths >= size
     starts = torch.where(full, torch.zeros_like(starts), starts)  # a full row starts anywhere: say 0
+    widths = widths.clamp(max=size)
     # full rows first (one group spans everything anyway), then by start and width
     order = torch.argsort(((~full).long() * size + starts) * (size + 1) + widths, stable=True)
     widths_sorted, starts_sorted = widths[order].tolist(), starts[order].tolist()
@@ -145,15 +202,19 @@ def _side(widths: torch.Tensor, starts: torch.Tensor, live: torch.Tensor, size: 
     groups = []
     for first, last in zip(cuts[:-1], cuts[1:]):
         start = starts_sorted[first]  # the least start in the group
-        stop = max(ends_sorted[first:last])
+        ends = sorted(ends_sorted[first:last], reverse=True)
+        stop = ends[0]
         if stop - start > size:  # the union wraps onto itself: every column, unwrapped
-            start, stop = 0, size
+            start, stop, ends = 0, size, [size] * (last - first)  # every row in every segment
+        else:  # within the group, by end (decreasing): the rows reaching a segment are a prefix
+            within = sorted(range(first, last), key=lambda row: -ends_sorted[row])
+            order[first:last] = order[torch.tensor(within, dtype=torch.long, device=order.device)]
         pieces = ((start, min(stop, size), 0),) + (((0, stop - size, size - start),) if stop > size else ())
         columns = torch.arange(start, stop, device=widths.device) % size
         rows = order[first:last]
         outside = torch.remainder(columns[None, :] - starts[rows, None], size) >= widths[rows, None]
         groups.append(CompactGroup(first, last, start, stop, live[rows], outside if bool(outside.any()) else None,
-                                   pieces))
+                                   pieces, _segments(start, stop, size, ends, tokens, widths.device.type)))
     return CompactSide(size, groups), order
 
 
@@ -203,25 +264,28 @@ def _scatter(grad_rows: torch.Tensor, group: CompactGroup, values: torch.Tensor)
 
 def _into_rows(flat: torch.Tensor, group: CompactGroup, values: torch.Tensor, out: torch.Tensor) -> None:
     """``out = flat[:, span] @ values.T``: ``flat (T, size)``, ``values (rows, span)``, ``out (T, rows)``;
-    one product per contiguous piece of the span."""
-    for index, (begin, end, offset) in enumerate(group.pieces):
-        part = values[:, offset : offset + end - begin].T
+    one product per segment, into the rows that reach it (the first segment reaches every row)."""
+    for index, (begin, end, offset, rows) in enumerate(group.segments):
+        part = values[:rows, offset : offset + end - begin].T
         if index == 0:
             torch.mm(flat[:, begin:end], part, out=out)
         else:
-            out.addmm_(flat[:, begin:end], part)
+            out[:, :rows].addmm_(flat[:, begin:end], part)
 
 
 def _onto_columns(flat: torch.Tensor, group: CompactGroup, rows: torch.Tensor, values: torch.Tensor) -> None:
-    """``flat[:, span] += rows @ values``: ``rows (T, rows)``, ``values (rows, span)``, per piece."""
-    for begin, end, offset in group.pieces:
-        flat[:, begin:end].addmm_(rows, values[:, offset : offset + end - begin])
+    """``flat[:, span] += rows @ values``: ``rows (T, rows)``, ``values (rows, span)``, per segment."""
+    for begin, end, offset, count in group.segments:
+        flat[:, begin:end].addmm_(rows[:, :count], values[:count, offset : offset + end - begin])
 
 
 def _factor_gradient(rows: torch.Tensor, group: CompactGroup, flat: torch.Tensor) -> torch.Tensor:
-    """``rows.T @ flat[:, span]`` for ``rows (T, rows)``, ``flat (T, size)``: a group's factor gradient."""
-    pieces = [rows.T @ flat[:, begin:end] for begin, end, _ in group.pieces]
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, 1)
+    """``rows.T @ flat[:, span]`` for ``rows (T, rows)``, ``flat (T, size)``: a group's factor
+    gradient, per segment (zero where a row does not reach a segment)."""
+    gradient = rows.new_zeros(rows.shape[1], group.stop - group.start)
+    for begin, end, offset, count in group.segments:
+        gradient[:count, offset : offset + end - begin].addmm_(rows[:, :count].T, flat[:, begin:end])
+    return gradient
 
 
 class CompactProduct(torch.autograd.Function):
