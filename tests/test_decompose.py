@@ -213,3 +213,65 @@ def test_input_stats_keep_the_shape_of_any_finite_second_moment():
     assert torch.isfinite(layer.weight).all() and 0 <= gblr.relative_error(W, layer.weight, stats) < 1
     with pytest.raises(ValueError, match="NaN or infinite"):
         InputStats.from_second_moment(torch.full((3, 3), float("inf")))
+
+
+def test_split_input_stats_hold_the_second_half_of_every_update():
+    X = _activations(24, tokens=90, seed=5)
+    split = gblr.stats.SplitInputStats(24)
+    first, second = InputStats(24), InputStats(24)
+    for chunk in X.split(30):  # each update: 15 tokens to fit, 15 held
+        split.update(chunk)
+        first.update(chunk[:15])
+        second.update(chunk[15:])
+    assert split.tokens == 90 and split.held.tokens == 45
+    torch.testing.assert_close(split.second_moment, (first.sum + second.sum) / 90)
+    torch.testing.assert_close(split.held.second_moment, second.second_moment)
+    torch.testing.assert_close(split.fitted_second_moment(), first.normalized_second_moment)
+    lone = gblr.stats.SplitInputStats(24)
+    lone.update(X[:1])  # one token: nothing held, nothing to judge on
+    assert lone.held.tokens == 0 and lone.fitted_second_moment() is None
+
+
+def test_held_tokens_choose_the_structure_variant(monkeypatch):
+    import importlib
+
+    module = importlib.import_module("gblr.decompose")
+    W = _weight(48, 96, seed=6)
+    split = gblr.stats.SplitInputStats(96)
+    for chunk in _activations(96, tokens=600, seed=7).split(50):
+        split.update(chunk)
+    calls = []
+    original = module._variants
+
+    def recorded(W, C, *args, **kwargs):
+        result = original(W, C, *args, **kwargs)
+        calls.append((C, kwargs.get("only"), result))
+        return result
+
+    monkeypatch.setattr(module, "_variants", recorded)
+    layer = gblr.decompose(W, 0.3, calibration=split, trade=2)
+    (fitted, only, variants), (final, chosen, [(_, atoms)]) = calls
+    assert only is None and len(variants) == 4  # the truncated SVD alone, then 2, 1 and 0 components traded
+    torch.testing.assert_close(fitted, split.fitted_second_moment())
+    torch.testing.assert_close(final, split.normalized_second_moment)
+    held = split.held.normalized_second_moment
+    errors = [float(module._squared_error(W - module._matrix(a, 48, 96), held)) for _, a in variants]
+    assert chosen == min(range(4), key=errors.__getitem__)
+    torch.testing.assert_close(layer.weight.detach().double(), module._matrix(atoms, 48, 96))
+
+
+def test_held_tokens_keep_real_block_structure():
+    generator = torch.Generator().manual_seed(3)
+    blocks = [torch.randn(32, 2, generator=generator, dtype=torch.float64)
+              @ torch.randn(2, 32, generator=generator, dtype=torch.float64) for _ in range(4)]
+    W = torch.block_diag(*blocks)  # four diagonal blocks of rank 2: what block atoms capture, not low rank
+    X = _activations(128, tokens=1024, seed=8)
+    plain, split = InputStats(128), gblr.stats.SplitInputStats(128)
+    plain.update(X)
+    for chunk in X.split(64):
+        split.update(chunk)
+    ratio = 512 / (128 * 128)
+    errors = [gblr.relative_error(W, gblr.decompose(W, ratio, calibration=stats).weight, plain)
+              for stats in (plain, split)]
+    assert errors[1] <= errors[0] + 1e-9
+    assert errors[1] < 0.5 * gblr.relative_error(W, gblr.svd_decompose(W, ratio, calibration=plain).weight, plain)

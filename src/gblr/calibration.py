@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._progress import progress_bar
-from .stats import InputStats, PairedStats, SplitPairedStats
+from .stats import InputStats, PairedStats, SplitInputStats, SplitPairedStats
 from .conv import im2col_rows
 from .targets import Target, is_conv, module_device
 
@@ -126,8 +126,10 @@ class InputRecorder:
 
 
 def new_stats(targets: list[Target]) -> dict[str, InputStats]:
-    """An empty :class:`InputStats` per target, by name, on the target's device."""
-    return {target.name: InputStats(target.in_features, device=target.module.weight.device) for target in targets}
+    """An empty :class:`SplitInputStats` per target, by name, on the target's device (the held
+    half lets :func:`gblr.decompose` judge its structure variants on tokens they were not fitted to)."""
+    return {target.name: SplitInputStats(target.in_features, device=target.module.weight.device)
+            for target in targets}
 
 
 def warn_unseen(names: list[str], stacklevel: int = 4) -> None:

@@ -18,7 +18,7 @@ import torch
 from ._validation import check_flops_ratio, check_matrix
 from .flops import low_rank_macs, rank_for_ratio
 from .linear import GBLRLinear
-from .stats import InputStats
+from .stats import InputStats, SplitInputStats
 from .structures import from_components, low_rank
 
 __all__ = ["decompose", "svd_decompose", "svd_error_curve", "relative_error"]
@@ -330,6 +330,52 @@ def _greedy(search: _Search, budget: float, atoms: list, rounds: int) -> list:
     return atoms
 
 
+def _variants(W: torch.Tensor, C: torch.Tensor | None, rank: int, trade: int, budget: float, rounds: int,
+              only: int | None = None) -> list[tuple[float, list]]:
+    """``(error, atoms)`` of each structure :func:`decompose` considers, in order: the truncated
+    SVD alone, then with ``trade, trade - 1, ..., 0`` of its weakest components given up and the
+    rest of the budget spent greedily on block atoms (``only``: that one of them alone). The
+    truncated SVD is the floor every variant is compared with (rounding aside, greedy atoms only
+    lower the error)."""
+    m, n = W.shape
+    start = _Search(W, C)
+    svd_atoms: list = []
+    if rank:  # the truncated SVD, as svd_decompose gives it (its atoms are shared by every variant)
+        left, right = _truncated_svd(W, C, rank)
+        svd_atoms = [(0, m, 0, n, left[:, k], right[k]) for k in range(rank)]
+
+    def remove(search: _Search, full_atoms: list) -> None:
+        if full_atoms:
+            a = torch.stack([atom[4] for atom in full_atoms], dim=1)
+            b = torch.stack([atom[5] for atom in full_atoms])
+            search.subtract(slice(None), slice(None), a, b)
+
+    common = svd_atoms[: rank - trade]
+    remove(start, common)
+    variants = []
+    if only is None or only == 0:
+        svd_only = start.copy()
+        remove(svd_only, svd_atoms[rank - trade :])
+        variants.append((svd_only.error(), svd_atoms))
+    for index, traded in enumerate(range(trade, -1, -1), start=1):
+        if only is not None and only != index:
+            continue
+        search = start.copy()
+        extra = svd_atoms[rank - trade : rank - traded]
+        remove(search, extra)
+        atoms = _greedy(search, budget, common + extra, rounds)
+        variants.append((search.error(), atoms))
+    return variants
+
+
+def _matrix(atoms: list, m: int, n: int) -> torch.Tensor:
+    """The ``(m, n)`` sum of the block atoms ``(out_start, out_width, in_start, in_width, a, b)``."""
+    matrix = torch.zeros(m, n, dtype=torch.float64, device=atoms[0][4].device if atoms else None)
+    for out_start, out_width, in_start, in_width, a, b in atoms:
+        matrix[out_start : out_start + out_width, in_start : in_start + in_width] += torch.outer(a, b)
+    return matrix
+
+
 def decompose(
     weight: torch.Tensor,
     flops_ratio: float,
@@ -346,7 +392,11 @@ def decompose(
         flops_ratio: the budget as a fraction of the dense MACs ``m * n``, in ``(0, 1]``.
         calibration: ``None`` (minimise the weight error ``||W - W_hat||_F``), the layer's input
             activations (a tensor of shape ``(..., in_features)``) or a :class:`InputStats`
-            (minimise the output error ``||(W - W_hat) X||_F``).
+            (minimise the output error ``||(W - W_hat) X||_F``). With a
+            :class:`gblr.stats.SplitInputStats` (what :func:`gblr.convert_` collects) each
+            structure variant below is fitted on the first half of its tokens, the one with the
+            least output error on the held half is kept and fitted again on all of them, so a
+            variant that only fits the calibration tokens better loses to the truncated SVD.
         bias: copied into the layer's bias if given.
         trade: how many of the truncated SVD's full-width components may be given up, one at a
             time, for block atoms of the same total cost (each variant is scored, the best kept).
@@ -374,36 +424,17 @@ def decompose(
     rank = rank_for_ratio(flops_ratio, m, n)
     C = _moment(stats)
     C = None if C is None else C.to(weight.device)
-
     W = weight.to(torch.float64)
-    start = _Search(W, C)
     trade = min(trade, rank)
-    svd_atoms: list = []
-    if rank:  # the truncated SVD, as svd_decompose gives it (its atoms are shared by every variant)
-        left, right = _truncated_svd(W, C, rank)
-        svd_atoms = [(0, m, 0, n, left[:, k], right[k]) for k in range(rank)]
-
-    def remove(search: _Search, full_atoms: list) -> None:
-        if full_atoms:
-            a = torch.stack([atom[4] for atom in full_atoms], dim=1)
-            b = torch.stack([atom[5] for atom in full_atoms])
-            search.subtract(slice(None), slice(None), a, b)
-
-    common = svd_atoms[: rank - trade]
-    remove(start, common)
-    # The truncated SVD alone is the floor every variant must beat (rounding aside, greedy atoms
-    # only lower the error; this makes "never worse than svd_decompose" hold exactly).
-    svd_only = start.copy()
-    remove(svd_only, svd_atoms[rank - trade :])
-    best_error, best_atoms = svd_only.error(), svd_atoms
-    for traded in range(trade, -1, -1):
-        search = start.copy()
-        extra = svd_atoms[rank - trade : rank - traded]
-        remove(search, extra)
-        atoms = _greedy(search, budget, common + extra, rounds)
-        error = search.error()
-        if error < best_error:
-            best_error, best_atoms = error, atoms
+    fitted = stats.fitted_second_moment() if C is not None and isinstance(stats, SplitInputStats) else None
+    if fitted is None:
+        _, best_atoms = min(_variants(W, C, rank, trade, budget, rounds), key=lambda variant: variant[0])
+    else:  # each variant fitted on the first halves, judged on the held ones, the best fitted on all
+        held = stats.held.normalized_second_moment.to(weight.device)
+        variants = _variants(W, fitted.to(weight.device), rank, trade, budget, rounds)
+        scores = [float(_squared_error(W - _matrix(atoms, m, n), held)) for _, atoms in variants]
+        chosen = min(range(len(variants)), key=lambda index: (scores[index], index))
+        best_atoms = _variants(W, C, rank, trade, budget, rounds, only=chosen)[0][1]
     components = [
         (a.to(weight.dtype), b.to(weight.dtype), out_start, out_width, in_start, in_width)
         for out_start, out_width, in_start, in_width, a, b in best_atoms

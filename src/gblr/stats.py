@@ -17,7 +17,7 @@ import math
 
 import torch
 
-__all__ = ["InputStats", "PairedStats", "SplitPairedStats"]
+__all__ = ["InputStats", "SplitInputStats", "PairedStats", "SplitPairedStats"]
 
 # Sums of activation products are kept scaled by 4**-shift, shift in this range (so that 2.0**shift
 # and 2.0**-shift are exact, normal Python floats).
@@ -152,6 +152,38 @@ class InputStats:
         if top <= 0:
             return torch.zeros_like(scaled)
         return (scaled + scaled.T) * (0.5 / top)
+
+
+class SplitInputStats(InputStats):
+    """:class:`InputStats` of all the activations seen that also keeps, as :attr:`held`, those of
+    the second half of every update's tokens (for a batch of several sequences, whole sequences):
+    :func:`gblr.decompose` fits its structure variants on the first half and keeps the one that
+    does best on the second, then fits that one on all of them. Everything else reads it as the
+    plain :class:`InputStats` it is."""
+
+    def __init__(self, features: int, device=None) -> None:
+        super().__init__(features, device)
+        self.held = InputStats(features, device)
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        flat = _finite_flat(x, self.features, self._sum.scaled.device)
+        self._add(flat)
+        half = (flat.shape[0] + 1) // 2
+        if half < flat.shape[0]:
+            self.held._add(flat[half:])
+
+    def fitted_second_moment(self) -> torch.Tensor | None:
+        """``C / max(diag C)`` of the first halves alone (as :attr:`normalized_second_moment`),
+        or None when either half saw no tokens or every first-half activation was 0."""
+        if self.held.tokens == 0 or self.held.tokens == self.tokens:
+            return None
+        fitted = self.sum - self.held.sum
+        fitted = (fitted + fitted.T) * 0.5
+        top = float(fitted.diagonal().max()) if self.features else 0.0
+        if not math.isfinite(top) or top <= 0:
+            return None
+        return fitted / top
 
 
 # The default ridge of PairedStats.corrected, as a fraction of the mean eigenvalue of C. On a small
