@@ -330,19 +330,24 @@ def _greedy(search: _Search, budget: float, atoms: list, rounds: int) -> list:
     return atoms
 
 
+def _svd_atoms(W: torch.Tensor, C: torch.Tensor | None, rank: int) -> list:
+    """The truncated SVD, as :func:`svd_decompose` gives it, as full-width atoms."""
+    if not rank:
+        return []
+    m, n = W.shape
+    left, right = _truncated_svd(W, C, rank)
+    return [(0, m, 0, n, left[:, k], right[k]) for k in range(rank)]
+
+
 def _variants(W: torch.Tensor, C: torch.Tensor | None, rank: int, trade: int, budget: float, rounds: int,
               only: int | None = None) -> list[tuple[float, list]]:
     """``(error, atoms)`` of each structure :func:`decompose` considers, in order: the truncated
     SVD alone, then with ``trade, trade - 1, ..., 0`` of its weakest components given up and the
-    rest of the budget spent greedily on block atoms (``only``: that one of them alone). The
+    rest of the budget spent greedily on block atoms (``only``, from 1: that traded variant alone). The
     truncated SVD is the floor every variant is compared with (rounding aside, greedy atoms only
     lower the error)."""
-    m, n = W.shape
     start = _Search(W, C)
-    svd_atoms: list = []
-    if rank:  # the truncated SVD, as svd_decompose gives it (its atoms are shared by every variant)
-        left, right = _truncated_svd(W, C, rank)
-        svd_atoms = [(0, m, 0, n, left[:, k], right[k]) for k in range(rank)]
+    svd_atoms = _svd_atoms(W, C, rank)  # shared by every variant
 
     def remove(search: _Search, full_atoms: list) -> None:
         if full_atoms:
@@ -353,7 +358,7 @@ def _variants(W: torch.Tensor, C: torch.Tensor | None, rank: int, trade: int, bu
     common = svd_atoms[: rank - trade]
     remove(start, common)
     variants = []
-    if only is None or only == 0:
+    if only is None:
         svd_only = start.copy()
         remove(svd_only, svd_atoms[rank - trade :])
         variants.append((svd_only.error(), svd_atoms))
@@ -434,7 +439,10 @@ def decompose(
         variants = _variants(W, fitted.to(weight.device), rank, trade, budget, rounds)
         scores = [float(_squared_error(W - _matrix(atoms, m, n), held)) for _, atoms in variants]
         chosen = min(range(len(variants)), key=lambda index: (scores[index], index))
-        best_atoms = _variants(W, C, rank, trade, budget, rounds, only=chosen)[0][1]
+        if chosen == 0:  # the truncated SVD alone: no block search to run again
+            best_atoms = _svd_atoms(W, C, rank)
+        else:
+            best_atoms = _variants(W, C, rank, trade, budget, rounds, only=chosen)[0][1]
     components = [
         (a.to(weight.dtype), b.to(weight.dtype), out_start, out_width, in_start, in_width)
         for out_start, out_width, in_start, in_width, a, b in best_atoms

@@ -180,7 +180,8 @@ def test_distributed_training_matches_single_process(data_dir, tmp_path):
         # The key bias has a zero true gradient (softmax ignores a per-query constant); AdamW turns
         # the rounding noise left in it into full-size steps, so only it may drift further.
         tolerance = 3e-4 if key.endswith("attention.key.bias") else 1e-6
-        torch.testing.assert_close(ranks[0][key], value, rtol=0, atol=tolerance, msg=lambda m: f"{key} differs from 1 process: {m}")
+        torch.testing.assert_close(ranks[0][key], value, rtol=0, atol=tolerance,
+                                   msg=lambda m: f"{key} differs from 1 process: {m}")
 
 
 # -- the run's folder, checkpoints, Ctrl-C and the files it writes --------------------------------------
