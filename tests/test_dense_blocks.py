@@ -6,7 +6,9 @@ import pytest
 import torch
 
 import gblr
+from gblr.baselines import diagonal_blocks
 from gblr.flops import group_macs
+from gblr.linear import spread_diagonals
 from gblr.viz import coverage
 
 
@@ -35,6 +37,27 @@ def test_the_start_puts_equal_blocks_on_the_diagonal_within_the_budget():
     assert layer.flops_ratio() == pytest.approx(0.5, abs=0.03)  # rounding of widths to whole elements
     assert layer.block_weight.shape == (64, 64)
     assert layer.block_weight.abs().max() <= 1 / math.sqrt(64)
+
+
+def test_many_blocks_start_on_block_sparses_spread_diagonals():
+    # 64 blocks of 1/16 of each side: the 4 spread diagonals of a 16 x 16 grid, block-sparse's pattern at 0.25
+    layer = layer_with_blocks(n=128, m=128, components=8, blocks=64, init_flops_ratio=0.3, init_dense_share=0.25 / 0.3)
+    w_in, l_in, w_out, l_out = (s[8:] for s in layer.supports())
+    assert w_in.eq(8).all() and w_out.eq(8).all()
+    placed = {(row // 8, col // 8) for row, col in zip(l_out.tolist(), l_in.tolist())}
+    assert placed == set(diagonal_blocks(16, 4))
+    with torch.no_grad():
+        layer.in_width[:8] = 0.0  # the blocks alone: every row and column meets 4 blocks of rank 8
+    counts = coverage(layer)
+    assert counts.sum(dim=0).eq(4 * 8 * 8).all() and counts.sum(dim=1).eq(4 * 8 * 8).all()
+
+
+def test_spread_diagonals_fill_a_diagonal_before_the_next():
+    assert spread_diagonals(4, 0.25) == ([0.0, 0.25, 0.5, 0.75], [0.0, 0.25, 0.5, 0.75])
+    out_starts, in_starts = spread_diagonals(6, 1 / 3)  # two diagonals of three, the second offset by 2 / 3
+    assert out_starts == [0.0, 1 / 3, 2 / 3] * 2
+    assert in_starts == [0.0, 1 / 3, 2 / 3, 2 / 3, 0.0, 1 / 3]
+    assert spread_diagonals(3, 0.0) == ([0.0, 1 / 3, 2 / 3], [0.0, 1 / 3, 2 / 3])  # no budget: still distinct
 
 
 @pytest.mark.parametrize("sigma", [None, 4.0])

@@ -30,15 +30,34 @@ from ._validation import (
     compute_dtype,
     layer_name,
 )
-from .compact import CompactProduct, masked_cost, plan_compact
+from .compact import SEGMENT_OVERHEAD, CompactProduct, masked_cost, plan_compact
 from .flops import Structure, cyclic_indices, cyclic_ranges, group_macs, square_block_fraction
 from .frozen import FrozenGBLRLinear
+from .kernels.choice import predicted_cost
 from .masks import element_supports, mask_from_supports, masked_factor
 from .product import PRODUCTS, GBLRProduct, GBLRWeight, ProductPlan, materialise_is_cheaper
 
 __all__ = ["STRUCTURAL_NAMES", "GBLRLinear", "check_finite_structure", "nonfinite_layers", "structure_of"]
 
 STRUCTURAL_NAMES = ("in_width", "in_location", "out_width", "out_location")
+
+
+def spread_diagonals(blocks: int, side: float) -> tuple[list[float], list[float]]:
+    """Where ``blocks`` square-ish blocks of ``side`` (a fraction of both dimensions) start:
+    ``(out_starts, in_starts)``, fractions in ``[0, 1)``. The blocks fill block diagonals of a
+    ``g x g`` grid, ``g = round(1 / side)`` blocks to a diagonal, and the ``ceil(blocks / g)``
+    diagonals sit at evenly spread offsets, block-sparse's pattern (:func:`gblr.baselines.diagonal_blocks`):
+    ``g`` blocks make the main diagonal, ``2 g`` add the diagonal half a grid away, and every row
+    and column band is covered about ``blocks * side`` times."""
+    per_diagonal = max(1, min(blocks, round(1.0 / side))) if side > 0 else blocks
+    diagonals = -(-blocks // per_diagonal)
+    offsets = [round(i * per_diagonal / diagonals) for i in range(diagonals)]
+    out_starts, in_starts = [], []
+    for j in range(blocks):
+        row, offset = j % per_diagonal, offsets[j // per_diagonal]
+        out_starts.append(row / per_diagonal)
+        in_starts.append((row + offset) % per_diagonal / per_diagonal)
+    return out_starts, in_starts
 
 
 def _structure_dtype(dtype: torch.dtype | None) -> torch.dtype:
@@ -62,7 +81,8 @@ class GBLRLinear(nn.Module):
         dense_blocks: number of dense blocks ``J`` (default 0): blocks of full rank whose
             positions and sizes are learned like the components' (docs/method.md section 10); a
             block ``a`` columns by ``b`` rows wide costs ``a * b`` MACs, the rank-``r`` component
-            costs ``min(r * (a + b), a * b)``. They start on the diagonal, side by side.
+            costs ``min(r * (a + b), a * b)``. They start on block diagonals, block-sparse's
+            pattern (:func:`spread_diagonals`).
         init_dense_share: share of the initial budget in the dense blocks, in ``[0, 1]``
             (default 0.5; ignored without dense blocks); ``init_full_width_share`` then splits
             the rest.
@@ -176,8 +196,8 @@ class GBLRLinear(nn.Module):
 
         A dense ``nn.Linear`` init is split by SVD into ``K`` rank-``r`` components (top
         singular directions first). Dense blocks (if any) take ``init_dense_share`` of the MACs
-        budget as ``J`` equal square-ish blocks on the diagonal (block ``j`` starts at ``j / J`` of
-        both sides), their values drawn as ``nn.Linear``'s. Of the rest, full-width components
+        budget as ``J`` equal square-ish blocks on spread block diagonals (:func:`spread_diagonals`:
+        ``J`` blocks of side ``1 / J`` make the diagonal), their values drawn as ``nn.Linear``'s. Of the rest, full-width components
         take ``init_full_width_share``; the other components share what remains as square-ish
         partial blocks (the same fraction of rows and columns) at uniformly random locations.
         """
@@ -190,10 +210,11 @@ class GBLRLinear(nn.Module):
         bound = 1.0 / math.sqrt(n)
         if J:
             side = min(1.0, math.sqrt(self.init_dense_share * budget / J / (m * n)))
+            out_start, in_start = spread_diagonals(J, side)
             self.in_width[K:] = side
             self.out_width[K:] = side
-            self.in_location[K:] = torch.arange(J, dtype=self.in_location.dtype) / J
-            self.out_location[K:] = torch.arange(J, dtype=self.out_location.dtype) / J
+            self.in_location[K:] = torch.tensor(in_start, dtype=self.in_location.dtype)
+            self.out_location[K:] = torch.tensor(out_start, dtype=self.out_location.dtype)
             self.block_weight.uniform_(-bound, bound)
             budget -= J * side * side * m * n
         full_cost = group_macs(r, n, m)
@@ -348,7 +369,7 @@ class GBLRLinear(nn.Module):
             y = GBLRProduct.apply(x, self.u, self.v, self.bias, *structure, product, low_rank, revived)
         if self.dense_blocks:
             supports = supports or self._supports("forward", always=False)
-            if self.compact:
+            if plan is not None:
                 flat = x.reshape(-1, self.in_features)
                 y = y + self._dense_blocks_cropped(flat, supports).reshape(*x.shape[:-1], self.out_features)
             else:
@@ -368,12 +389,33 @@ class GBLRLinear(nn.Module):
         key = (self.u.device, bucket)
         if key not in self._compact_plans:
             _, low_rank = self._low_rank_part(self._supports("forward", always=False))
+            supports = self._supports("forward", always=False)
+            _, low_rank = self._low_rank_part(supports)
             plan = plan_compact(low_rank, self.rank, self.in_features, self.out_features, tokens=bucket)
             device_type = self.u.device.type
-            faster = plan.cost(bucket, device_type) < masked_cost(
-                bucket, self.in_features, self.out_features, self.components * self.rank, device_type)
-            self._compact_plans[key] = plan if faster else None
+            compact = plan.cost(bucket, device_type)
+            masked = masked_cost(bucket, self.in_features, self.out_features, self.components * self.rank, device_type)
+            if self.dense_blocks:  # cropped blocks, or one more dense product of the masked blocks
+                compact += self._cropped_blocks_cost(supports, bucket, device_type)
+                masked += 3 * predicted_cost(self.in_features * self.out_features, 1, bucket, device_type)
+            self._compact_plans[key] = plan if compact < masked else None
         return self._compact_plans[key]
+
+    def _cropped_blocks_cost(self, supports, tokens: int, device_type: str) -> float:
+        """Predicted cost of a training step of :meth:`_dense_blocks_cropped`, in the units of
+        :meth:`gblr.compact.CompactPlan.cost`: per contiguous piece of a block, its MACs plus moving
+        its operands (:data:`gblr.compact.SEGMENT_OVERHEAD` per row and column) and one call."""
+        K = self.components
+        macs, calls = 0, 0
+        for a, start_in, b, start_out in zip(*(s[K:].tolist() for s in supports)):
+            if a == 0 or b == 0:
+                continue
+            for _, row_from, row_to in cyclic_ranges(start_out, b, self.out_features):
+                for _, col_from, col_to in cyclic_ranges(start_in, a, self.in_features):
+                    rows, cols = row_to - row_from, col_to - col_from
+                    macs += rows * cols + SEGMENT_OVERHEAD * (rows + cols)
+                    calls += 1
+        return 3 * predicted_cost(macs, calls, tokens, device_type)
 
     @staticmethod
     def revived_widths(supports) -> tuple[torch.Tensor, torch.Tensor]:
