@@ -197,9 +197,10 @@ class GBLRLinear(nn.Module):
         A dense ``nn.Linear`` init is split by SVD into ``K`` rank-``r`` components (top
         singular directions first). Dense blocks (if any) take ``init_dense_share`` of the MACs
         budget as ``J`` equal square-ish blocks on spread block diagonals (:func:`spread_diagonals`:
-        ``J`` blocks of side ``1 / J`` make the diagonal), their values drawn as ``nn.Linear``'s. Of the rest, full-width components
-        take ``init_full_width_share``; the other components share what remains as square-ish
-        partial blocks (the same fraction of rows and columns) at uniformly random locations.
+        ``J`` blocks of side ``1 / J`` make the diagonal), their values drawn as ``nn.Linear``'s.
+        Of the rest, full-width components take ``init_full_width_share``; the other components
+        share what remains as square-ish partial blocks (the same fraction of rows and columns) at
+        uniformly random locations.
         """
         m, n, K, r, J = self.out_features, self.in_features, self.components, self.rank, self.dense_blocks
         left, right = _dense_init_factors(m, n, K * r, device=self.u.device, dtype=_structure_dtype(self.u.dtype))
