@@ -259,7 +259,46 @@ def render(finished: dict, args) -> str:
     verdicts = [verdict(groups, target) for target in sorted({t for layer, t in groups if layer != "dense"})]
     if verdicts:
         lines += ["", *[f"- {line}" for line in verdicts]]
+    lines += render_allocation(groups, args)
     return "\n".join(lines) + "\n"
+
+
+def render_allocation(groups: dict[tuple[str, float], list[dict]], args) -> list[str]:
+    """Where each GBLR row's learner put the budget: the FLOPs ratio of each block (its six
+    linears' MACs over their dense MACs) and of each kind of linear (mean over the blocks), mean
+    over the seeds."""
+    keys = sorted(((layer, target) for layer, target in groups if layer.startswith("gblr")),
+                  key=lambda item: (-item[1], item[0] != "gblr", item[0]))
+    if not keys:
+        return []
+    kinds = ("query", "key", "value", "output", "fc1", "fc2")
+    size = {kind: args.mlp_ratio if kind.startswith("fc") else 1.0 for kind in kinds}  # dense MACs / dim^2
+    lines = [
+        "",
+        "Where the learner put the budget (the global ratio is held at the target; the split is learned): FLOPs "
+        "ratio of each block (its six linears' MACs / their dense MACs) and of each kind of linear (mean over "
+        "the blocks), mean over the seeds.",
+        "",
+        "| layers | target | " + " | ".join(f"block {b}" for b in range(args.depth)) + " | " + " | ".join(kinds) + " |",
+        "|---|---:|" + "---:|" * (args.depth + len(kinds)),
+    ]
+    for layer, target in keys:
+        blocks = [[] for _ in range(args.depth)]
+        by_kind = {kind: [] for kind in kinds}
+        for row in groups[(layer, target)]:
+            macs, dense = [0.0] * args.depth, [0.0] * args.depth
+            for entry in row["layers"]:  # names: blocks.<b>.attention.<kind> or blocks.<b>.mlp.<kind>
+                parts = entry["name"].split(".")
+                block, kind = int(parts[1]), parts[-1]
+                macs[block] += entry["flops_ratio"] * size[kind]
+                dense[block] += size[kind]
+                by_kind[kind].append(entry["flops_ratio"])
+            for block in range(args.depth):
+                blocks[block].append(macs[block] / dense[block])
+        cells = [f"{statistics.mean(values):.3f}" for values in blocks]
+        cells += [f"{statistics.mean(by_kind[kind]):.3f}" for kind in kinds]
+        lines.append(f"| {layer} | {target:g} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def verdict(groups: dict[tuple[str, float], list[dict]], target: float) -> str:
