@@ -58,6 +58,21 @@ def test_spread_diagonals_fill_a_diagonal_before_the_next():
     assert out_starts == [0.0, 1 / 3, 2 / 3] * 2
     assert in_starts == [0.0, 1 / 3, 2 / 3, 2 / 3, 0.0, 1 / 3]
     assert spread_diagonals(3, 0.0) == ([0.0, 1 / 3, 2 / 3], [0.0, 1 / 3, 2 / 3])  # no budget: still distinct
+    for blocks, side in ((5, 0.41), (2, 0.7), (9, 0.9), (64, 0.2)):  # wide blocks: never two in one cell
+        starts = list(zip(*spread_diagonals(blocks, side)))
+        assert len(set(starts)) == blocks
+    assert spread_diagonals(0, 0.5) == ([], [])
+
+
+def test_many_small_dense_blocks_keep_the_masked_product_in_the_content_phase():
+    # 64 blocks of 8 x 16 cropped one by one cost more than folding them into the materialised weight
+    layer = gblr.GBLRLinear(128, 256, dense_blocks=64, init_dense_share=0.8, init_flops_ratio=0.6, sigma=None)
+    layer.compact = True
+    assert layer.compact_plan(4096) is None
+    x = torch.randn(4096, 128)
+    with torch.no_grad():
+        expected = x @ layer.matrix.T + layer.bias
+        torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("sigma", [None, 4.0])
@@ -112,7 +127,7 @@ def test_a_component_on_a_blocks_support_merges_into_that_dense_block():
 @pytest.mark.parametrize("cropped", [False, True])
 def test_compact_gives_the_masked_products_output_and_gradients(cropped, monkeypatch):
     if cropped:  # the compact product and cropped blocks, as in a large layer
-        monkeypatch.setattr(gblr.linear, "masked_cost", lambda *args: float("inf"))
+        monkeypatch.setattr(gblr.linear, "masked_cost", lambda *args, **kwargs: float("inf"))
     layer = layer_with_blocks()
     layer.sigma = None
     with torch.no_grad():

@@ -114,12 +114,18 @@ class CompactPlan:
         return 3 * predicted_cost(self.macs + GROUP_OVERHEAD_ROWS * spans, self.gemms, tokens, device_type)
 
 
-def masked_cost(tokens: int, in_features: int, out_features: int, total_rank: int, device_type: str = "cpu") -> float:
+def masked_cost(tokens: int, in_features: int, out_features: int, total_rank: int, device_type: str = "cpu",
+                dense_blocks: int = 0) -> float:
     """Predicted cost of a training step of the masked product (:mod:`gblr.product`) in the same
-    units as :meth:`CompactPlan.cost`: the cheaper of materialising the weight and two thin products."""
+    units as :meth:`CompactPlan.cost`: the cheaper of materialising the weight and two thin
+    products. ``dense_blocks`` (:class:`gblr.GBLRLinear`'s) add their masked matrix to the
+    materialised weight (its masks' product, once per step), or one dense product to the thin ones."""
     m, n, kr = out_features, in_features, total_rank
     thin = predicted_cost(low_rank_macs(kr, m, n), 2, tokens, device_type)
     materialise = predicted_cost(m * n, 2, tokens, device_type) + kr * m * n
+    if dense_blocks:
+        thin += predicted_cost(m * n, 1, tokens, device_type)
+        materialise += dense_blocks * m * n
     return 3 * min(thin, materialise)
 
 

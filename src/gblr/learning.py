@@ -47,8 +47,9 @@ Phases over ``total_steps``:
 2. content only: the structure is fixed (sigma=None, exact boxcars; widths and locations are
    restored after every optimizer step), so the contents adapt to the structure that will be
    deployed and ``freeze_`` changes nothing. The layers run compact (``GBLRLinear.compact``,
-   :mod:`gblr.compact`): forward and backward touch only the cropped blocks, so a step costs
-   about the FLOPs ratio of a dense step instead of more than a dense step.
+   :mod:`gblr.compact`) where that is predicted cheaper: forward and backward touch only the
+   cropped blocks, so a step costs about the FLOPs ratio of a dense step instead of more than a
+   dense step.
 
 With ``settle_steps``, the structure phase ends early once the budget warm-up is over and the
 rounded supports of every layer have not changed for that many steps in a row: the remaining

@@ -37,7 +37,8 @@ from .kernels.choice import predicted_cost
 from .masks import element_supports, mask_from_supports, masked_factor
 from .product import PRODUCTS, GBLRProduct, GBLRWeight, ProductPlan, materialise_is_cheaper
 
-__all__ = ["STRUCTURAL_NAMES", "GBLRLinear", "check_finite_structure", "nonfinite_layers", "structure_of"]
+__all__ = ["STRUCTURAL_NAMES", "GBLRLinear", "check_finite_structure", "nonfinite_layers", "spread_diagonals",
+           "structure_of"]
 
 STRUCTURAL_NAMES = ("in_width", "in_location", "out_width", "out_location")
 
@@ -45,11 +46,16 @@ STRUCTURAL_NAMES = ("in_width", "in_location", "out_width", "out_location")
 def spread_diagonals(blocks: int, side: float) -> tuple[list[float], list[float]]:
     """Where ``blocks`` square-ish blocks of ``side`` (a fraction of both dimensions) start:
     ``(out_starts, in_starts)``, fractions in ``[0, 1)``. The blocks fill block diagonals of a
-    ``g x g`` grid, ``g = round(1 / side)`` blocks to a diagonal, and the ``ceil(blocks / g)``
-    diagonals sit at evenly spread offsets, block-sparse's pattern (:func:`gblr.baselines.diagonal_blocks`):
-    ``g`` blocks make the main diagonal, ``2 g`` add the diagonal half a grid away, and every row
-    and column band is covered about ``blocks * side`` times."""
-    per_diagonal = max(1, min(blocks, round(1.0 / side))) if side > 0 else blocks
+    ``g x g`` grid, ``g = round(1 / side)`` blocks to a diagonal (at most ``blocks``; at least
+    ``ceil(sqrt(blocks))``, so that no two blocks share a cell), and the ``ceil(blocks / g)``
+    diagonals sit at evenly spread offsets, block-sparse's pattern
+    (:func:`gblr.baselines.diagonal_blocks`): ``g`` blocks make the main diagonal, ``2 g`` add the
+    diagonal half a grid away. Fewer blocks than ``round(1 / side)`` (or ``side`` 0) start at
+    ``j / blocks`` of both sides."""
+    if blocks <= 0:
+        return [], []
+    per_diagonal = min(blocks, round(1.0 / side)) if side > 0 else blocks
+    per_diagonal = max(per_diagonal, math.isqrt(blocks - 1) + 1)  # ceil(blocks / g) <= g: distinct offsets
     diagonals = -(-blocks // per_diagonal)
     offsets = [round(i * per_diagonal / diagonals) for i in range(diagonals)]
     out_starts, in_starts = [], []
@@ -380,7 +386,8 @@ class GBLRLinear(nn.Module):
     def compact_plan(self, tokens: int):
         """The compact product's plan (:func:`gblr.compact.plan_compact`) for a forward pass over
         ``tokens`` rows, or None where the masked product is predicted cheaper (small layers, few
-        blocks of little padding to save): the same output and gradients. Planned from the
+        blocks of little padding to save, many small dense blocks to crop): the same output and
+        gradients. Planned from the
         supports once per device and power-of-two bucket of token counts after ``compact`` was
         set (training batches and evaluation batches each get the groups that suit them)."""
         if self.sigma is not None:
@@ -389,16 +396,15 @@ class GBLRLinear(nn.Module):
         bucket = 1 << max(0, tokens - 1).bit_length()  # the power of two at or above tokens
         key = (self.u.device, bucket)
         if key not in self._compact_plans:
-            _, low_rank = self._low_rank_part(self._supports("forward", always=False))
             supports = self._supports("forward", always=False)
             _, low_rank = self._low_rank_part(supports)
             plan = plan_compact(low_rank, self.rank, self.in_features, self.out_features, tokens=bucket)
             device_type = self.u.device.type
             compact = plan.cost(bucket, device_type)
-            masked = masked_cost(bucket, self.in_features, self.out_features, self.components * self.rank, device_type)
-            if self.dense_blocks:  # cropped blocks, or one more dense product of the masked blocks
+            masked = masked_cost(bucket, self.in_features, self.out_features, self.components * self.rank, device_type,
+                                 dense_blocks=self.dense_blocks)
+            if self.dense_blocks:
                 compact += self._cropped_blocks_cost(supports, bucket, device_type)
-                masked += 3 * predicted_cost(self.in_features * self.out_features, 1, bucket, device_type)
             self._compact_plans[key] = plan if compact < masked else None
         return self._compact_plans[key]
 
