@@ -37,7 +37,8 @@ def test_compiled_frozen_model_matches_eager():
 
 
 def test_compiled_compact_model_matches_eager(monkeypatch):
-    monkeypatch.setattr(gblr.linear, "masked_cost", lambda *args, **kwargs: float("inf"))  # the compact product even here
+    # the compact product even here
+    monkeypatch.setattr(gblr.linear, "masked_cost", lambda *args, **kwargs: float("inf"))
     model = small_model()
     for layer in model[0], model[2]:
         layer.sigma = None

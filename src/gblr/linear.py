@@ -325,21 +325,24 @@ class GBLRLinear(nn.Module):
                                       w_out, l_out)
         return self.block_weight * (mask_out.T @ mask_in).to(self.block_weight.dtype)
 
-    def _dense_blocks_cropped(self, x: torch.Tensor, supports) -> torch.Tensor:
-        """The dense blocks' output for ``x (T, in)`` at ``sigma=None``, from the cropped blocks
-        only: ``y[:, rows_j] += x[:, cols_j] @ B[rows_j, cols_j].T`` (``(T, out)``), on contiguous
-        slices (a block that wraps is two or four pieces)."""
+    def _dense_block_pieces(self, supports):
+        """The dense blocks' contiguous pieces as ``(rows, cols)`` slices of the ``(out, in)``
+        matrix (a block that wraps is two or four pieces; empty blocks have none)."""
         K = self.components
-        y = x.new_zeros(x.shape[0], self.out_features)
-        w_in, l_in, w_out, l_out = (s[K:].tolist() for s in supports)
-        for a, start_in, b, start_out in zip(w_in, l_in, w_out, l_out):
+        for a, start_in, b, start_out in zip(*(s[K:].tolist() for s in supports)):
             if a == 0 or b == 0:
                 continue
             for row, row_from, row_to in cyclic_ranges(start_out, b, self.out_features):
-                rows = slice(row, row + row_to - row_from)
                 for col, col_from, col_to in cyclic_ranges(start_in, a, self.in_features):
-                    cols = slice(col, col + col_to - col_from)
-                    y[:, rows] += x[:, cols] @ self.block_weight[rows, cols].T
+                    yield slice(row, row + row_to - row_from), slice(col, col + col_to - col_from)
+
+    def _dense_blocks_cropped(self, x: torch.Tensor, supports) -> torch.Tensor:
+        """The dense blocks' output for ``x (T, in)`` at ``sigma=None``, from the cropped blocks
+        only: ``y[:, rows_j] += x[:, cols_j] @ B[rows_j, cols_j].T`` (``(T, out)``), on contiguous
+        slices (:meth:`_dense_block_pieces`)."""
+        y = x.new_zeros(x.shape[0], self.out_features)
+        for rows, cols in self._dense_block_pieces(supports):
+            y[:, rows] += x[:, cols] @ self.block_weight[rows, cols].T
         return y
 
     def materialises(self, tokens: int) -> bool:
@@ -387,9 +390,9 @@ class GBLRLinear(nn.Module):
         """The compact product's plan (:func:`gblr.compact.plan_compact`) for a forward pass over
         ``tokens`` rows, or None where the masked product is predicted cheaper (small layers, few
         blocks of little padding to save, many small dense blocks to crop): the same output and
-        gradients. Planned from the
-        supports once per device and power-of-two bucket of token counts after ``compact`` was
-        set (training batches and evaluation batches each get the groups that suit them)."""
+        gradients. Planned from the supports once per device and power-of-two bucket of token
+        counts after ``compact`` was set (training batches and evaluation batches each get the
+        groups that suit them)."""
         if self.sigma is not None:
             raise ValueError(f"{layer_name(self)}: compact=True needs sigma=None (a fixed structure of exact boxcars), "
                              f"got sigma={self.sigma}; set compact=False while the structure is learned")
@@ -412,16 +415,11 @@ class GBLRLinear(nn.Module):
         """Predicted cost of a training step of :meth:`_dense_blocks_cropped`, in the units of
         :meth:`gblr.compact.CompactPlan.cost`: per contiguous piece of a block, its MACs plus moving
         its operands (:data:`gblr.compact.SEGMENT_OVERHEAD` per row and column) and one call."""
-        K = self.components
         macs, calls = 0, 0
-        for a, start_in, b, start_out in zip(*(s[K:].tolist() for s in supports)):
-            if a == 0 or b == 0:
-                continue
-            for _, row_from, row_to in cyclic_ranges(start_out, b, self.out_features):
-                for _, col_from, col_to in cyclic_ranges(start_in, a, self.in_features):
-                    rows, cols = row_to - row_from, col_to - col_from
-                    macs += rows * cols + SEGMENT_OVERHEAD * (rows + cols)
-                    calls += 1
+        for rows, cols in self._dense_block_pieces(supports):
+            height, width = rows.stop - rows.start, cols.stop - cols.start
+            macs += height * width + SEGMENT_OVERHEAD * (height + width)
+            calls += 1
         return 3 * predicted_cost(macs, calls, tokens, device_type)
 
     @staticmethod
