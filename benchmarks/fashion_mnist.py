@@ -11,11 +11,14 @@ as it completes, so an interrupted sweep continues where it stopped. Writes the 
 docs/benchmarks/fashion_mnist.md.
 
 ``--ablation`` trains GBLR only, once per variant of the structure-learning recipe (ABLATION:
-the default, other starting ratios, other splits of the starting budget between full-width
-components and partial blocks, a 2.5x structural learning rate, a shorter structure phase,
-components of higher rank, dense blocks), and writes docs/benchmarks/fashion_mnist_ablation.md with the final
-training loss and the share of the learned MACs in wide blocks beside the accuracy: it is how we
-look for why GBLR trails a baseline.
+the default, no dense blocks, another share of the start in them, and, measured before dense
+blocks were the default, variants of the layer without them: other starting ratios, other splits
+of the starting budget between full-width components and partial blocks, a 2.5x structural
+learning rate, a shorter structure phase, components of higher rank), and writes
+docs/benchmarks/fashion_mnist_ablation.md with the final training loss and the share of the
+learned MACs in wide blocks beside the accuracy: it is how we look for why GBLR trails a
+baseline. Without ``--ablation``, ``--variants`` adds rows of GBLR variants to the comparison
+(``gblr (no dense blocks)``).
 """
 
 from __future__ import annotations
@@ -32,19 +35,21 @@ from gblr.recipes.train import TrainConfig, train
 
 KINDS = ("gblr", "lowrank", "monarch", "blocksparse")
 ABLATION = {  # variant -> TrainConfig overrides, given the FLOPs target
-    "default": lambda ratio: {},
-    "start at the target": lambda ratio: {"init_flops_ratio": ratio},
-    "start at 1.0": lambda ratio: {"init_flops_ratio": 1.0},
-    "start with full-width components only": lambda ratio: {"init_full_width_share": 1.0},
-    "start with partial blocks only": lambda ratio: {"init_full_width_share": 0.0},
-    "struct-lr 5e-3 (2.5x)": lambda ratio: {"struct_lr": 5e-3},
-    "structure-fraction 0.6": lambda ratio: {"structure_fraction": 0.6},
-    "rank-4 components (a quarter as many)": lambda ratio: {"rank": 4},
-    "rank-16 components (a sixteenth as many)": lambda ratio: {"rank": 16},
-    "4 dense blocks": lambda ratio: {"dense_blocks": 4},
-    "4 dense blocks with 0.8 of the start": lambda ratio: {"dense_blocks": 4, "init_dense_share": 0.8},
+    "default": lambda ratio: {},  # 4 dense blocks with 0.8 of the start (gblr.recipes.train.DENSE_BLOCKS)
+    "no dense blocks": lambda ratio: {"dense_blocks": 0},  # the paper's layer; the default before 2026-11-30
+    "0.5 of the start in the dense blocks": lambda ratio: {"init_dense_share": 0.5},
+    # measured before dense blocks were the default: variants of the layer without them
+    "no dense blocks, start at the target": lambda ratio: {"dense_blocks": 0, "init_flops_ratio": ratio},
+    "no dense blocks, start at 1.0": lambda ratio: {"dense_blocks": 0, "init_flops_ratio": 1.0},
+    "no dense blocks, start with full-width components only": lambda ratio: {"dense_blocks": 0,
+                                                                             "init_full_width_share": 1.0},
+    "no dense blocks, start with partial blocks only": lambda ratio: {"dense_blocks": 0,
+                                                                      "init_full_width_share": 0.0},
+    "no dense blocks, struct-lr 5e-3 (2.5x)": lambda ratio: {"dense_blocks": 0, "struct_lr": 5e-3},
+    "no dense blocks, structure-fraction 0.6": lambda ratio: {"dense_blocks": 0, "structure_fraction": 0.6},
+    "no dense blocks, rank-4 components (a quarter as many)": lambda ratio: {"dense_blocks": 0, "rank": 4},
+    "no dense blocks, rank-16 components (a sixteenth as many)": lambda ratio: {"dense_blocks": 0, "rank": 16},
 }
-
 
 def run_key(layer: str, ratio: float, seed: int, variant: str = "") -> str:
     return f"{layer}{f'[{variant}]' if variant else ''}@{ratio:g}#seed{seed}"
@@ -74,12 +79,14 @@ def main() -> None:
     parser.add_argument("--name", default=None, help="output name under docs/benchmarks")
     parser.add_argument("--render-only", action="store_true", help="rewrite the table from the saved runs")
     parser.add_argument("--ablation", action="store_true", help="GBLR recipe variants instead of the baselines")
-    parser.add_argument("--variants", nargs="+", default=list(ABLATION), choices=list(ABLATION),
-                        help="with --ablation: which variants (default: all)")
+    parser.add_argument("--variants", nargs="+", default=None, choices=list(ABLATION),
+                        help="GBLR variants (default: with --ablation all, else the default alone)")
     args = parser.parse_args()
     if args.kinds is None:
         args.kinds = [kind for kind in KINDS if not (args.model == "resnet" and kind == "monarch")]
     args.name = args.name or default_name(args)
+    if args.variants is None:
+        args.variants = list(ABLATION) if args.ablation else ["default"]
     torch.set_num_threads(args.threads)
     render = render_ablation if args.ablation else render_comparison
 
@@ -95,7 +102,8 @@ def main() -> None:
                 for seed in args.seeds]
     else:
         plan = [("dense", "", 1.0, seed) for seed in args.seeds]
-        plan += [(kind, "", ratio, seed) for ratio in args.ratios for kind in args.kinds for seed in args.seeds]
+        plan += [(kind, variant, ratio, seed) for ratio in args.ratios for kind in args.kinds
+                 for variant in (comparison_variants(args) if kind == "gblr" else [""]) for seed in args.seeds]
     for layer, variant, ratio, seed in plan:
         key = run_key(layer, ratio, seed, variant)
         if key in finished:
@@ -121,6 +129,11 @@ def main() -> None:
     print(f"wrote {DOCS / (args.name + '.md')}")
 
 
+def comparison_variants(args) -> list[str]:
+    """The GBLR variants of a comparison table: "" for the default (its rows are plain ``gblr``)."""
+    return ["" if variant == "default" else variant for variant in args.variants]
+
+
 def default_name(args) -> str:
     return ("fashion_mnist_ablation" if args.ablation else "fashion_mnist") + (
         "_resnet" if args.model == "resnet" else "")
@@ -135,7 +148,7 @@ def commands(finished: dict, args) -> str:
 def command_line(args) -> str:
     """The command that reproduces the table: the options that differ from their defaults."""
     parts = ["python benchmarks/fashion_mnist.py"] + (["--ablation"] if args.ablation else [])
-    if args.ablation and args.variants != list(ABLATION):
+    if args.variants != (list(ABLATION) if args.ablation else ["default"]):
         parts.append("--variants " + " ".join(repr(variant) for variant in args.variants))
     parts += [f"--epochs {args.epochs}", f"--seeds {' '.join(map(str, args.seeds))}"]
     if args.ratios != [0.25, 0.5] or args.ablation:
@@ -193,8 +206,9 @@ def wide_share(layers: list[dict]) -> float:
 
 def render_comparison(finished: dict, args) -> str:
     groups: dict[tuple[str, float], list[dict]] = {}
-    for row in finished.values():
-        groups.setdefault((row["layer"], row["target"]), []).append(row)
+    for row in finished.values():  # a GBLR variant's rows: "gblr (variant)"
+        label = f"{row['layer']} ({row['variant']})" if row.get("variant") else row["layer"]
+        groups.setdefault((label, row["target"]), []).append(row)
     dense = groups.get(("dense", 1.0), [])
     dense_seconds = min(r["train_seconds"] for r in dense) if dense else None
     lines = [
@@ -217,7 +231,7 @@ def render_comparison(finished: dict, args) -> str:
         "| layers | target | FLOPs ratio | test accuracy (%) | final training loss | seeds | train time vs dense |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    order = sorted(groups, key=lambda item: (-item[1], item[0] != "gblr", item[0]))
+    order = sorted(groups, key=lambda item: (-item[1], not item[0].startswith("gblr"), item[0] != "gblr", item[0]))
     for layer, target in order:
         rows = groups[(layer, target)]
         seconds = min(r["train_seconds"] for r in rows)
@@ -234,32 +248,35 @@ def render_comparison(finished: dict, args) -> str:
 
 def render_allocation(groups: dict[tuple[str, float], list[dict]], args) -> list[str]:
     """GBLR's learned FLOPs ratio per kind of layer (ViT: the last part of its name: query, fc1,
-    ...; ResNet: each convolution), mean over the blocks and seeds: how the global budget was split."""
-    targets = sorted(target for layer, target in groups if layer == "gblr")
-    if not targets:
+    ...; ResNet: each convolution), mean over the blocks and seeds, for every GBLR row (variants
+    too): how the global budget was split."""
+    labels = sorted(((label, target) for label, target in groups if label.startswith("gblr")),
+                    key=lambda item: (-item[1], item[0] != "gblr", item[0]))
+    if not labels:
         return []
 
     def kind_of(name: str) -> str:
         return name.removeprefix("blocks.") if args.model == "resnet" else name.rsplit(".", 1)[-1]
 
-    kinds = list(dict.fromkeys(kind_of(entry["name"]) for entry in groups[("gblr", targets[0])][0]["layers"]))
+    kinds = list(dict.fromkeys(kind_of(entry["name"]) for entry in groups[labels[0]][0]["layers"]))
     lines = [
         "",
-        "GBLR's learned budgets: FLOPs ratio of each " + ("convolution" if args.model == "resnet" else
-                                                          "kind of layer, mean over the 4 blocks and") +
-        " (mean over the seeds; the global ratio is held at the target; the split is learned).",
+        "GBLR's learned budgets: FLOPs ratio of each "
+        + ("convolution, mean over the seeds" if args.model == "resnet"
+           else "kind of layer, mean over the 4 blocks and the seeds")
+        + " (the global ratio is held at the target; the split is learned).",
         "",
-        "| target | " + " | ".join(kinds) + " |",
-        "|---:|" + "---:|" * len(kinds),
+        "| layers | target | " + " | ".join(kinds) + " |",
+        "|---|---:|" + "---:|" * len(kinds),
     ]
-    for target in targets:
+    for label, target in labels:
         ratios = {kind: [] for kind in kinds}
-        for row in groups[("gblr", target)]:
+        for row in groups[(label, target)]:
             for entry in row["layers"]:
                 ratios[kind_of(entry["name"])].append(entry["flops_ratio"])
-        lines.append(f"| {target:g} | " + " | ".join(f"{statistics.mean(ratios[kind]):.3f}" for kind in kinds) + " |")
+        lines.append(f"| {label} | {target:g} | "
+                     + " | ".join(f"{statistics.mean(ratios[kind]):.3f}" for kind in kinds) + " |")
     return lines
-
 
 if __name__ == "__main__":
     main()

@@ -256,8 +256,12 @@ def render(finished: dict, args) -> str:
             f"{summarise([r['bits_per_byte'] for r in rows])} | "
             f"{statistics.mean(r['perplexity'] for r in rows):.2f} | {relative} | {len(rows)} |"
         )
-    if any(layer.endswith(", diagonal start]") for layer, _ in groups):
-        lines += ["", "Rows labelled `..., diagonal start]` were measured while dense blocks started side by side on "
+    if any(layer.startswith("gblr") for layer, _ in groups):
+        lines += ["", "`gblr` rows have `gblr train`'s default layer: 4 dense blocks holding 0.8 of the start beside "
+                  "the rank-1 components; `gblr[dense_blocks=0]` is the layer without dense blocks (the default "
+                  "before 2026-11-30), and other labels name the options that differ from the default."]
+    if any(layer.endswith("diagonal start]") for layer, _ in groups):
+        lines += ["", "Rows labelled `[..., diagonal start]` were measured while dense blocks started side by side on "
                   "the main diagonal (before commit 3106511); their command now starts them on spread block "
                   "diagonals (docs/method.md section 10), which these labels keep apart."]
     verdicts = [verdict(groups, target) for target in sorted({t for layer, t in groups if layer != "dense"})]

@@ -207,6 +207,18 @@ def test_the_train_recipe_refuses_blocks_for_convolutions():
         TrainConfig(model="resnet", dense_blocks=2).validate()
 
 
+def test_the_train_recipe_gives_linear_gblr_layers_dense_blocks_by_default():
+    from gblr.recipes.train import DENSE_BLOCKS, TrainConfig
+
+    assert DENSE_BLOCKS == 4 and TrainConfig().init_dense_share == 0.8
+    assert TrainConfig(model="gpt").resolved().dense_blocks == DENSE_BLOCKS
+    assert TrainConfig(model="resnet").resolved().dense_blocks == 0  # convolutions have none
+    assert TrainConfig(layer="lowrank").resolved().dense_blocks == 0  # nor do the baselines
+    assert TrainConfig(dense_blocks=0).resolved().dense_blocks == 0  # the paper's layer, on request
+    config = TrainConfig(dense_blocks=2)
+    assert config.resolved() is config
+
+
 @pytest.mark.parametrize("sigma", [None, 4.0])
 def test_one_gemm_for_both_terms_gives_the_thin_products_output_and_gradients(sigma):
     layer = layer_with_blocks(sigma=sigma)

@@ -49,7 +49,7 @@ def make_linear(
     init_full_width_share: float = 0.5,
     rank: int = 1,
     dense_blocks: int = 0,
-    init_dense_share: float = 0.5,
+    init_dense_share: float = 0.8,
 ) -> nn.Module:
     """One linear layer of the given kind. Baselines are built at ``flops_ratio``; a GBLR layer
     starts at ``init_flops_ratio`` (default: the smaller of 1 and twice ``flops_ratio``) and
