@@ -23,7 +23,8 @@ from common import machine, write_outputs
 import gblr
 from gblr.recipes.models import build_model
 
-VARIANTS = {"GBLR": {}, "GBLR, 4 dense blocks": {"dense_blocks": 4, "init_dense_share": 0.8}}
+VARIANTS = {"GBLR without dense blocks": {"dense_blocks": 0},
+            "GBLR, 4 dense blocks (gblr train's default)": {"dense_blocks": 4, "init_dense_share": 0.8}}
 PARTS = ("forward and backward", "optimizer step", "learner step")
 
 

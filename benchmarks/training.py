@@ -15,8 +15,9 @@ memory during the step (the profiler's allocation events).
 
 End to end (``--model-steps``, default 40): training steps of the Fashion-MNIST ViT recipe
 (`gblr train`'s default architecture, batch 128, AdamW with foreach=True as the recipe uses)
-with dense layers and with GBLR layers at FLOPs target 0.3, mid-way through structure learning
-and in the content phase (the StructureLearner's step included), in alternating blocks of 5
+with dense layers and with GBLR layers at FLOPs target 0.3 (the recipe's default, 4 dense blocks
+per layer, and without them), mid-way through structure learning and in the content phase (the
+StructureLearner's step included), in alternating blocks of 5
 steps; an epoch is 468 such steps, so the ratio of step times is the ratio of epoch times.
 Writes docs/benchmarks/training.{json,md}.
 """
@@ -34,6 +35,7 @@ from torch.profiler import ProfilerActivity, profile
 import gblr
 from gblr.learning import gblr_layers
 from gblr.recipes.models import build_model
+from gblr.recipes.train import DENSE_BLOCKS
 
 SHAPES = [(768, 3072), (3072, 768)]
 TOKENS = [64, 4096]
@@ -97,9 +99,13 @@ def peak_bytes(layer: nn.Module, x: torch.Tensor, grad_y: torch.Tensor) -> int:
 def model_steps(steps: int, block: int = 5) -> dict:
     """Median seconds per training step of the ViT recipe, dense and GBLR (see the docstring)."""
     runs = {}
-    for name, start in (("dense", None), ("gblr structure phase", 1800), ("gblr content phase", 4000)):
+    phases = (("structure phase", 1800), ("content phase", 4000))
+    variants = [("dense", None, 0)] + [(f"gblr {phase}", start, DENSE_BLOCKS) for phase, start in phases] + [
+        (f"gblr without dense blocks, {phase}", start, 0) for phase, start in phases]
+    for name, start, dense_blocks in variants:
         torch.manual_seed(0)
-        model = build_model("vit", (1, 28, 28), 10, layer="dense" if start is None else "gblr", flops_ratio=0.3)
+        model = build_model("vit", (1, 28, 28), 10, layer="dense" if start is None else "gblr", flops_ratio=0.3,
+                            layer_options={"dense_blocks": dense_blocks} if start is not None else None)
         optimizer = torch.optim.AdamW(gblr.param_groups(model, lr=2e-3, weight_decay=0.05), foreach=True)
         learner = None
         if start is not None:  # 10 epochs' worth of steps (3744 of structure learning), from step `start`
@@ -190,9 +196,10 @@ def main() -> None:
         "## End to end: the Fashion-MNIST ViT recipe",
         "",
         f"Training step (forward, backward, AdamW, structural step) of `gblr train`'s default ViT, batch 128, "
-        f"median over {args.model_steps} steps in alternating blocks of 5; GBLR at FLOPs target 0.3, mid-way "
-        "through structure learning, and in the content phase (structure fixed near 0.3, compact layers). An epoch "
-        "is 468 steps, so the step ratio is the epoch-time ratio.",
+        f"median over {args.model_steps} steps in alternating blocks of 5; GBLR at FLOPs target 0.3 (with the "
+        f"recipe's {DENSE_BLOCKS} dense blocks per layer, and without), mid-way through structure learning, and in "
+        "the content phase (structure fixed near 0.3, compact layers). An epoch is 468 steps, so the step ratio is "
+        "the epoch-time ratio.",
         "",
         "| layers | ms per step | epoch time vs dense |",
         "|---|---:|---:|",
