@@ -225,8 +225,10 @@ def render_comparison(finished: dict, args) -> str:
         "Accuracy: test set, mean ± standard deviation over seeds, of the deployed (for GBLR: frozen) model. "
         "FLOPs ratio: MACs of the replaced layers / dense MACs, as achieved. Final training loss: of the "
         "last epoch, mean over seeds. Train time: the faster "
-        "seed's, relative to the faster dense run, runs one after another on an otherwise idle machine "
-        "(per-layer timings: training.md).",
+        "seed's, relative to the faster dense run, runs one after another on an otherwise idle machine; "
+        "rows made by different commands may come from different sessions, and this shared machine's speed "
+        "differs between sessions by up to 1.5x (fashion_mnist_timing.md times dense and both GBLR layers in "
+        "one session; per-layer timings: training.md).",
         "",
         "| layers | target | FLOPs ratio | test accuracy (%) | final training loss | seeds | train time vs dense |",
         "|---|---:|---:|---:|---:|---:|---:|",
