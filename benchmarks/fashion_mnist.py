@@ -51,6 +51,7 @@ ABLATION = {  # variant -> TrainConfig overrides, given the FLOPs target
     "no dense blocks, rank-16 components (a sixteenth as many)": lambda ratio: {"dense_blocks": 0, "rank": 16},
 }
 
+
 def run_key(layer: str, ratio: float, seed: int, variant: str = "") -> str:
     return f"{layer}{f'[{variant}]' if variant else ''}@{ratio:g}#seed{seed}"
 
@@ -279,6 +280,7 @@ def render_allocation(groups: dict[tuple[str, float], list[dict]], args) -> list
         lines.append(f"| {label} | {target:g} | "
                      + " | ".join(f"{statistics.mean(ratios[kind]):.3f}" for kind in kinds) + " |")
     return lines
+
 
 if __name__ == "__main__":
     main()
